@@ -1,2 +1,28 @@
-"""specdec: fused kernels for exact speculative decoding."""
+"""specdec: fused kernels for exact speculative decoding.
+
+``specdec.ops`` holds the fused ops (``verify``, ``sample``), ``specdec.cache`` the ragged KV cache,
+and the top level the Hugging Face layer (``load_model``, ``SpeculativeGenerator``), imported lazily
+so that ``import specdec`` stays light.
+"""
 __version__ = "0.1.0"
+
+from specdec import ops  # noqa: E402
+from specdec.ops import backends, sample, verify  # noqa: E402
+
+_LAZY = {
+    "load_model": "specdec.models",
+    "load_tokenizer": "specdec.models",
+    "SpeculativeGenerator": "specdec.generator",
+    "GenerationOutput": "specdec.generator",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'specdec' has no attribute {name!r}")
+
+
+__all__ = ["ops", "verify", "sample", "backends", *_LAZY]

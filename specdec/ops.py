@@ -1,0 +1,366 @@
+"""Public op API: ``verify`` (fused chain verification) and ``sample`` (fused sampling).
+
+Each op is a ``torch.library`` custom op (``torch.ops.specdec.verify`` / ``torch.ops.specdec.sample``)
+with a fake implementation, so it traces under ``torch.compile``. The Python functions below turn
+scalar or per-row arguments into per-row tensors (on the device, no host sync), optionally validate
+them (``check=True``), and call the op, which dispatches to one of three implementations:
+
+- ``"triton"``: Triton kernels in ``specdec.kernels`` (CUDA tensors; CPU tensors only under
+  ``TRITON_INTERPRET=1``, which is how the tests run them);
+- ``"cpp"``: C++ CPU kernels in the extension ``specdec._C`` (the fast path on CPU);
+- ``"reference"``: ``specdec.reference``, plain PyTorch in float64 (any device; slow).
+
+``backend="auto"`` picks triton for CUDA tensors and cpp for CPU tensors, falling back to the
+reference when those are unavailable; ``backends()`` reports what loaded and why not.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+
+from specdec import reference
+
+__all__ = ["verify", "sample", "backends", "row_seeds", "BACKENDS"]
+
+BACKENDS = ("auto", "reference", "cpp", "triton")
+Scalar = Union[int, float]
+PerRow = Union[Scalar, Sequence, torch.Tensor]
+
+_status: dict = {}
+
+
+def _load_cpp():
+    if "cpp" not in _status:
+        try:
+            import specdec._C  # noqa: F401  (registers torch.ops.specdec_cpp.*)
+
+            _status["cpp"] = (True, "specdec._C loaded" + (
+                " (with CUDA kernels)" if torch.ops.specdec_cpp.has_cuda_kernels() else ""))
+        except Exception as exc:  # report, never hide: backends() shows the reason
+            _status["cpp"] = (False, f"specdec._C failed to load: {type(exc).__name__}: {exc}")
+    return _status["cpp"][0]
+
+
+def _load_triton():
+    if "triton" not in _status:
+        try:
+            import specdec.kernels.sample  # noqa: F401
+            import specdec.kernels.verify  # noqa: F401
+
+            where = "CUDA" if torch.cuda.is_available() else "no CUDA device"
+            if os.environ.get("TRITON_INTERPRET") == "1":
+                where += ", interpreter on (CPU tensors allowed)"
+            _status["triton"] = (True, f"triton kernels loaded ({where})")
+        except Exception as exc:
+            _status["triton"] = (False, f"triton kernels failed to load: {type(exc).__name__}: {exc}")
+    return _status["triton"][0]
+
+
+def backends() -> dict:
+    """Which implementations are usable here: ``{name: (available: bool, reason: str)}``."""
+    _load_cpp()
+    _load_triton()
+    out = {"reference": (True, "plain PyTorch, always available")}
+    out["cpp"] = _status["cpp"]
+    out["triton"] = _status["triton"]
+    return out
+
+
+def _triton_ok_for(device: torch.device) -> bool:
+    return _load_triton() and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def _pick(backend: str, device: torch.device) -> str:
+    if backend == "auto":
+        if device.type == "cuda" and _triton_ok_for(device):
+            return "triton"
+        if device.type == "cpu" and _load_cpp():
+            return "cpp"
+        return "reference"
+    if backend == "cpp":
+        if not _load_cpp():
+            raise RuntimeError(_status["cpp"][1])
+        if device.type != "cpu":
+            raise ValueError(f"backend 'cpp' runs on CPU tensors, got device {device}")
+    elif backend == "triton":
+        if not _load_triton():
+            raise RuntimeError(_status["triton"][1])
+        if not _triton_ok_for(device):
+            raise ValueError("backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)")
+    elif backend != "reference":
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+# ---------------------------------------------------------------------------------------------
+# custom ops
+
+
+@torch.library.custom_op("specdec::verify", mutates_args=())
+def _verify_op(
+    target_logits: torch.Tensor,
+    draft_token_ids: torch.Tensor,
+    draft_probs: Optional[torch.Tensor],
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    seed: torch.Tensor,
+    offset: torch.Tensor,
+    backend: str,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    impl = _pick(backend, target_logits.device)
+    args = (target_logits, draft_token_ids, draft_probs, temperature, top_k, top_p, seed, offset)
+    if impl == "cpp":
+        return torch.ops.specdec_cpp.verify(*args)
+    if impl == "triton":
+        from specdec.kernels import verify as tv
+
+        return tv.verify(*args)
+    return reference.verify(*args)
+
+
+@_verify_op.register_fake
+def _(target_logits, draft_token_ids, draft_probs, temperature, top_k, top_p, seed, offset, backend):
+    B, K1, _ = target_logits.shape
+    return (target_logits.new_empty((B, K1), dtype=torch.int64),
+            target_logits.new_empty((B,), dtype=torch.int32))
+
+
+@torch.library.custom_op("specdec::sample", mutates_args=())
+def _sample_op(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    seed: torch.Tensor,
+    offset: torch.Tensor,
+    backend: str,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    impl = _pick(backend, logits.device)
+    args = (logits, temperature, top_k, top_p, seed, offset)
+    if impl == "cpp":
+        return torch.ops.specdec_cpp.sample(*args)
+    if impl == "triton":
+        from specdec.kernels import sample as ts
+
+        return ts.sample(*args)
+    return reference.sample(*args)
+
+
+@_sample_op.register_fake
+def _(logits, temperature, top_k, top_p, seed, offset, backend):
+    B, V = logits.shape
+    return logits.new_empty((B,), dtype=torch.int64), logits.new_empty((B, V), dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# argument handling
+
+_SEED_STRIDE = 0x9E3779B97F4A7C15  # golden-ratio increment: decorrelates the rows of one seed
+
+
+def _to_int64(x: int) -> int:
+    x &= (1 << 64) - 1
+    return x - (1 << 64) if x >= (1 << 63) else x
+
+
+def row_seeds(seed: int, batch_size: int, first_row: int = 0) -> torch.Tensor:
+    """Per-row seeds [batch_size] int64 that an int ``seed`` expands to (row r gets a seed derived
+    from (seed, first_row + r)). Pass slices of this to get the same tokens for a row whatever
+    batch it runs in."""
+    return torch.tensor([_to_int64(seed + (first_row + r) * _SEED_STRIDE) for r in range(batch_size)],
+                        dtype=torch.int64)
+
+
+def _per_row(value, B: int, dtype: torch.dtype, device, name: str) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        if value.dim() == 0:
+            value = value.reshape(1)
+        if value.dim() != 1 or value.shape[0] not in (1, B):
+            raise ValueError(f"{name} must be a scalar or a [B]={B} tensor, got shape {tuple(value.shape)}")
+        return value.to(device=device, dtype=dtype).expand(B).contiguous()
+    if isinstance(value, (list, tuple)):
+        if len(value) != B:
+            raise ValueError(f"{name} has {len(value)} entries, expected B={B}")
+        return torch.tensor(value, dtype=dtype, device=device)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, a sequence or a tensor, got {type(value).__name__}")
+    return torch.full((B,), value, dtype=dtype, device=device)
+
+
+def _seeds(seed, B: int, device) -> torch.Tensor:
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)))  # torch's CPU generator: honours manual_seed
+    if isinstance(seed, int) and not isinstance(seed, bool):
+        return row_seeds(seed, B).to(device)
+    return _per_row(seed, B, torch.int64, device, "seed")
+
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _check_float(t: torch.Tensor, name: str):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32/float16/bfloat16, got {t.dtype}")
+
+
+def _check_params(B, device, temperature, top_k, top_p):
+    if bool((temperature < 0).any()) or not bool(torch.isfinite(temperature).all()):
+        raise ValueError(f"temperature must be finite and >= 0 (0 = greedy), got {temperature.tolist()}")
+    if bool((top_k < 0).any()):
+        raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k.tolist()}")
+    if bool(((top_p <= 0) | (top_p > 1) | torch.isnan(top_p)).any()):
+        raise ValueError(f"top_p must be in (0, 1] (1 = off), got {top_p.tolist()}")
+
+
+def _check_verify(target_logits, draft_token_ids, draft_probs, temperature, top_k, top_p):
+    _check_float(target_logits, "target_logits")
+    if target_logits.dim() != 3:
+        raise ValueError(f"target_logits must be [B, K+1, V], got shape {tuple(target_logits.shape)}")
+    B, K1, Vt = target_logits.shape
+    if K1 < 1 or Vt < 1 or B < 1:
+        raise ValueError(f"target_logits must have B >= 1, K+1 >= 1, V >= 1, got {tuple(target_logits.shape)}")
+    if not isinstance(draft_token_ids, torch.Tensor):
+        raise TypeError(f"draft_token_ids must be a torch.Tensor, got {type(draft_token_ids).__name__}")
+    if draft_token_ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"draft_token_ids must be int32 or int64, got {draft_token_ids.dtype}")
+    if tuple(draft_token_ids.shape) != (B, K1 - 1):
+        raise ValueError(f"draft_token_ids must be [B, K] = [{B}, {K1 - 1}] to match target_logits "
+                         f"{tuple(target_logits.shape)}, got {tuple(draft_token_ids.shape)}")
+    if draft_token_ids.device != target_logits.device:
+        raise ValueError(f"draft_token_ids is on {draft_token_ids.device}, target_logits on {target_logits.device}")
+    Vd = Vt
+    if draft_probs is not None:
+        _check_float(draft_probs, "draft_probs")
+        if draft_probs.dim() != 3 or tuple(draft_probs.shape[:2]) != (B, K1 - 1):
+            raise ValueError(f"draft_probs must be [B, K, Vd] = [{B}, {K1 - 1}, Vd], got {tuple(draft_probs.shape)}")
+        Vd = draft_probs.shape[2]
+        if not 1 <= Vd <= Vt:
+            raise ValueError(f"draft_probs vocabulary Vd={Vd} must be in [1, Vt={Vt}]")
+        if draft_probs.device != target_logits.device:
+            raise ValueError(f"draft_probs is on {draft_probs.device}, target_logits on {target_logits.device}")
+        if bool((draft_probs < 0).any()) or not bool(torch.isfinite(draft_probs).all()):
+            raise ValueError("draft_probs must be finite and >= 0")
+    ids = draft_token_ids.long()
+    is_end = ids == -1
+    after_end = is_end.long().cummax(dim=1).values.bool()
+    bad = after_end & ~is_end
+    if bool(bad.any()):
+        row = int(bad.any(1).nonzero()[0])
+        raise ValueError(f"draft_token_ids row {row}: a draft follows a -1; -1 may only pad the tail")
+    oob = ~is_end & ((ids < 0) | (ids >= Vd))
+    if bool(oob.any()):
+        b, i = (int(x) for x in oob.nonzero()[0])
+        raise ValueError(f"draft_token_ids[{b}, {i}] = {int(ids[b, i])} is outside the draft vocabulary [0, {Vd})")
+    _check_params(B, target_logits.device, temperature, top_k, top_p)
+    n = torch.where(is_end.any(1), is_end.int().argmax(1), torch.full_like(ids[:, 0], K1 - 1))
+    live = torch.arange(K1, device=ids.device)[None] <= n[:, None]
+    dead = ~torch.isfinite(target_logits).any(-1) & live
+    if bool(dead.any()):
+        b, i = (int(x) for x in dead.nonzero()[0])
+        raise ValueError(f"target_logits row {b}, position {i} has no finite logit")
+
+
+# ---------------------------------------------------------------------------------------------
+# public functions
+
+
+def verify(
+    target_logits: torch.Tensor,
+    draft_token_ids: torch.Tensor,
+    draft_probs: Optional[torch.Tensor] = None,
+    *,
+    temperature: PerRow = 1.0,
+    top_k: PerRow = 0,
+    top_p: PerRow = 1.0,
+    seed: Optional[PerRow] = None,
+    offset: PerRow = 0,
+    check: bool = False,
+    backend: str = "auto",
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Fused chain verification of K draft tokens per row (speculative sampling, exact).
+
+    Args:
+        target_logits: [B, K+1, Vt] float32/float16/bfloat16, the target's logits at each draft
+            position; the last position is the bonus position.
+        draft_token_ids: [B, K] int32/int64; -1 marks "no draft" (ragged rows: drafts, then -1s).
+        draft_probs: [B, K, Vd] float, Vd <= Vt: the distribution each draft was sampled from;
+            None for deterministic drafters (n-gram, argmax): q is one-hot at the draft.
+        temperature: float or [B]; 0 makes a row greedy (rows may mix greedy and sampled).
+        top_k: int or [B] (0 = off); top_p: float or [B] (1.0 = off), applied to the target.
+        seed: int (expanded per row with ``row_seeds``), [B] int64 tensor, or None (drawn from
+            torch's CPU generator); offset: int or [B] int64, the Philox counter offset: advance
+            it between calls that share a seed.
+        check: validate eagerly (host sync) and raise ValueError/TypeError naming the argument.
+        backend: "auto", "cpp", "triton" or "reference".
+
+    Returns:
+        output_ids: [B, K+1] int64: accepted drafts, one recovered-or-bonus token, then -1.
+        num_accepted: [B] int32 in [0, K]; tokens emitted per row = num_accepted + 1 (a row whose
+            live positions have no finite logit emits nothing: all -1, num_accepted 0).
+    """
+    if check:
+        _check_float(target_logits, "target_logits")
+        if target_logits.dim() != 3:
+            raise ValueError(f"target_logits must be [B, K+1, V], got shape {tuple(target_logits.shape)}")
+    B = target_logits.shape[0]
+    dev = target_logits.device
+    temperature_t = _per_row(temperature, B, torch.float32, dev, "temperature")
+    top_k_t = _per_row(top_k, B, torch.int64, dev, "top_k")
+    top_p_t = _per_row(top_p, B, torch.float32, dev, "top_p")
+    if check:
+        _check_verify(target_logits, draft_token_ids, draft_probs, temperature_t, top_k_t, top_p_t)
+    seed_t = _seeds(seed, B, dev)
+    offset_t = _per_row(offset, B, torch.int64, dev, "offset")
+    if draft_probs is not None:
+        draft_probs = draft_probs.contiguous()
+    return torch.ops.specdec.verify(
+        target_logits.contiguous(), draft_token_ids.to(torch.int64).contiguous(), draft_probs,
+        temperature_t, top_k_t, top_p_t, seed_t, offset_t, backend,
+    )
+
+
+def sample(
+    logits: torch.Tensor,
+    *,
+    temperature: PerRow = 1.0,
+    top_k: PerRow = 0,
+    top_p: PerRow = 1.0,
+    seed: Optional[PerRow] = None,
+    offset: PerRow = 0,
+    check: bool = False,
+    backend: str = "auto",
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Fused sampling with temperature, top-k and top-p, for drafters and plain decoding.
+
+    Args:
+        logits: [B, V] float32/float16/bfloat16.
+        temperature, top_k, top_p, seed, offset, check, backend: as in ``verify``.
+
+    Returns:
+        token_ids: [B] int64 (-1 for a row with no finite logit).
+        probs: [B, V] float32, the exact distribution the token was drawn from (one-hot at the
+            argmax for greedy rows), ready to pass to ``verify`` as ``draft_probs``.
+    """
+    if check:
+        _check_float(logits, "logits")
+        if logits.dim() != 2 or logits.shape[0] < 1 or logits.shape[1] < 1:
+            raise ValueError(f"logits must be [B, V] with B, V >= 1, got shape {tuple(logits.shape)}")
+    B = logits.shape[0]
+    dev = logits.device
+    temperature_t = _per_row(temperature, B, torch.float32, dev, "temperature")
+    top_k_t = _per_row(top_k, B, torch.int64, dev, "top_k")
+    top_p_t = _per_row(top_p, B, torch.float32, dev, "top_p")
+    if check:
+        _check_params(B, dev, temperature_t, top_k_t, top_p_t)
+        dead = ~torch.isfinite(logits).any(-1)
+        if bool(dead.any()):
+            raise ValueError(f"logits row {int(dead.nonzero()[0])} has no finite logit")
+    seed_t = _seeds(seed, B, dev)
+    offset_t = _per_row(offset, B, torch.int64, dev, "offset")
+    return torch.ops.specdec.sample(logits.contiguous(), temperature_t, top_k_t, top_p_t, seed_t,
+                                    offset_t, backend)

@@ -1,0 +1,246 @@
+"""Plain-PyTorch reference of every specdec op, runnable in float64.
+
+This file is the specification: the C++ (``csrc/``) and Triton (``kernels/``) implementations
+compute exactly what is written here, including which random number is used for what, so that all
+backends emit the same tokens on the same inputs (barring floating-point near-ties).
+
+Random numbers: counter-based Philox4x32-10, stateless. One 32-bit word per
+(seed, offset, stream, position, index):
+
+    key     = (seed & 0xFFFFFFFF, seed >> 32)                      # seed: int64 bit pattern
+    counter = (index, (stream << 16) | position, offset & 0xFFFFFFFF, offset >> 32)
+    bits    = first output word of Philox4x32-10(counter, key)
+
+    uniform in (0, 1]:   u = ((bits >> 8) + 1) * 2**-24             # exact in float32
+    uniform in (0, 1):   v = (2 * (bits >> 9) + 1) * 2**-24         # exact in float32
+    exponential(1):      e = -log(v)
+
+Streams: ``STREAM_ACCEPT`` (acceptance test, index 0), ``STREAM_RESAMPLE`` (residual or bonus
+token, index = vocabulary id), ``STREAM_SAMPLE`` (the ``sample`` op, position 0). Sampling from a
+weight vector w (not necessarily normalised) is an exponential race: the token is
+``argmax_j w_j / e_j`` over w_j > 0, ties to the lowest id. It needs no cumulative sum and no
+normalisation, streams over the vocabulary in one pass, and is exact: P(j) = w_j / sum(w).
+
+Target distribution at each position (``_target_probs``): non-finite logits become -inf; scaled =
+logits / temperature; top-k keeps scaled >= the k-th largest value (ties kept); top-p then keeps the
+smallest set of highest-probability tokens whose mass reaches top_p (ties at the boundary kept);
+p = softmax over what is kept. temperature <= 0 means greedy: only the argmax matters (lowest id
+on ties); top-k/top-p never remove the argmax.
+"""
+from __future__ import annotations
+
+import torch
+
+STREAM_ACCEPT = 0
+STREAM_RESAMPLE = 1
+STREAM_SAMPLE = 2
+
+_PHILOX_M0 = 0xD2511F53
+_PHILOX_M1 = 0xCD9E8D57
+_PHILOX_W0 = 0x9E3779B9
+_PHILOX_W1 = 0xBB67AE85
+_MASK32 = 0xFFFFFFFF
+
+
+def _mul_hi_lo(a: torch.Tensor, m: int):
+    """(hi, lo) 32-bit halves of the 64-bit product of uint32 values ``a`` (int64 tensor) and ``m``.
+
+    Split into 16-bit halves so that no intermediate overflows a signed int64."""
+    a_hi, a_lo = a >> 16, a & 0xFFFF
+    m_hi, m_lo = m >> 16, m & 0xFFFF
+    low = a_lo * m_lo
+    mid = a_hi * m_lo + a_lo * m_hi
+    low_full = low + ((mid & 0xFFFF) << 16)
+    lo = low_full & _MASK32
+    hi = a_hi * m_hi + (mid >> 16) + (low_full >> 32)
+    return hi & _MASK32, lo
+
+
+def philox4x32_10(c0, c1, c2, c3, k0, k1):
+    """Philox4x32-10 (Salmon et al. 2011). All arguments are int64 tensors (broadcastable) holding
+    uint32 values; returns the four output words as int64 tensors holding uint32 values."""
+    c0, c1, c2, c3, k0, k1 = torch.broadcast_tensors(c0, c1, c2, c3, k0, k1)
+    for _ in range(10):
+        hi0, lo0 = _mul_hi_lo(c0, _PHILOX_M0)
+        hi1, lo1 = _mul_hi_lo(c2, _PHILOX_M1)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0 = (k0 + _PHILOX_W0) & _MASK32
+        k1 = (k1 + _PHILOX_W1) & _MASK32
+    return c0, c1, c2, c3
+
+
+def philox_bits(seed, offset, stream: int, position, index):
+    """32 random bits (int64 tensor holding uint32) for each (seed, offset, stream, position, index).
+
+    seed, offset: int64 tensors (any bit pattern); position, index: int64 tensors; all broadcast."""
+    seed = torch.as_tensor(seed, dtype=torch.int64)
+    offset = torch.as_tensor(offset, dtype=torch.int64)
+    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
+    c2, c3 = offset & _MASK32, (offset >> 32) & _MASK32
+    c1 = (torch.as_tensor(position, dtype=torch.int64) & 0xFFFF) | (stream << 16)
+    c0 = torch.as_tensor(index, dtype=torch.int64) & _MASK32
+    return philox4x32_10(c0, c1, c2, c3, k0, k1)[0]
+
+
+def uniform_open_closed(bits: torch.Tensor) -> torch.Tensor:
+    """Uniform in (0, 1], float64 (values exactly representable in float32)."""
+    return ((bits >> 8) + 1).double() * 2.0**-24
+
+
+def exponential(bits: torch.Tensor) -> torch.Tensor:
+    """Exponential(1) from a uniform in the open interval (0, 1), float64."""
+    return -torch.log((2 * (bits >> 9) + 1).double() * 2.0**-24)
+
+
+def _keep_mask(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Which entries of ``scaled`` [N, V] (-inf = excluded) survive top-k then top-p.
+
+    top_k: [N] int (<= 0 or >= V: off); top_p: [N] float (>= 1: off). Returns bool [N, V]."""
+    N, V = scaled.shape
+    keep = torch.isfinite(scaled)
+    k = top_k.to(torch.int64)
+    use_k = (k > 0) & (k < V)
+    if bool(use_k.any()):
+        kk = torch.where(use_k, k, torch.ones_like(k))
+        kth = scaled.sort(dim=-1, descending=True).values.gather(1, (kk - 1)[:, None])
+        keep &= ~use_k[:, None] | (scaled >= kth)
+    use_p = top_p.double() < 1.0
+    if bool(use_p.any()):
+        masked = torch.where(keep, scaled, float("-inf"))
+        sorted_vals = masked.sort(dim=-1, descending=True).values
+        probs = torch.softmax(sorted_vals, dim=-1)
+        cum = probs.cumsum(dim=-1)
+        # smallest prefix whose mass reaches top_p: count the prefixes strictly below it, plus one
+        m = (cum < top_p.double()[:, None]).sum(dim=-1, keepdim=True) + 1
+        m = torch.minimum(m, keep.sum(dim=-1, keepdim=True).clamp(min=1))
+        thr = sorted_vals.gather(1, m - 1)
+        keep &= ~use_p[:, None] | (masked >= thr)
+    return keep
+
+
+def _target_probs(logits, temperature, top_k, top_p):
+    """logits [N, V] float64 with -inf for non-finite; per-row temperature/top_k/top_p [N].
+
+    Returns (probs [N, V] float64, zeros for rows without a finite logit; argmax [N] int64)."""
+    greedy = temperature <= 0
+    t = torch.where(greedy, torch.ones_like(temperature), temperature)
+    scaled = logits / t[:, None]
+    keep = _keep_mask(scaled, top_k, top_p)
+    masked = torch.where(keep, scaled, float("-inf"))
+    probs = torch.softmax(masked, dim=-1).nan_to_num(0.0)  # all -inf rows give NaN
+    return probs, logits.argmax(dim=-1)
+
+
+def _clean(logits: torch.Tensor) -> torch.Tensor:
+    out = logits.double()
+    return torch.where(torch.isfinite(out), out, torch.full_like(out, float("-inf")))
+
+
+def _race(weights: torch.Tensor, seed, offset, stream: int, position) -> torch.Tensor:
+    """Exponential race over weights [B, V] >= 0: argmax_j w_j / e_j, ties to the lowest id."""
+    V = weights.shape[-1]
+    index = torch.arange(V, dtype=torch.int64, device=weights.device)[None, :]
+    e = exponential(philox_bits(seed[:, None], offset[:, None], stream, position[:, None], index))
+    score = torch.where(weights > 0, weights / e, torch.full_like(weights, -1.0))
+    return score.argmax(dim=-1)
+
+
+def verify(target_logits, draft_token_ids, draft_probs, temperature, top_k, top_p, seed, offset):
+    """Chain verification, reference implementation (float64 inside).
+
+    target_logits [B, K+1, Vt] float; draft_token_ids [B, K] int (-1 tail = no draft);
+    draft_probs [B, K, Vd] float or None (deterministic drafter: q is one-hot at the draft);
+    temperature [B] float (<= 0: greedy), top_k [B] int, top_p [B] float,
+    seed [B] int64, offset [B] int64 (already per row).
+    Returns (output_ids [B, K+1] int64, num_accepted [B] int32); see DESIGN.md for the semantics.
+    """
+    B, K1, Vt = target_logits.shape
+    K = K1 - 1
+    dev = target_logits.device
+    logits = _clean(target_logits)
+    temperature = temperature.double().to(dev)
+    greedy = temperature <= 0
+    rep = lambda x: x.to(dev).repeat_interleave(K1)  # noqa: E731  per row -> per (row, position)
+    probs, argmax = _target_probs(
+        logits.reshape(B * K1, Vt), rep(temperature), rep(top_k), rep(top_p.double())
+    )
+    probs, argmax = probs.view(B, K1, Vt), argmax.view(B, K1)
+    seed, offset = seed.to(dev, torch.int64), offset.to(dev, torch.int64)
+
+    drafts = draft_token_ids.to(dev, torch.int64)
+    Vd = draft_probs.shape[-1] if draft_probs is not None else Vt
+    pos = torch.arange(K, device=dev)
+    is_end = drafts == -1
+    n_drafts = torch.where(is_end.any(1), is_end.int().argmax(1), torch.full((B,), K, device=dev))
+    in_range = (drafts >= 0) & (drafts < Vd)
+    safe = drafts.clamp(0, Vd - 1)
+
+    p_draft = probs[:, :K].gather(2, safe[..., None]).squeeze(-1)
+    if draft_probs is not None:
+        q_all = draft_probs.to(dev).double()
+        q_draft = q_all.gather(2, safe[..., None]).squeeze(-1)
+    else:
+        q_draft = torch.ones_like(p_draft)
+    u = uniform_open_closed(philox_bits(seed[:, None], offset[:, None], STREAM_ACCEPT, pos[None], 0))
+    accept_sampled = (p_draft > 0) & (u * q_draft <= p_draft)
+    accept_greedy = drafts == argmax[:, :K]
+    accept = torch.where(greedy[:, None], accept_greedy, accept_sampled)
+    accept &= in_range & (pos[None] < n_drafts[:, None])
+    num_accepted = accept.long().cumprod(1).sum(1)  # drafts before the first rejection
+
+    # the one emitted token at position s = num_accepted: residual after a rejection, else bonus
+    s = num_accepted
+    rows = torch.arange(B, device=dev)
+    p_s = probs[rows, s]
+    rejected = s < n_drafts
+    weights = p_s
+    if K > 0:
+        d_s = safe[rows, s.clamp(max=K - 1)]
+        resid_ok = rejected & in_range[rows, s.clamp(max=K - 1)]
+        if draft_probs is not None:
+            q_s = torch.zeros_like(p_s)
+            q_s[:, :Vd] = q_all[rows, s.clamp(max=K - 1)]
+        else:
+            q_s = torch.nn.functional.one_hot(d_s, Vt).double()
+        resid = (p_s - q_s).clamp(min=0)
+        use_resid = resid_ok & (resid.sum(1) > 0)  # residual mass 0: sample from p
+        weights = torch.where(use_resid[:, None], resid, p_s)
+    sampled = _race(weights, seed, offset, STREAM_RESAMPLE, s)
+    token = torch.where(greedy, argmax[rows, s], sampled)
+
+    # a row with a position (up to its last live one) that has no finite logit emits nothing
+    finite = torch.isfinite(logits).any(-1)  # [B, K+1]
+    live = torch.arange(K1, device=dev)[None] <= n_drafts[:, None]
+    row_ok = (finite | ~live).all(1)
+
+    out = torch.full((B, K1), -1, dtype=torch.int64, device=dev)
+    keep = torch.arange(K1, device=dev)[None] < num_accepted[:, None]
+    out[:, :K] = torch.where(keep[:, :K], drafts, out[:, :K])
+    out[rows, s] = token
+    out = torch.where(row_ok[:, None], out, torch.full_like(out, -1))
+    num_accepted = torch.where(row_ok, num_accepted, torch.zeros_like(num_accepted))
+    return out, num_accepted.to(torch.int32)
+
+
+def sample(logits, temperature, top_k, top_p, seed, offset):
+    """Sampling, reference implementation (float64 inside).
+
+    logits [B, V] float; temperature [B] float (<= 0: greedy), top_k [B] int, top_p [B] float,
+    seed [B] int64, offset [B] int64. Returns (token_ids [B] int64, probs [B, V] float32): probs is
+    the distribution the token was drawn from (one-hot at the argmax for greedy rows); a row with no
+    finite logit gives token -1 and zero probs.
+    """
+    B, V = logits.shape
+    dev = logits.device
+    clean = _clean(logits)
+    temperature = temperature.double().to(dev)
+    greedy = temperature <= 0
+    probs, argmax = _target_probs(clean, temperature, top_k.to(dev), top_p.double().to(dev))
+    probs = torch.where(greedy[:, None], torch.nn.functional.one_hot(argmax, V).double(), probs)
+    zero = torch.zeros(B, dtype=torch.int64, device=dev)
+    token = _race(probs, seed.to(dev, torch.int64), offset.to(dev, torch.int64), STREAM_SAMPLE, zero)
+    token = torch.where(greedy, argmax, token)
+    row_ok = torch.isfinite(logits).any(-1)
+    token = torch.where(row_ok, token, torch.full_like(token, -1))
+    probs = torch.where(row_ok[:, None], probs, torch.zeros_like(probs))
+    return token, probs.float()

@@ -257,7 +257,7 @@ def _check_verify(target_logits, draft_token_ids, draft_probs, temperature, top_
         b, i = (int(x) for x in oob.nonzero()[0])
         raise ValueError(f"draft_token_ids[{b}, {i}] = {int(ids[b, i])} is outside the draft vocabulary [0, {Vd})")
     _check_params(B, target_logits.device, temperature, top_k, top_p)
-    n = torch.where(is_end.any(1), is_end.int().argmax(1), torch.full_like(ids[:, 0], K1 - 1))
+    n = (~is_end).long().cumprod(1).sum(1)
     live = torch.arange(K1, device=ids.device)[None] <= n[:, None]
     dead = ~torch.isfinite(target_logits).any(-1) & live
     if bool(dead.any()):

@@ -171,7 +171,7 @@ def verify(target_logits, draft_token_ids, draft_probs, temperature, top_k, top_
     Vd = draft_probs.shape[-1] if draft_probs is not None else Vt
     pos = torch.arange(K, device=dev)
     is_end = drafts == -1
-    n_drafts = torch.where(is_end.any(1), is_end.int().argmax(1), torch.full((B,), K, device=dev))
+    n_drafts = (~is_end).long().cumprod(1).sum(1)  # drafts before the first -1
     in_range = (drafts >= 0) & (drafts < Vd)
     safe = drafts.clamp(0, Vd - 1)
 

@@ -1,0 +1,52 @@
+"""Test configuration shared by every test file.
+
+Triton's interpreter must be switched on before triton is first imported, so it happens here:
+without a GPU the Triton kernels run on CPU tensors through the interpreter.
+"""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import specdec.ops  # noqa: E402
+
+ALL_BACKENDS = ("reference", "cpp", "triton")
+
+
+def backend_available(name: str) -> bool:
+    ok, _ = specdec.ops.backends()[name]
+    if name == "triton":
+        return ok and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
+    return ok
+
+
+def device_for(backend: str) -> str:
+    """Where a backend's inputs live: Triton on the GPU when there is one, else the CPU."""
+    return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(params=ALL_BACKENDS)
+def backend(request):
+    """Every implementation of the ops; the ones that did not load are skipped with the reason."""
+    name = request.param
+    if not backend_available(name):
+        pytest.skip(f"backend {name} unavailable: {specdec.ops.backends()[name][1]}")
+    return name
+
+
+@pytest.fixture(params=[b for b in ALL_BACKENDS if b != "triton"])
+def fast_backend(request):
+    """Backends fast enough on a CPU for large statistical runs (Triton's interpreter is not;
+    it is held to the C++ backend token for token instead)."""
+    name = request.param
+    if not backend_available(name):
+        pytest.skip(f"backend {name} unavailable: {specdec.ops.backends()[name][1]}")
+    return name
+
+
+def pytest_report_header(config):
+    return ["specdec backends: " + ", ".join(
+        f"{k}={'yes' if v[0] else 'no'} ({v[1]})" for k, v in specdec.ops.backends().items())]

@@ -1,0 +1,482 @@
+"""End-to-end benchmark: HF generation vs specdec's speculative generation, side by side in one run.
+
+Target: the embedded SmolLM2-135M-Instruct (``specdec.load_model()``) unless ``--target`` names
+another; ``--quick`` uses a tiny random Llama instead (seconds, for the smoke test). Prompts are
+input-grounded (repeat, edit or summarise a given text), where prompt lookup has something to copy.
+
+Providers (each one row per configuration; a provider whose part of the stack is missing is
+skipped with a note, or is an error when named explicitly in ``--providers``):
+  hf              plain autoregressive ``model.generate`` (batch 1 and batch 8, left padded)
+  hf-prompt-lookup  HF assisted generation, ``prompt_lookup_num_tokens=K`` (batch 1 only)
+  hf-early-exit   HF assisted generation, ``assistant_early_exit=L`` (batch 1 only)
+  hf-assistant    HF assisted generation with ``--assistant MODEL`` (batch 1; only when given)
+  specdec-none    specdec's loop without a drafter (plain decoding through the ragged cache)
+  specdec-ngram   specdec, n-gram (prompt lookup) drafter, fixed K (like for like with HF) ...
+  specdec-ngram-adaptive  ... and with the default adaptive draft length
+  specdec-early-exit      specdec, the target's first L layers as drafter
+  specdec-model   specdec with ``--assistant MODEL`` as drafter (only when given)
+
+For each: tokens/s (generated tokens / wall time of the generate calls), acceptance rate and mean
+tokens per target step (from specdec's stats; for HF from a count of the target's forward calls
+where that is meaningful), at batch 1 and 8, greedy and sampled, fp32 and int8 (bitsandbytes; a
+subset, it is slow on CPU). Plus ``op=target_forward`` rows: the measured time of one cached target
+forward over q = K+1 tokens against q = 1 (``cost_ratio``), which bounds the speedup: a step that
+emits T tokens on average costs ``cost_ratio(K+1)`` plain steps, so speedup <= T / cost_ratio.
+
+    python benchmarks/bench_e2e.py                   # the full run on the embedded model (~15 min on 2 cores)
+    python benchmarks/bench_e2e.py --quick           # tiny random model, seconds
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+import traceback
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch
+
+from benchmarks import harness as H
+
+ALL_PROVIDERS = ("hf", "hf-prompt-lookup", "hf-early-exit", "hf-assistant", "specdec-none", "specdec-ngram",
+                 "specdec-ngram-adaptive", "specdec-early-exit", "specdec-model")
+HF_BATCH1_ONLY = ("hf-prompt-lookup", "hf-early-exit", "hf-assistant")
+
+# Input-grounded tasks: (instruction, text). The texts are written for this benchmark.
+_TEXTS = [
+    "The river town wakes early. Fishermen push their boats into the grey water before sunrise, and "
+    "the baker on the corner opens his shutters at five. By seven the market square is full of crates "
+    "of apples, pears and late plums, and the church bell rings the hour over the noise of the carts.",
+    "To reset the router, unplug it from the wall, wait thirty seconds, and plug it back in. When the "
+    "front light turns solid green, open a browser and go to the address printed on the label. Log in "
+    "with the default password, choose a new one, and save the settings before closing the page.",
+    "Our quarterly results show revenue of 4.2 million, up twelve percent on the same quarter last "
+    "year. Costs rose by six percent, mostly from new hires in the support team. Cash on hand is 9.1 "
+    "million, and we expect the next quarter to be flat because of the usual summer slowdown.",
+    "Photosynthesis turns light, water and carbon dioxide into sugar and oxygen. It happens in the "
+    "chloroplasts of plant cells, where chlorophyll absorbs mostly red and blue light. The sugar feeds "
+    "the plant, and the oxygen is released into the air through small pores in the leaves.",
+]
+_TASKS = [
+    "Repeat the following text exactly, word for word:\n\n{}",
+    "Rewrite the following text, replacing every number with the word 'many', and change nothing else:\n\n{}",
+    "Copy the following text, then add one sentence at the end:\n\n{}",
+    "Summarise the following text in two sentences, reusing its own words:\n\n{}",
+]
+
+
+def make_prompts(n: int):
+    return [_TASKS[i % len(_TASKS)].format(_TEXTS[(i // len(_TASKS) + i) % len(_TEXTS)]) for i in range(n)]
+
+
+def encode_prompts(tokenizer, n: int):
+    out = []
+    for text in make_prompts(n):
+        if getattr(tokenizer, "chat_template", None):
+            ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                                tokenize=True)
+            if isinstance(ids, dict) or hasattr(ids, "keys"):
+                ids = ids["input_ids"]
+        else:
+            ids = tokenizer(text)["input_ids"]
+        out.append([int(t) for t in ids])
+    return out
+
+
+def tiny_model(seed: int = 0):
+    """A tiny random Llama (vocab 256, 4 layers) for --quick: exercises every code path in seconds."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg).eval()
+    model.generation_config.eos_token_id = 2
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def tiny_prompts(n: int):
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for i in range(n):
+        base = torch.randint(3, 256, (12,), generator=g).tolist()
+        out.append([1] + base + base[:8] + base)  # repeated spans: the n-gram drafter finds matches
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# runners: each returns (tokens generated, per-call seconds list, extra stats dict)
+
+
+class _ForwardCounter:
+    """Counts calls of a module's forward (target steps of HF generate)."""
+
+    def __init__(self, module):
+        self.n = 0
+        self._h = module.register_forward_pre_hook(self._hook)
+
+    def _hook(self, *a):
+        self.n += 1
+
+    def close(self):
+        self._h.remove()
+
+
+def _eos_set(model):
+    eos = model.generation_config.eos_token_id
+    if eos is None:
+        return set()
+    return {eos} if isinstance(eos, int) else set(eos)
+
+
+def _count_new(row, eos):
+    """Generated tokens of one row up to and including the first EOS."""
+    n = 0
+    for t in row:
+        n += 1
+        if t in eos:
+            break
+    return n
+
+
+def run_hf(model, prompts, *, batch, max_new, sampled, temperature, seed, kwargs=None, count_steps=True):
+    """HF generate over the prompts in batches of ``batch`` (left padded). Returns tokens, times, stats."""
+    kwargs = dict(kwargs or {})
+    eos = _eos_set(model)
+    pad = model.generation_config.pad_token_id
+    if pad is None:
+        pad = next(iter(eos)) if eos else 0
+    gen = dict(max_new_tokens=max_new, do_sample=sampled, pad_token_id=pad, **kwargs)
+    if sampled:
+        gen.update(temperature=temperature, top_k=0, top_p=1.0)
+    else:
+        gen.update(temperature=None, top_k=None, top_p=None)
+    tokens, times, steps = 0, [], 0
+    counter = _ForwardCounter(model) if count_steps else None
+    try:
+        for start in range(0, len(prompts), batch):
+            part = prompts[start:start + batch]
+            L = max(len(p) for p in part)
+            ids = torch.tensor([[pad] * (L - len(p)) + p for p in part])
+            mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in part])
+            torch.manual_seed(seed + start)
+            n0 = counter.n if counter else 0
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                out = model.generate(input_ids=ids, attention_mask=mask, **gen)
+            times.append(time.perf_counter() - t0)
+            if counter:
+                steps += counter.n - n0 - 1  # minus the prefill
+            tokens += sum(_count_new(r[L:].tolist(), eos) for r in out)
+    finally:
+        if counter:
+            counter.close()
+    stats = {}
+    if count_steps and steps > 0:
+        # rows of a batch step together: tokens per row-step
+        stats["tokens_per_step"] = tokens / (steps * batch) if batch == 1 else None
+    return tokens, times, stats
+
+
+def run_specdec(model, prompts, *, drafter, batch, max_new, sampled, temperature, seed, K, adaptive):
+    from specdec.generator import SpeculativeGenerator
+
+    gen = SpeculativeGenerator(model, drafter=drafter, num_draft_tokens=K, adaptive=adaptive)
+    tokens, times, agg = 0, [], None
+    for start in range(0, len(prompts), batch):
+        part = prompts[start:start + batch]
+        t0 = time.perf_counter()
+        res = gen.generate(part, max_new_tokens=max_new, temperature=temperature if sampled else 0.0,
+                           seed=seed + start)
+        times.append(time.perf_counter() - t0)
+        tokens += sum(len(s) for s in res.sequences)
+        if agg is None:
+            agg = res.stats
+        else:
+            agg.merge(res.stats)
+    stats = {}
+    if agg is not None and drafter not in (None, "none"):
+        stats = {"acceptance_rate": agg.acceptance_rate, "tokens_per_step": agg.tokens_per_step}
+    elif agg is not None:
+        stats = {"tokens_per_step": agg.tokens_per_step}
+    return tokens, times, stats
+
+
+def _rollback(cache, length):
+    """Cut an HF DynamicCache back to ``length`` tokens (crop takes a negative count in 5.x)."""
+    extra = cache.get_seq_length() - length
+    if extra > 0:
+        try:
+            cache.crop(-extra)
+        except ValueError:  # transformers 4.x: crop(max_length)
+            cache.crop(length)
+
+
+def forward_cost(model, prompt, qs, batch, device, runs, max_time):
+    """Median time of one cached forward over q tokens after a prefill of ``prompt`` (per q)."""
+    from transformers import DynamicCache
+
+    ids = torch.tensor([prompt] * batch, device=device)
+    L = ids.shape[1]
+    with torch.inference_mode():
+        cache = DynamicCache(config=model.config) if "config" in DynamicCache.__init__.__code__.co_varnames \
+            else DynamicCache()
+        model(input_ids=ids, past_key_values=cache, use_cache=True)
+    out = {}
+    for q in qs:
+        x = torch.randint(3, 100, (batch, q), device=device)
+        pos = torch.arange(L, L + q, device=device)[None].expand(batch, q)
+
+        def call(x=x, pos=pos):
+            with torch.inference_mode():
+                model(input_ids=x, past_key_values=cache, position_ids=pos, use_cache=True)
+
+        out[q] = H.bench(call, device=device, runs=runs, max_time_s=max_time, min_runs=3, warmup=2,
+                         setup=lambda: _rollback(cache, L))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def build_parser():
+    p = H.make_parser("bench_e2e", __doc__.splitlines()[0])
+    p.add_argument("--target", default=None, help="target model (default: the embedded SmolLM2-135M)")
+    p.add_argument("--assistant", default=None, help="a smaller model sharing the target's tokenizer (optional)")
+    p.add_argument("--providers", default=None, help=f"comma list from {','.join(ALL_PROVIDERS)}")
+    p.add_argument("--batches", default="1,8", help="batch sizes (default 1,8; HF assisted runs at 1 only)")
+    p.add_argument("--modes", default="greedy,sampled", help="greedy,sampled")
+    p.add_argument("--dtypes", default="fp32,int8",
+                   help="fp32,int8 (int8 = bitsandbytes, a subset: hf and specdec-ngram, greedy)")
+    p.add_argument("--prompts", type=int, default=8, help="number of prompts (default 8)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--draft-tokens", type=int, default=10, help="K for prompt lookup / n-gram (default 10)")
+    p.add_argument("--model-draft-tokens", type=int, default=4, help="K for early-exit / model drafters")
+    p.add_argument("--early-exit-layers", type=int, default=None, help="default: a quarter of the target's")
+    p.add_argument("--temperature", type=float, default=0.7, help="for sampled mode (default 0.7)")
+    p.add_argument("--repeats", type=int, default=1, help="passes over the prompt set per configuration")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-cost", action="store_true", help="skip the target forward cost-ratio rows")
+    return p
+
+
+def _available(name, args, has_generator):
+    if name.startswith("specdec") and not has_generator[0]:
+        return False, has_generator[1]
+    if name in ("hf-assistant", "specdec-model") and not args.assistant:
+        return False, "needs --assistant MODEL (no smaller model sharing the target's tokenizer is embedded)"
+    if name == "specdec-early-exit" and args.quick is False:
+        pass
+    return True, ""
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    device = H.apply_common(args)
+    if args.quick:
+        args.prompts = min(args.prompts, 2)
+        args.max_new_tokens = min(args.max_new_tokens, 16)
+        args.dtypes = "fp32"
+        args.batches = "1,2" if args.batches == "1,8" else args.batches
+        runs, max_time = args.runs or 3, args.max_time or 0.5
+    else:
+        runs, max_time = args.runs or 10, args.max_time or 5.0
+    batches = [int(b) for b in args.batches.split(",") if b]
+    modes = [m for m in args.modes.split(",") if m]
+    dtypes = [d for d in args.dtypes.split(",") if d]
+    for m in modes:
+        if m not in ("greedy", "sampled"):
+            H.fail(f"unknown mode {m!r}")
+    for d in dtypes:
+        if d not in ("fp32", "int8"):
+            H.fail(f"unknown dtype {d!r}: fp32 or int8")
+
+    try:
+        import specdec.generator  # noqa: F401
+        import specdec.cache  # noqa: F401
+
+        has_generator = (True, "")
+    except Exception as exc:  # noqa: BLE001
+        has_generator = (False, f"specdec's generation layer is not importable: {type(exc).__name__}: {exc}")
+    explicit = args.providers is not None
+    wanted = [p for p in (args.providers.split(",") if explicit else ALL_PROVIDERS) if p]
+    providers = []
+    for name in wanted:
+        if name not in ALL_PROVIDERS:
+            H.fail(f"unknown provider {name!r}; use {', '.join(ALL_PROVIDERS)}")
+        ok, why = _available(name, args, has_generator)
+        if ok:
+            providers.append(name)
+        elif explicit:
+            H.fail(f"provider {name!r} was asked for but is unavailable: {why}")
+        else:
+            H.note(f"skipping provider {name}: {why}")
+
+    env = H.env_info(device)
+    path = H.csv_path(args, "e2e")
+    extra = ["mode", "batch", "draft_tokens", "new_tokens", "speedup_vs_hf", "speedup_vs_hf_prompt_lookup",
+             "cost_ratio", "model"]
+    with H.CsvWriter(path, env, extra_columns=extra) as out:
+        for dt in dtypes:
+            model, prompts, model_name, assistant = _load(args, dt, device)
+            if model is None:
+                continue
+            L = args.early_exit_layers or max(1, len(model.model.layers) // 4)
+            if not args.no_cost and dt == "fp32":
+                _cost_rows(out, model, prompts, args, device, runs, max_time, model_name, dt)
+            jobs = _jobs(providers, batches, modes, dt, args, L)
+            base_tps = {}
+            bar = H.progress(jobs, desc=f"e2e {dt}", total=len(jobs))
+            for name, batch, mode, K in bar:
+                if hasattr(bar, "set_postfix_str"):
+                    bar.set_postfix_str(f"{name} B={batch} {mode}")
+                sampled = mode == "sampled"
+                try:
+                    tokens, times, stats = _run(name, model, assistant, prompts, batch, sampled, K, L, args)
+                except Exception as exc:  # noqa: BLE001
+                    if explicit:
+                        raise
+                    H.note(f"{name} B={batch} {mode} {dt} failed: {type(exc).__name__}: {exc}")
+                    if os.environ.get("SPECDEC_BENCH_DEBUG"):
+                        traceback.print_exc()
+                    out.add(op="e2e", provider=name, shape=H.shape_str(B=batch, K=K), dtype=dt, mode=mode,
+                            batch=batch, draft_tokens=K, model=model_name,
+                            note=f"failed: {type(exc).__name__}: {str(exc)[:160]}")
+                    continue
+                timing = H.timing_from_samples([t * 1e3 for t in times])
+                tps = tokens / sum(times) if sum(times) > 0 else float("nan")
+                base_tps[(name, batch, mode)] = tps
+                row = dict(op="e2e", provider=name, shape=H.shape_str(B=batch, K=K), dtype=dt, timing=timing,
+                           tokens_per_s=tps, mode=mode, batch=batch, draft_tokens=K, new_tokens=tokens,
+                           model=model_name, acceptance_rate=stats.get("acceptance_rate"),
+                           tokens_per_step=stats.get("tokens_per_step"),
+                           note=_note(name, batch))
+                if ("hf", 1, mode) in base_tps and name != "hf":
+                    row["speedup_vs_hf"] = tps / base_tps[("hf", 1, mode)]
+                if ("hf-prompt-lookup", 1, mode) in base_tps and name.startswith("specdec-ngram"):
+                    row["speedup_vs_hf_prompt_lookup"] = tps / base_tps[("hf-prompt-lookup", 1, mode)]
+                out.add(**row)
+            del model
+    rows = out.rows
+    print(f"wrote {path}")
+    if not args.no_plot:
+        for mode in modes:
+            p = H.plot_bars(rows, H.png_path(args, "e2e", f"_{mode}"), value="tokens_per_s", group="provider",
+                            series="shape",
+                            title=f"end to end ({mode}), {rows[0]['model'] if rows else ''} on {env['device']}",
+                            ylabel="tokens/s (all rows of the batch)",
+                            filter=lambda r, mode=mode: r["op"] == "e2e" and r["mode"] == mode and r["dtype"] == "fp32")
+            if p:
+                print(f"wrote {p}")
+    _summary(rows)
+    return 0
+
+
+def _note(name, batch):
+    if name == "specdec-ngram":
+        return "fixed draft length (adaptive off), like for like with HF prompt lookup"
+    if name == "hf" and batch > 1:
+        return "left padded batch"
+    return ""
+
+
+def _jobs(providers, batches, modes, dt, args, L):
+    jobs = []
+    for mode in modes:
+        for name in providers:
+            if dt == "int8" and (mode != "greedy" or name not in ("hf", "specdec-ngram")):
+                continue
+            for batch in batches:
+                if batch > 1 and name in HF_BATCH1_ONLY:
+                    continue
+                if name == "specdec-ngram-adaptive" and (batch > 1 and mode == "sampled"):
+                    continue
+                K = args.draft_tokens if ("ngram" in name or "prompt-lookup" in name) else \
+                    (args.model_draft_tokens if name not in ("hf", "specdec-none") else 0)
+                jobs.append((name, batch, mode, K))
+    return jobs
+
+
+def _run(name, model, assistant, prompts, batch, sampled, K, L, args):
+    kw = dict(batch=batch, max_new=args.max_new_tokens, sampled=sampled, temperature=args.temperature,
+              seed=args.seed)
+    reps = max(1, args.repeats)
+    # warm-up: one short call on the first prompt
+    if name.startswith("hf"):
+        hf_kwargs = {"hf": {}, "hf-prompt-lookup": {"prompt_lookup_num_tokens": K},
+                     "hf-early-exit": {"assistant_early_exit": L},
+                     "hf-assistant": {"assistant_model": assistant}}[name]
+        run_hf(model, prompts[:1], **{**kw, "max_new": 4, "batch": 1}, kwargs=hf_kwargs, count_steps=False)
+        res = [run_hf(model, prompts, **kw, kwargs=hf_kwargs, count_steps=name in ("hf", "hf-prompt-lookup"))
+               for _ in range(reps)]
+    else:
+        drafter = {"specdec-none": "none", "specdec-ngram": "ngram", "specdec-ngram-adaptive": "ngram",
+                   "specdec-early-exit": "early-exit", "specdec-model": assistant}[name]
+        adaptive = name == "specdec-ngram-adaptive"
+        skw = dict(drafter=drafter, K=K if K else None, adaptive=adaptive)
+        if name == "specdec-early-exit":
+            from specdec.generator import SpeculativeGenerator  # noqa: F401
+        run_specdec(model, prompts[:1], **{**kw, "max_new": 4, "batch": 1}, **skw)
+        res = [run_specdec(model, prompts, **kw, **skw) for _ in range(reps)]
+    tokens = sum(r[0] for r in res)
+    times = [t for r in res for t in r[1]]
+    stats = res[-1][2]
+    return tokens, times, stats
+
+
+def _load(args, dt, device):
+    if args.quick:
+        return tiny_model(args.seed).to(device), tiny_prompts(args.prompts), "tiny-random-llama", None
+    try:
+        import specdec
+
+        t0 = time.perf_counter()
+        model = specdec.load_model(args.target, quantization="int8" if dt == "int8" else "none", device=device)
+        tok = specdec.load_tokenizer(args.target)
+        H.note(f"loaded target {args.target or 'SmolLM2-135M-Instruct'} ({dt}) in {time.perf_counter() - t0:.1f} s")
+    except Exception as exc:  # noqa: BLE001
+        if dt == "int8":
+            H.note(f"int8 target unavailable, skipped: {type(exc).__name__}: {exc}")
+            return None, None, None, None
+        H.fail(f"cannot load the target model: {type(exc).__name__}: {exc}")
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    assistant = None
+    if args.assistant:
+        assistant = specdec.load_model(args.assistant, quantization="int8" if dt == "int8" else "none", device=device)
+    name = os.path.basename(str(args.target or "SmolLM2-135M-Instruct"))
+    return model, encode_prompts(tok, args.prompts), name, assistant
+
+
+def _cost_rows(out, model, prompts, args, device, runs, max_time, model_name, dt):
+    qs = [1, 2, 3, 5, 9, 11] if not args.quick else [1, 5]
+    for batch in ([1, 8] if not args.quick else [1]):
+        try:
+            t = forward_cost(model, prompts[0], qs, batch, device, runs, max_time)
+        except Exception as exc:  # noqa: BLE001
+            H.note(f"target forward cost not measured: {type(exc).__name__}: {exc}")
+            return
+        for q, timing in t.items():
+            out.add(op="target_forward", provider="hf-forward", shape=H.shape_str(B=batch, q=q), dtype=dt,
+                    timing=timing, batch=batch, draft_tokens=q - 1, model=model_name,
+                    cost_ratio=timing.median_ms / t[1].median_ms,
+                    note=f"cached forward over q tokens after a {len(prompts[0])}-token prefill; "
+                         "cost_ratio = time(q) / time(1)")
+
+
+def _summary(rows):
+    print(f"{'op':14} {'provider':24} {'shape':12} {'mode':8} {'dtype':5} {'tok/s':>8} {'accept':>7} "
+          f"{'tok/step':>8} {'ratio':>6} {'vs hf':>6} {'vs pld':>6}")
+    f = lambda v, w=8, p=2: (f"{float(v):{w}.{p}f}" if v else " " * w)  # noqa: E731
+    for r in rows:
+        print(f"{r['op']:14} {r['provider']:24} {r['shape']:12} {r['mode']:8} {r['dtype']:5} {f(r['tokens_per_s'])} "
+              f"{f(r['acceptance_rate'], 7)} {f(r['tokens_per_step'])} {f(r['cost_ratio'], 6)} "
+              f"{f(r['speedup_vs_hf'], 6)} {f(r['speedup_vs_hf_prompt_lookup'], 6)} {r['note'][:40] if 'failed' in r['note'] else ''}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,444 @@
+"""Batched speculative generation over Hugging Face causal LMs.
+
+One step for B live rows (each row's last token, the *pending* one, is not in the target's cache):
+
+    draft  = drafter.propose(...)                      # [B, K] ids, -1 tail; optional probs
+    logits = target([pending, drafts])                 # [B, K+1, V], one cached forward
+    out, n = specdec.ops.verify(logits, draft, probs)  # per-row acceptance, exact distribution
+    cache.rollback(kept prefix per row)                # O(1), no re-prefill
+    one host copy of (out, n)                          # the only synchronisation per step
+
+Rows that hit EOS or their token budget leave the batch (``select_rows``) without stalling the
+others. The draft length adapts per row (grow by 2 after a fully accepted draft, shrink by 1 after
+a rejection), so a row's tokens never depend on the other rows of its batch: with the per-row seeds
+of :func:`specdec.ops.row_seeds`, a prompt gives the same tokens in a batch of 1 and of 8.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, NamedTuple, Sequence
+
+import numpy as np
+import torch
+
+from specdec.drafters import Draft, Drafter, DraftState, make_drafter
+from specdec.models import check_compatible, model_vocab_size
+
+MAX_DRAFT_TOKENS = 32  # cap for adaptive growth (drafters derive sampling offsets with K < 64)
+
+
+class Chunk(NamedTuple):
+    """What one step emitted for one row, passed to the streaming callback.
+
+    ``token_ids[:num_accepted]`` are accepted drafts; the last id is the target's own token
+    (``is_bonus``: all drafts accepted; else a resample at the first rejection). ``row`` is the
+    prompt's index in the caller's list.
+    """
+
+    row: int
+    token_ids: list
+    num_accepted: int
+    num_drafted: int
+    finished: bool
+
+    @property
+    def is_bonus(self) -> bool:
+        return self.num_accepted == self.num_drafted
+
+
+@dataclass
+class GenerationStats:
+    """Counters of one ``generate`` call. Times in seconds, measured after device synchronisation."""
+
+    num_sequences: int = 0
+    generated_tokens: int = 0  # tokens emitted (EOS included), not characters
+    target_steps: int = 0  # batched target forwards after the prefill
+    row_steps: int = 0  # sum over target steps of the live rows
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
+    drafted_per_position: list = field(default_factory=list)  # [i]: drafts at position i
+    accepted_per_position: list = field(default_factory=list)  # [i]: of those, accepted
+    prefill_time: float = 0.0
+    target_time: float = 0.0  # target forwards + verification
+    drafter_time: float = 0.0  # drafter prefill + proposals + rollbacks
+    total_time: float = 0.0
+    drafter: str = ""
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else 0.0
+
+    @property
+    def tokens_per_step(self) -> float:
+        """Mean tokens a row gains per target forward (1.0 = plain decoding)."""
+        return self.generated_tokens / self.row_steps if self.row_steps else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.generated_tokens / self.total_time if self.total_time > 0 else 0.0
+
+    @property
+    def position_acceptance(self) -> list:
+        """Acceptance rate at draft position i (given the draft reached position i)."""
+        return [a / d if d else 0.0 for a, d in zip(self.accepted_per_position, self.drafted_per_position)]
+
+    def _count_positions(self, drafted: np.ndarray, accepted: np.ndarray) -> None:
+        width = int(drafted.max()) if drafted.size else 0
+        if width > len(self.drafted_per_position):
+            grow = width - len(self.drafted_per_position)
+            self.drafted_per_position += [0] * grow
+            self.accepted_per_position += [0] * grow
+        for i in range(width):
+            self.drafted_per_position[i] += int((drafted > i).sum())
+            self.accepted_per_position[i] += int((accepted > i).sum())
+
+    def merge(self, other: "GenerationStats") -> None:
+        for name in ("num_sequences", "generated_tokens", "target_steps", "row_steps", "drafted_tokens",
+                     "accepted_tokens", "prefill_time", "target_time", "drafter_time", "total_time"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        n = max(len(self.drafted_per_position), len(other.drafted_per_position))
+        pad = lambda xs: xs + [0] * (n - len(xs))  # noqa: E731
+        self.drafted_per_position = [a + b for a, b in zip(pad(self.drafted_per_position), pad(other.drafted_per_position))]
+        self.accepted_per_position = [a + b for a, b in zip(pad(self.accepted_per_position), pad(other.accepted_per_position))]
+        self.drafter = self.drafter or other.drafter
+
+    def as_dict(self) -> dict:
+        return {
+            "drafter": self.drafter, "sequences": self.num_sequences, "generated_tokens": self.generated_tokens,
+            "target_steps": self.target_steps, "acceptance_rate": round(self.acceptance_rate, 4),
+            "tokens_per_step": round(self.tokens_per_step, 3), "tokens_per_second": round(self.tokens_per_second, 2),
+            "prefill_time_s": round(self.prefill_time, 4), "target_time_s": round(self.target_time, 4),
+            "drafter_time_s": round(self.drafter_time, 4), "total_time_s": round(self.total_time, 4),
+            "position_acceptance": [round(x, 3) for x in self.position_acceptance],
+        }
+
+    def summary(self) -> str:
+        hist = " ".join(f"{r:.2f}" for r in self.position_acceptance[:16])
+        return (
+            f"drafter {self.drafter or 'none'}: {self.generated_tokens} tokens in {self.total_time:.2f} s "
+            f"= {self.tokens_per_second:.1f} tokens/s; acceptance {self.acceptance_rate:.1%} "
+            f"({self.accepted_tokens}/{self.drafted_tokens}), {self.tokens_per_step:.2f} tokens per target step; "
+            f"time: prefill {self.prefill_time:.2f} s, target {self.target_time:.2f} s, drafter {self.drafter_time:.2f} s"
+            + (f"\nacceptance by draft position: {hist}" if hist else "")
+        )
+
+
+@dataclass
+class GenerationResult:
+    """sequences[i]: the generated token ids of prompt i (EOS included when hit), in input order;
+    prompt_ids[i]: its prompt ids; texts[i]: decoded ``sequences[i]`` when a tokenizer is known;
+    finish_reasons[i]: "eos", "length" or "error" (the target produced no finite logit)."""
+
+    sequences: list
+    prompt_ids: list
+    finish_reasons: list
+    stats: GenerationStats
+    texts: list | None = None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _model_device(model) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:  # pragma: no cover
+        return torch.device("cpu")
+
+
+class SpeculativeGenerator:
+    """Speculative decoding with an HF target and a drafter.
+
+    Args:
+        target: HF causal LM (fp32/fp16/bf16 or bitsandbytes int8), eval mode.
+        drafter: an HF causal LM sharing the target's tokenizer (-> ModelDrafter), ``"ngram"``,
+            ``"early-exit"``, a :class:`specdec.drafters.Drafter`, or None / ``"none"`` (plain
+            decoding through the same loop).
+        tokenizer: target tokenizer; needed for string prompts and decoded texts.
+        drafter_tokenizer: when given, checked against ``tokenizer`` (IncompatibleModelsError).
+        num_draft_tokens: initial draft length K (default 10 for n-gram, 4 for model drafters).
+        adaptive: adapt K per row (default on).
+        early_exit_layers: layers of the early-exit drafter (default a quarter of the target's).
+        backend: implementation of the ops (``specdec.ops.verify``/``sample``): "auto", "cpp",
+            "triton" or "reference".
+    """
+
+    def __init__(self, target, drafter="ngram", tokenizer=None, *, drafter_tokenizer=None,
+                 num_draft_tokens: int | None = None, adaptive: bool = True, early_exit_layers: int | None = None,
+                 backend: str = "auto"):
+        self.target = target
+        self.tokenizer = tokenizer
+        self.vocab_size = model_vocab_size(target)
+        if isinstance(drafter, torch.nn.Module):
+            check_compatible(target, drafter, tokenizer, drafter_tokenizer)
+        self.drafter = make_drafter(drafter, target, num_layers=early_exit_layers, vocab_size=self.vocab_size)
+        if num_draft_tokens is None:
+            num_draft_tokens = 10 if type(self.drafter).__name__ == "NGramDrafter" else 4
+        if not 0 <= num_draft_tokens <= MAX_DRAFT_TOKENS:
+            raise ValueError(f"num_draft_tokens must be in 0..{MAX_DRAFT_TOKENS}, got {num_draft_tokens}")
+        self.num_draft_tokens = num_draft_tokens
+        self.adaptive = adaptive
+        self.device = _model_device(target)
+        self.backend = backend
+
+    @property
+    def drafter_name(self) -> str:
+        if self.drafter is None:
+            return "none"
+        name = type(self.drafter).__name__
+        return {"NGramDrafter": "ngram", "EarlyExitDrafter": "early-exit", "ModelDrafter": "model"}.get(name, name)
+
+    # -- inputs --------------------------------------------------------------------------------
+
+    def _prompt_ids(self, prompts, input_ids, attention_mask) -> list:
+        if prompts is not None and input_ids is not None:
+            raise ValueError("pass either prompts or input_ids, not both")
+        if prompts is not None:
+            if isinstance(prompts, str):
+                prompts = [prompts]
+            rows = []
+            for p in prompts:
+                if isinstance(p, str):
+                    if self.tokenizer is None:
+                        raise ValueError("string prompts need a tokenizer: SpeculativeGenerator(..., tokenizer=...)")
+                    rows.append(list(self.tokenizer(p, add_special_tokens=True)["input_ids"]))
+                else:
+                    rows.append([int(t) for t in p])
+        elif input_ids is not None:
+            ids = torch.as_tensor(input_ids)
+            if ids.dim() == 1:
+                ids = ids[None]
+            if attention_mask is None:
+                rows = [r.tolist() for r in ids]
+            else:  # left or right padding: keep the masked-in tokens of each row
+                mask = torch.as_tensor(attention_mask).bool()
+                rows = [r[m].tolist() for r, m in zip(ids, mask)]
+        else:
+            raise ValueError("generate() needs prompts or input_ids")
+        for i, r in enumerate(rows):
+            if not r:
+                raise ValueError(f"prompt {i} is empty")
+        return rows
+
+    def _eos_ids(self, eos_token_id) -> list:
+        if isinstance(eos_token_id, str) and eos_token_id == "default":
+            eos_token_id = getattr(getattr(self.target, "generation_config", None), "eos_token_id", None)
+            if eos_token_id is None and self.tokenizer is not None:
+                eos_token_id = self.tokenizer.eos_token_id
+        if eos_token_id is None:
+            return []
+        if isinstance(eos_token_id, int):
+            return [eos_token_id]
+        return [int(t) for t in eos_token_id]
+
+    # -- generation ----------------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompts: str | Sequence | None = None,
+        *,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        num_draft_tokens: int | None = None,
+        adaptive: bool | None = None,
+        eos_token_id="default",
+        seed: int | None = None,
+        batch_size: int | None = None,
+        callback: Callable[[Chunk], None] | None = None,
+        progress: bool = False,
+    ) -> GenerationResult:
+        """Generate continuations for a batch of prompts.
+
+        Args:
+            prompts: a string, a list of strings (needs the tokenizer) or a list of token-id lists.
+            input_ids, attention_mask: alternatively [B, T] int64 (left or right padded) and its mask.
+            max_new_tokens: per-row limit of generated tokens.
+            temperature: 0 = greedy (default); top_k (0 = off), top_p (1.0 = off).
+            num_draft_tokens, adaptive: override the generator's draft length and adaptivity.
+            eos_token_id: int, list of ints, None (never stop early) or "default" (the model's).
+            seed: int; row i of the caller's list gets the seed ``row_seeds(seed, n)[i]``, so a row's
+                tokens do not depend on its batch. None draws one from torch's generator.
+            batch_size: rows per batch (default: all prompts in one batch).
+            callback: called with a :class:`Chunk` for every row after every step.
+            progress: show a tqdm bar of generated tokens on stderr.
+        Returns:
+            GenerationResult (token ids per prompt in input order, stats).
+        """
+        from specdec import ops
+
+        rows = self._prompt_ids(prompts, input_ids, attention_mask)
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+            raise ValueError("need temperature >= 0, top_k >= 0 and 0 < top_p <= 1")
+        k0 = self.num_draft_tokens if num_draft_tokens is None else num_draft_tokens
+        if not 0 <= k0 <= MAX_DRAFT_TOKENS:
+            raise ValueError(f"num_draft_tokens must be in 0..{MAX_DRAFT_TOKENS}, got {k0}")
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,)))
+        seeds = ops.row_seeds(seed, len(rows))
+        opts = dict(max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=int(top_k),
+                    top_p=float(top_p), k0=k0, adaptive=self.adaptive if adaptive is None else adaptive,
+                    eos=self._eos_ids(eos_token_id), callback=callback)
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(rows) * max_new_tokens, unit="tok", desc="generating", leave=False)
+        sequences, reasons, stats = [None] * len(rows), [None] * len(rows), GenerationStats(drafter=self.drafter_name)
+        step = batch_size or len(rows)
+        try:
+            for start in range(0, len(rows), step):
+                index = list(range(start, min(start + step, len(rows))))
+                part = self._generate_batch([rows[i] for i in index], index, seeds[index[0]: index[-1] + 1], opts, bar)
+                for i, (seq, why) in zip(index, zip(*part[:2])):
+                    sequences[i], reasons[i] = seq, why
+                stats.merge(part[2])
+        finally:
+            if bar is not None:
+                bar.close()
+        texts = None
+        if self.tokenizer is not None:
+            texts = [self.tokenizer.decode(s, skip_special_tokens=True) for s in sequences]
+        return GenerationResult(sequences, rows, reasons, stats, texts)
+
+    @torch.inference_mode()
+    def _generate_batch(self, rows, user_index, seeds, opts, bar):
+        from specdec import ops
+        from specdec.cache import RaggedCache
+
+        device, target, drafter = self.device, self.target, self.drafter
+        stats = GenerationStats(drafter=self.drafter_name, num_sequences=len(rows))
+        _sync(device)
+        t_start = time.perf_counter()
+        batch = len(rows)
+        lengths = np.array([len(r) for r in rows], dtype=np.int64)
+        max_new, eos = opts["max_new_tokens"], set(opts["eos"])
+        capacity = int(lengths.max()) + max_new + MAX_DRAFT_TOKENS + 2
+        tokens = np.zeros((batch, capacity), dtype=np.int64)  # host copy: prompts + generated
+        for b, r in enumerate(rows):
+            tokens[b, : len(r)] = r
+        prompt_lengths = lengths.copy()
+        live = list(range(batch))  # batch row -> position in `rows`
+        out_tokens = [[] for _ in range(batch)]
+        reasons = ["length"] * batch
+        seeds = seeds.to(device)
+
+        # prefill: everything but each row's last prompt token (that one starts the first step)
+        cache = RaggedCache.from_model(target, batch_size=batch, max_length=capacity)
+        width = int(lengths.max()) - 1
+        if width > 0:
+            ids = torch.from_numpy(np.ascontiguousarray(tokens[:, :width])).to(device)
+            target(input_ids=ids, position_ids=cache.position_ids(width), attention_mask=cache.attention_mask(width),
+                   past_key_values=cache, use_cache=True, logits_to_keep=1)
+        cache.rollback(torch.from_numpy(lengths - 1).to(cache.lengths))
+        pending = torch.from_numpy(tokens[np.arange(batch), lengths - 1]).to(device)
+        _sync(device)
+        t_prefill = time.perf_counter()
+        stats.prefill_time = t_prefill - t_start
+
+        k_row = np.full(batch, opts["k0"], dtype=np.int64)
+        temperature, top_k, top_p = opts["temperature"], opts["top_k"], opts["top_p"]
+        if drafter is not None:
+            state = DraftState(tokens, lengths, k_row, temperature, top_k, top_p, seeds, 0, device, capacity, self.backend)
+            drafter.start(state)
+        _sync(device)
+        stats.drafter_time += time.perf_counter() - t_prefill
+        step = 0
+        try:
+            while live:
+                remaining = max_new - (lengths - prompt_lengths)
+                budget = np.minimum(k_row, remaining - 1)  # never draft past the length limit
+                t0 = time.perf_counter()
+                if drafter is not None and budget.max() > 0:
+                    state = DraftState(tokens, lengths, budget, temperature, top_k, top_p, seeds, step, device, capacity, self.backend)
+                    draft = drafter.propose(state)
+                    _sync(device)
+                else:
+                    draft = Draft(torch.empty(len(live), 0, dtype=torch.int64, device=device), None,
+                                  np.zeros(len(live), dtype=np.int64))
+                t1 = time.perf_counter()
+                k = draft.token_ids.shape[1]
+                ids = torch.cat([pending[:, None], draft.token_ids.clamp_min(0)], dim=1)
+                logits = target(input_ids=ids, position_ids=cache.position_ids(k + 1),
+                                attention_mask=cache.attention_mask(k + 1), past_key_values=cache, use_cache=True).logits
+                probs = draft.probs if temperature > 0 else None
+                out_ids, num_acc = ops.verify(logits, draft.token_ids, probs, temperature=temperature,
+                                              top_k=top_k, top_p=top_p, seed=seeds, offset=step,
+                                              backend=self.backend)
+                # keep pending + accepted drafts; the emitted last token becomes the new pending one
+                cache.rollback(cache.lengths - k + num_acc)
+                pending = out_ids.gather(1, num_acc[:, None].long()).squeeze(1)
+                host = torch.cat([out_ids, num_acc[:, None].long()], dim=1).cpu().numpy()  # the one sync
+                t2 = time.perf_counter()
+                accepted = host[:, -1]
+                if drafter is not None and k > 0:
+                    drafter.accept(accepted)
+                t3 = time.perf_counter()
+                stats.drafter_time += (t1 - t0) + (t3 - t2)
+                stats.target_time += t2 - t1
+                stats.target_steps += 1
+                stats.row_steps += len(live)
+                stats.drafted_tokens += int(draft.num_drafted.sum())
+                stats.accepted_tokens += int(accepted.sum())
+                stats._count_positions(draft.num_drafted, accepted)
+
+                keep, emitted_total = [], 0
+                for b in range(len(live)):
+                    n = int(accepted[b])
+                    emitted = host[b, : n + 1]
+                    finished = False
+                    if emitted[-1] < 0:  # no finite logit: the row cannot continue
+                        emitted, finished, reasons[live[b]] = emitted[:0], True, "error"
+                    emitted = emitted[: remaining[b]]
+                    if eos:
+                        hits = [i for i, t in enumerate(emitted.tolist()) if t in eos]
+                        if hits:
+                            emitted, finished, reasons[live[b]] = emitted[: hits[0] + 1], True, "eos"
+                    m = len(emitted)
+                    tokens[b, lengths[b]: lengths[b] + m] = emitted
+                    lengths[b] += m
+                    out_tokens[live[b]].extend(emitted.tolist())
+                    emitted_total += m
+                    if lengths[b] - prompt_lengths[b] >= max_new:
+                        finished = True
+                    if opts["callback"] is not None:
+                        opts["callback"](Chunk(user_index[live[b]], emitted.tolist(), min(n, m),
+                                               int(draft.num_drafted[b]), finished))
+                    if not finished:
+                        keep.append(b)
+                    if opts["adaptive"] and draft.num_drafted[b] > 0:
+                        if n == draft.num_drafted[b] == k_row[b]:
+                            k_row[b] = min(k_row[b] + 2, MAX_DRAFT_TOKENS)
+                        elif n < draft.num_drafted[b]:
+                            k_row[b] = max(k_row[b] - 1, 1)
+                stats.generated_tokens += emitted_total
+                if bar is not None:
+                    bar.update(emitted_total)
+                step += 1
+                if len(keep) < len(live):
+                    live = [live[b] for b in keep]
+                    if not live:
+                        break
+                    index = torch.tensor(keep, dtype=torch.int64)
+                    cache.select_rows(index.to(device))
+                    if drafter is not None:
+                        drafter.select_rows(index)
+                    index_np = np.asarray(keep)
+                    tokens, lengths, prompt_lengths = tokens[index_np], lengths[index_np], prompt_lengths[index_np]
+                    k_row = k_row[index_np]
+                    seeds = seeds[index.to(device)]
+                    pending = pending[index.to(device)]
+        finally:
+            if drafter is not None:
+                drafter.finish()
+        _sync(device)
+        stats.total_time = time.perf_counter() - t_start
+        return out_tokens, reasons, stats

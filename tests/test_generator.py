@@ -1,0 +1,186 @@
+"""SpeculativeGenerator and drafters on tiny HF models: exactness, distribution, per-row behaviour."""
+import numpy as np
+import pytest
+import torch
+
+from specdec.drafters import EarlyExitDrafter, ModelDrafter, NGramDrafter, truncated_model
+from specdec.generator import SpeculativeGenerator
+from _tiny_models import PROMPTS, hf_greedy, min_greedy_margin, tiny_model
+
+N_NEW = 16
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny models: thread start-up and contention on a shared 2-core machine cost more than they give
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2", "qwen3"])
+def family_setup(request):
+    family = request.param
+    # the exactness tests assert equality: use the first seed whose greedy path has no near-tie
+    for seed in range(10):
+        target = tiny_model(family, seed=seed, layers=3)
+        refs = [hf_greedy(target, p, N_NEW) for p in PROMPTS]
+        if min_greedy_margin(target, PROMPTS, refs) > 1e-3:
+            break
+    else:
+        pytest.fail(f"no {family} seed without greedy near-ties")
+    drafter = tiny_model(family, seed=100 + seed, layers=1, hidden_size=32)
+    return family, target, drafter, refs
+
+
+@pytest.mark.parametrize("kind", ["ngram", "model", "self", "early-exit", "none"])
+def test_greedy_equals_target_generate(family_setup, kind):
+    family, target, small, refs = family_setup
+    drafter = {"ngram": "ngram", "model": small, "self": target, "early-exit": "early-exit", "none": None}[kind]
+    gen = SpeculativeGenerator(target, drafter, num_draft_tokens=3, early_exit_layers=2)
+    result = gen.generate(PROMPTS, max_new_tokens=N_NEW, eos_token_id=None)
+    assert result.sequences == refs
+    assert result.finish_reasons == ["length"] * len(PROMPTS)
+    stats = result.stats
+    assert stats.generated_tokens == N_NEW * len(PROMPTS)
+    if kind == "self":  # the target drafting for itself: every draft accepted, K grows
+        assert stats.acceptance_rate == 1.0
+        assert stats.tokens_per_step > 2
+        assert len(stats.drafted_per_position) > 3
+    if kind != "none":
+        assert stats.drafted_tokens > 0
+
+
+def test_no_adaptive_keeps_k(family_setup):
+    _, target, _, refs = family_setup
+    gen = SpeculativeGenerator(target, target, num_draft_tokens=2, adaptive=False)
+    result = gen.generate(PROMPTS, max_new_tokens=N_NEW, eos_token_id=None)
+    assert result.sequences == refs
+    assert len(result.stats.drafted_per_position) == 2
+
+
+def test_rows_stop_at_eos_independently(family_setup):
+    _, target, small, refs = family_setup
+    eos = refs[1][3]  # row 1 emits this id within its first four tokens
+    gen = SpeculativeGenerator(target, small, num_draft_tokens=3)
+    chunks = []
+    result = gen.generate(PROMPTS, max_new_tokens=N_NEW, eos_token_id=eos, callback=chunks.append)
+    for row, ref in enumerate(refs):
+        expected = ref[: ref.index(eos) + 1] if eos in ref else ref
+        assert result.sequences[row] == expected
+        assert result.finish_reasons[row] == ("eos" if eos in ref else "length")
+    assert len(result.sequences[1]) <= 4
+    assert max(map(len, result.sequences)) > 4  # the other rows went on
+    # streaming: the chunks of each row concatenate to its sequence, and the last one says finished
+    for row in range(len(PROMPTS)):
+        mine = [c for c in chunks if c.row == row]
+        assert sum((c.token_ids for c in mine), []) == result.sequences[row]
+        assert mine[-1].finished and not any(c.finished for c in mine[:-1])
+
+
+def test_input_ids_with_left_padding(family_setup):
+    _, target, _, refs = family_setup
+    width = max(map(len, PROMPTS))
+    ids = torch.zeros(len(PROMPTS), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(PROMPTS):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    gen = SpeculativeGenerator(target, "ngram")
+    result = gen.generate(input_ids=ids, attention_mask=mask, max_new_tokens=N_NEW, eos_token_id=None)
+    assert result.sequences == refs
+
+
+@pytest.mark.parametrize("kind", ["model", "ngram"])
+def test_batch_of_one_equals_batch_of_eight(kind):
+    target = tiny_model("llama", seed=0, layers=2)
+    drafter = tiny_model("llama", seed=1, layers=1, hidden_size=32) if kind == "model" else "ngram"
+    prompts = (PROMPTS * 2)[:8]
+    gen = SpeculativeGenerator(target, drafter, num_draft_tokens=3)
+    opts = dict(max_new_tokens=10, temperature=1.0, top_p=0.95, seed=1234, eos_token_id=None)
+    together = gen.generate(prompts, **opts).sequences
+    alone = gen.generate(prompts, batch_size=1, **opts).sequences
+    assert together == alone
+    # same prompt, different rows of the user's list: different seeds, (almost surely) different tokens
+    assert together[0] != together[4]
+    assert gen.generate(prompts, **{**opts, "seed": 99}).sequences != together
+
+
+def _two_token_distribution(model, prompt, temperature):
+    """Exact joint distribution of the target's next two tokens: [V, V] float64."""
+    with torch.no_grad():
+        first = model(torch.tensor([prompt])).logits[0, -1].double()
+        p1 = torch.softmax(first / temperature, -1)
+        V = p1.shape[0]
+        batch = torch.tensor([prompt + [v] for v in range(V)])
+        p2 = torch.softmax(model(batch).logits[:, -1].double() / temperature, -1)
+    return p1[:, None] * p2
+
+
+@pytest.mark.parametrize("kind", ["model", "ngram"])
+def test_sampled_two_tokens_match_target_distribution(kind):
+    scipy_stats = pytest.importorskip("scipy.stats")
+    V = 12
+    target = tiny_model("llama", seed=0, layers=2, vocab_size=V, initializer_range=0.1)
+    drafter = tiny_model("llama", seed=3, layers=1, vocab_size=V, hidden_size=32, initializer_range=0.1)
+    prompt = [1, 5, 6, 7, 5, 6, 7, 5, 6]  # repetitive: the n-gram drafter proposes drafts
+    temperature, n = 0.9, 6000
+    joint = _two_token_distribution(target, prompt, temperature).flatten().numpy()
+    gen = SpeculativeGenerator(target, drafter if kind == "model" else "ngram", num_draft_tokens=2)
+    result = gen.generate([prompt] * n, max_new_tokens=2, temperature=temperature, seed=7, eos_token_id=None)
+    assert result.stats.drafted_tokens > 0 and 0 < result.stats.accepted_tokens < result.stats.drafted_tokens
+    counts = np.zeros(V * V)
+    for a, b in result.sequences:
+        counts[a * V + b] += 1
+    expected = joint * n
+    big = expected >= 5  # pool the rare cells so the chi-square approximation holds
+    obs = np.append(counts[big], counts[~big].sum())
+    exp = np.append(expected[big], expected[~big].sum())
+    _, pvalue = scipy_stats.chisquare(obs, exp)
+    assert pvalue > 1e-3, pvalue
+
+
+def test_ngram_lookup():
+    d = NGramDrafter(max_ngram=3, min_ngram=1)
+    t = np.array([1, 2, 3, 4, 9, 2, 3, 4, 7, 2, 3])
+    assert d.lookup(t, 5).tolist() == [4, 7, 2, 3]  # latest occurrence of [2, 3]
+    assert d.lookup(t, 1).tolist() == [4]
+    assert d.lookup(np.array([5, 6, 7]), 4).tolist() == []
+    assert d.lookup(t, 0).tolist() == []
+
+
+def test_truncated_model_shares_weights():
+    target = tiny_model("qwen3", seed=0, layers=3)
+    view = truncated_model(target, 1)
+    assert len(view.model.layers) == 1 and len(target.model.layers) == 3
+    assert view.lm_head.weight is target.lm_head.weight
+    assert view.model.layers[0].mlp.up_proj.weight is target.model.layers[0].mlp.up_proj.weight
+    assert target.config.num_hidden_layers == 3
+    ids = torch.tensor([[1, 2, 3]])
+    assert view(ids).logits.shape == target(ids).logits.shape
+    assert isinstance(SpeculativeGenerator(target, "early-exit").drafter, EarlyExitDrafter)
+    assert isinstance(SpeculativeGenerator(target, target).drafter, ModelDrafter)
+
+
+def test_padded_drafter_vocabulary():
+    target = tiny_model("llama", seed=0, layers=2)
+    drafter = tiny_model("llama", seed=1, layers=1, hidden_size=32, vocab_size=128)  # padded head
+    refs = [hf_greedy(target, p, 8) for p in PROMPTS[:2]]
+    gen = SpeculativeGenerator(target, drafter, num_draft_tokens=3)
+    assert gen.generate(PROMPTS[:2], max_new_tokens=8, eos_token_id=None).sequences == refs
+    sampled = gen.generate(PROMPTS[:2], max_new_tokens=8, temperature=1.0, seed=0, eos_token_id=None)
+    assert all(0 <= t < 96 for s in sampled.sequences for t in s)
+
+
+def test_bad_arguments():
+    target = tiny_model("llama", seed=0, layers=1)
+    gen = SpeculativeGenerator(target, "ngram")
+    with pytest.raises(ValueError):
+        gen.generate([[1, 2]], max_new_tokens=0)
+    with pytest.raises(ValueError):
+        gen.generate([[]], max_new_tokens=2)
+    with pytest.raises(ValueError, match="tokenizer"):
+        gen.generate(["text"], max_new_tokens=2)
+    with pytest.raises(ValueError):
+        SpeculativeGenerator(target, "bogus")

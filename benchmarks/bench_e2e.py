@@ -182,10 +182,11 @@ def run_hf(model, prompts, *, batch, max_new, sampled, temperature, seed, kwargs
     return tokens, times, stats
 
 
-def run_specdec(model, prompts, *, drafter, batch, max_new, sampled, temperature, seed, K, adaptive):
+def run_specdec(model, prompts, *, drafter, batch, max_new, sampled, temperature, seed, K, adaptive,
+                backend="auto"):
     from specdec.generator import SpeculativeGenerator
 
-    gen = SpeculativeGenerator(model, drafter=drafter, num_draft_tokens=K, adaptive=adaptive)
+    gen = SpeculativeGenerator(model, drafter=drafter, num_draft_tokens=K, adaptive=adaptive, backend=backend)
     tokens, times, agg = 0, [], None
     for start in range(0, len(prompts), batch):
         part = prompts[start:start + batch]
@@ -260,6 +261,9 @@ def build_parser():
     p.add_argument("--temperature", type=float, default=0.7, help="for sampled mode (default 0.7)")
     p.add_argument("--repeats", type=int, default=1, help="passes over the prompt set per configuration")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backend", default="auto",
+                   help="specdec ops backend (auto, cpp, triton, reference); auto falls back to the reference "
+                        "when the C++ kernels are not built")
     p.add_argument("--no-cost", action="store_true", help="skip the target forward cost-ratio rows")
     return p
 
@@ -316,6 +320,7 @@ def main(argv=None) -> int:
         else:
             H.note(f"skipping provider {name}: {why}")
 
+    args.backend = _resolve_backend(args.backend, device)
     env = H.env_info(device)
     path = H.csv_path(args, "e2e")
     extra = ["mode", "batch", "draft_tokens", "new_tokens", "speedup_vs_hf", "speedup_vs_hf_prompt_lookup",
@@ -354,7 +359,7 @@ def main(argv=None) -> int:
                            tokens_per_s=tps, mode=mode, batch=batch, draft_tokens=K, new_tokens=tokens,
                            model=model_name, acceptance_rate=stats.get("acceptance_rate"),
                            tokens_per_step=stats.get("tokens_per_step"),
-                           note=_note(name, batch))
+                           note=_note(name, batch, args.backend))
                 if ("hf", 1, mode) in base_tps and name != "hf":
                     row["speedup_vs_hf"] = tps / base_tps[("hf", 1, mode)]
                 if ("hf-prompt-lookup", 1, mode) in base_tps and name.startswith("specdec-ngram"):
@@ -376,12 +381,32 @@ def main(argv=None) -> int:
     return 0
 
 
-def _note(name, batch):
+def _resolve_backend(backend, device):
+    """The ops backend specdec rows use: ``auto`` unless its pick cannot run verify here."""
+    if backend != "auto":
+        return backend
+    try:
+        from specdec import ops
+
+        avail = ops.backends()
+    except Exception:  # noqa: BLE001
+        return backend
+    if device.type == "cpu" and avail["cpp"][0] and not (
+            hasattr(torch.ops.specdec_cpp, "verify") and hasattr(torch.ops.specdec_cpp, "sample")):
+        H.note("specdec._C has no verify/sample kernels yet: specdec rows use the reference backend")
+        return "reference"
+    return backend
+
+
+def _note(name, batch, backend=""):
+    parts = []
     if name == "specdec-ngram":
-        return "fixed draft length (adaptive off), like for like with HF prompt lookup"
+        parts.append("fixed draft length (adaptive off), like for like with HF prompt lookup")
     if name == "hf" and batch > 1:
-        return "left padded batch"
-    return ""
+        parts.append("left padded batch")
+    if name.startswith("specdec"):
+        parts.append(f"ops backend {backend}")
+    return "; ".join(parts)
 
 
 def _jobs(providers, batches, modes, dt, args, L):
@@ -417,7 +442,7 @@ def _run(name, model, assistant, prompts, batch, sampled, K, L, args):
         drafter = {"specdec-none": "none", "specdec-ngram": "ngram", "specdec-ngram-adaptive": "ngram",
                    "specdec-early-exit": "early-exit", "specdec-model": assistant}[name]
         adaptive = name == "specdec-ngram-adaptive"
-        skw = dict(drafter=drafter, K=K if K else None, adaptive=adaptive)
+        skw = dict(drafter=drafter, K=K if K else None, adaptive=adaptive, backend=args.backend)
         if name == "specdec-early-exit":
             from specdec.generator import SpeculativeGenerator  # noqa: F401
         run_specdec(model, prompts[:1], **{**kw, "max_new": 4, "batch": 1}, **skw)

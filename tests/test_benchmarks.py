@@ -1,0 +1,106 @@
+"""Smoke tests of the benchmark scripts: each runs a tiny configuration in seconds and writes a
+well-formed CSV. Not timed tests: no number is checked against a target here."""
+import csv
+import importlib.util
+
+import pytest
+import torch
+
+from benchmarks import bench_e2e, bench_sample, bench_verify, harness as H
+
+
+def _rows(path):
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+        header = reader.fieldnames
+    for col in H.COLUMNS + H.ENV_COLUMNS:
+        assert col in header, f"missing column {col} in {path}"
+    assert rows, f"{path} has no rows"
+    for r in rows:
+        assert r["op"] and r["provider"] and r["device"] and r["torch"] and r["git_commit"]
+        if r["median_ms"]:
+            assert float(r["p20_ms"]) <= float(r["median_ms"]) <= float(r["p80_ms"])
+            assert int(r["runs"]) >= 1
+    return rows
+
+
+def test_harness_bench_and_csv(tmp_path):
+    x = torch.ones(1000)
+    calls = []
+    t = H.bench(lambda: calls.append(x.sum()), runs=7, warmup=2, warmup_s=0.0)
+    assert t.runs == 7 and 0 <= t.p20_ms <= t.median_ms <= t.p80_ms
+    assert len(calls) >= 9
+    env = H.env_info("cpu")
+    path = tmp_path / "x.csv"
+    with H.CsvWriter(path, env, extra_columns=["mode"]) as w:
+        w.add(op="op", provider="p", shape=H.shape_str(B=1, V=8), dtype="fp32", timing=t, bytes=4000,
+              copy_gb_per_s=10.0, mode="m")
+        with pytest.raises(KeyError):
+            w.add(op="op", provider="p", bogus=1)
+    rows = _rows(path)
+    assert rows[0]["shape"] == "B=1 V=8" and rows[0]["mode"] == "m"
+    assert float(rows[0]["gb_per_s"]) > 0 and float(rows[0]["frac_of_copy"]) > 0
+    assert not (tmp_path / "x.csv.tmp").exists()
+
+
+def test_copy_bandwidth_positive():
+    assert H.copy_bandwidth("cpu", nbytes=8 << 20, runs=3) > 0
+
+
+def test_bench_verify_smoke(tmp_path):
+    rc = bench_verify.main(["--quick", "--out", str(tmp_path), "--B", "1,2", "--V", "1000", "--runs", "3",
+                            "--max-time", "0.2", "--modes", "sampled,greedy", "--no-plot"])
+    assert rc == 0
+    rows = _rows(tmp_path / "verify_cpu_quick.csv")
+    provs = {r["provider"] for r in rows}
+    assert {"reference", "torch_fp32", "hf"} <= provs
+    assert all(r["op"] == "verify" and float(r["gb_per_s"]) > 0 for r in rows if r["median_ms"])
+
+
+def test_bench_verify_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    bench_verify.main(["--quick", "--out", str(tmp_path), "--B", "1", "--V", "500", "--runs", "3",
+                       "--providers", "torch_fp32,reference"])
+    assert list(tmp_path.glob("verify_cpu_quick_*.png"))
+
+
+def test_bench_verify_torch_fp32_greedy_matches_reference():
+    logits = torch.randn(3, 5, 50)
+    drafts = logits[:, :4].argmax(-1)
+    drafts[1, 2] = (drafts[1, 2] + 1) % 50
+    out, n = bench_verify.torch_fp32_verify(logits, drafts, None, 0.0)
+    ref_out, ref_n = bench_verify.make_call("reference", logits, drafts, None, None, 0.0)[0]()
+    assert torch.equal(n.int(), ref_n.int()) and torch.equal(out, ref_out)
+
+
+def test_unavailable_explicit_provider_exits_nonzero(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    with pytest.raises(SystemExit) as exc:
+        bench_verify.main(["--quick", "--out", str(tmp_path), "--providers", "triton"])
+    assert exc.value.code != 0
+
+
+def test_bench_sample_smoke(tmp_path):
+    rc = bench_sample.main(["--quick", "--out", str(tmp_path), "--B", "1,2", "--V", "1000", "--runs", "3",
+                            "--max-time", "0.2", "--modes", "plain,top_p,greedy", "--no-plot"])
+    assert rc == 0
+    rows = _rows(tmp_path / "sample_cpu_quick.csv")
+    assert {"reference", "torch_fp32"} <= {r["provider"] for r in rows}
+
+
+def test_bench_e2e_smoke(tmp_path):
+    providers = ["hf", "hf-prompt-lookup"]
+    if importlib.util.find_spec("specdec.generator") and importlib.util.find_spec("specdec.cache"):
+        providers.append("specdec-ngram")
+    rc = bench_e2e.main(["--quick", "--out", str(tmp_path), "--providers", ",".join(providers),
+                         "--modes", "greedy", "--prompts", "1", "--max-new-tokens", "8", "--no-plot"])
+    assert rc == 0
+    rows = _rows(tmp_path / "e2e_cpu_quick.csv")
+    e2e = [r for r in rows if r["op"] == "e2e"]
+    assert {r["provider"] for r in e2e} >= {"hf", "hf-prompt-lookup"}
+    for r in e2e:
+        assert "failed" not in r["note"], r["note"]
+        assert float(r["tokens_per_s"]) > 0
+    assert any(r["op"] == "target_forward" and float(r["cost_ratio"]) > 0 for r in rows)

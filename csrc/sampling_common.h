@@ -1,0 +1,368 @@
+// Building blocks shared by verify_cpu.cpp and sample_cpu.cpp: AVX2 exp/log, loads of
+// fp32/fp16/bf16 as float, per-(row, position) statistics of a logit row, the top-k/top-p
+// threshold, and the exponential race. specdec/reference.py is the specification; comments say
+// where the float32 arithmetic here stands in for the reference's float64 (only near-ties differ).
+//
+// Vocabulary-sized work is split into chunks of kChunk entries so that at::parallel_for has
+// enough tasks even when B * (K + 1) is 1 or 2; each chunk is small enough (64 KB of fp32) to stay
+// in L2 between its two sweeps, so every logit is read from memory once.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+#include <functional>
+#include <limits>
+#include <vector>
+
+#include "philox.h"
+
+#if !defined(__AVX2__) || !defined(__FMA__) || !defined(__F16C__)
+#error "specdec CPU kernels need -mavx2 -mfma -mf16c (setup.py passes them on x86-64)"
+#endif
+
+namespace specdec {
+
+constexpr int64_t kChunk = 16384;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// Run `fn.template operator()<T>()`-style code for the three logit dtypes we support.
+template <typename F>
+inline void dispatch_float(at::ScalarType t, const char* what, F&& fn) {
+  switch (t) {
+    case at::kFloat: fn(float{}); break;
+    case at::kHalf: fn(at::Half{}); break;
+    case at::kBFloat16: fn(at::BFloat16{}); break;
+    default: TORCH_CHECK(false, what, " must be float32, float16 or bfloat16, got ", t);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Loads: 8 values as float. fp16 through F16C, bf16 is the top half of a float.
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const at::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+inline __m256 load8(const at::BFloat16* p) {
+  const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+// The last n < 8 values of a row, padded with `fill` (never reads past the row).
+template <typename T>
+inline __m256 load_partial(const T* p, int64_t n, float fill) {
+  alignas(32) float b[8];
+  for (int i = 0; i < 8; ++i) b[i] = i < n ? static_cast<float>(p[i]) : fill;
+  return _mm256_load_ps(b);
+}
+template <typename T>
+inline __m256 load_any(const T* p, int64_t n, float fill) {
+  return n >= 8 ? load8(p) : load_partial(p, n, fill);
+}
+
+// Non-finite logits (NaN, +-inf) count as -inf, as in the reference's _clean.
+inline __m256 clean8(__m256 x) {
+  const __m256 absx = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x);
+  const __m256 fin = _mm256_cmp_ps(absx, _mm256_set1_ps(INFINITY), _CMP_LT_OQ);  // NaN: false
+  return _mm256_blendv_ps(_mm256_set1_ps(kNegInf), x, fin);
+}
+inline float clean1(float x) { return std::isfinite(x) ? x : kNegInf; }
+
+// ---------------------------------------------------------------------------------------------
+// exp and log for 8 floats (Cephes single-precision polynomials, ~1 ulp). Written here rather
+// than taken from at::vec because an extension build does not define CPU_CAPABILITY_AVX2, so
+// at::vec::Vectorized<float>::exp would fall back to a scalar loop.
+
+// exp(x) for x <= 88; x < -87 (and -inf) gives 0: such weights are < 2e-38 of the largest and can
+// neither win a race nor move a sum.
+inline __m256 exp8(__m256 x) {
+  const __m256 tiny = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_GE_OQ);
+  x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.0f)), _mm256_set1_ps(-87.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  // x - n*ln2, ln2 in two parts
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i pow2n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(pow2n)), tiny);
+}
+
+// log(x) for positive normal x. Relative accuracy holds near x = 1, which matters: the race's
+// uniforms reach 1 - 2^-24, where log(x) ~ x - 1 must not lose its digits.
+inline __m256 log8(__m256 x) {
+  const __m256i xi = _mm256_castps_si256(x);
+  __m256 e = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(xi, 23), _mm256_set1_epi32(126)));
+  // mantissa in [0.5, 1)
+  __m256 m = _mm256_castsi256_ps(_mm256_or_si256(_mm256_and_si256(xi, _mm256_set1_epi32(0x007FFFFF)),
+                                                 _mm256_set1_epi32(0x3F000000)));
+  const __m256 small = _mm256_cmp_ps(m, _mm256_set1_ps(0.707106781186547524f), _CMP_LT_OQ);
+  e = _mm256_sub_ps(e, _mm256_and_ps(_mm256_set1_ps(1.0f), small));
+  const __m256 f = _mm256_add_ps(_mm256_sub_ps(m, _mm256_set1_ps(1.0f)), _mm256_and_ps(m, small));
+  const __m256 z = _mm256_mul_ps(f, f);
+  __m256 y = _mm256_set1_ps(7.0376836292e-2f);
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(-1.1514610310e-1f));
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(1.1676998740e-1f));
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(-1.2420140846e-1f));
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(1.4249322787e-1f));
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(-1.6668057665e-1f));
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(2.0000714765e-1f));
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(-2.4999993993e-1f));
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(3.3333331174e-1f));
+  y = _mm256_mul_ps(_mm256_mul_ps(y, f), z);
+  y = _mm256_fmadd_ps(e, _mm256_set1_ps(-2.12194440e-4f), y);
+  y = _mm256_fnmadd_ps(z, _mm256_set1_ps(0.5f), y);
+  return _mm256_fmadd_ps(e, _mm256_set1_ps(0.693359375f), _mm256_add_ps(f, y));
+}
+
+inline float hmax8(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
+  return _mm_cvtss_f32(m);
+}
+inline double hsum4d(__m256d v) {
+  alignas(32) double b[4];
+  _mm256_store_pd(b, v);
+  return (b[0] + b[1]) + (b[2] + b[3]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Statistics of one logit row at one position. `thr` encodes top-k/top-p: an entry is kept iff it
+// is finite and x >= thr (logits are compared unscaled: dividing by a positive temperature keeps
+// their order and their ties, so the reference's thresholds on scaled values select the same
+// set). Then p_j = exp((x_j - max) / t) / z for kept j, else 0.
+struct PosStats {
+  float max = kNegInf;   // largest finite logit; -inf when the row has none
+  int64_t argmax = 0;    // lowest id attaining it (torch.argmax)
+  float thr = kNegInf;   // keep iff x >= thr
+  double z = 0.0;        // sum over kept of exp((x - max) / t)
+  bool finite() const { return max > kNegInf; }
+};
+
+// One chunk's part of PosStats, z relative to the chunk's own max (merged by merge_chunks).
+struct ChunkStats {
+  float max;
+  int64_t argmax;
+  double z;
+};
+
+// Max/argmax over x[0, n) (ids base + i), then, if want_sum, sum exp((x - max) * inv_t) over the
+// chunk, re-reading it from cache. inv_t is float: the reference divides in double, the
+// difference is a relative 1e-7 on each probability.
+template <typename T>
+inline ChunkStats chunk_stats(const T* x, int64_t n, int64_t base, float inv_t, bool want_sum) {
+  __m256 vmax = _mm256_set1_ps(kNegInf);
+  __m256i vidx = _mm256_set1_epi32(-1);
+  __m256i cur = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i step = _mm256_set1_epi32(8);
+  for (int64_t i = 0; i < n; i += 8) {
+    const __m256 v = clean8(load_any(x + i, n - i, kNegInf));
+    const __m256 gt = _mm256_cmp_ps(v, vmax, _CMP_GT_OQ);  // strict: each lane keeps its first max
+    vmax = _mm256_max_ps(vmax, v);
+    vidx = _mm256_blendv_epi8(vidx, cur, _mm256_castps_si256(gt));
+    cur = _mm256_add_epi32(cur, step);
+  }
+  ChunkStats out{hmax8(vmax), 0, 0.0};
+  if (!(out.max > kNegInf)) return out;
+  alignas(32) float mv[8];
+  alignas(32) int32_t iv[8];
+  _mm256_store_ps(mv, vmax);
+  _mm256_store_si256(reinterpret_cast<__m256i*>(iv), vidx);
+  int64_t best = INT64_MAX;
+  for (int l = 0; l < 8; ++l)
+    if (mv[l] == out.max && iv[l] >= 0) best = std::min<int64_t>(best, iv[l]);  // lowest id on ties
+  out.argmax = base + best;
+  if (want_sum) {
+    const __m256 m = _mm256_set1_ps(out.max), it = _mm256_set1_ps(inv_t);
+    __m256d acc0 = _mm256_setzero_pd(), acc1 = _mm256_setzero_pd();
+    for (int64_t i = 0; i < n; i += 8) {
+      const __m256 v = clean8(load_any(x + i, n - i, kNegInf));
+      const __m256 w = exp8(_mm256_mul_ps(_mm256_sub_ps(v, m), it));
+      acc0 = _mm256_add_pd(acc0, _mm256_cvtps_pd(_mm256_castps256_ps128(w)));
+      acc1 = _mm256_add_pd(acc1, _mm256_cvtps_pd(_mm256_extractf128_ps(w, 1)));
+    }
+    out.z = hsum4d(_mm256_add_pd(acc0, acc1));
+  }
+  return out;
+}
+
+// Chunks in id order -> PosStats (max, argmax with lowest id on ties, z rescaled to the max).
+inline PosStats merge_chunks(const ChunkStats* c, int64_t nchunk, double inv_t) {
+  PosStats s;
+  for (int64_t i = 0; i < nchunk; ++i)
+    if (c[i].max > s.max) s.max = c[i].max, s.argmax = c[i].argmax;  // strict: earlier chunk wins ties
+  if (!s.finite()) return s;
+  for (int64_t i = 0; i < nchunk; ++i)
+    if (c[i].max > kNegInf) s.z += c[i].z * std::exp((double(c[i].max) - double(s.max)) * inv_t);
+  return s;
+}
+
+// sum exp((v - max) * inv_t) over v in buf[0, n) with v >= thr; float exps, double accumulation.
+inline double sum_exp_kept(const float* buf, int64_t n, float max, float inv_t, float thr) {
+  const __m256 m = _mm256_set1_ps(max), it = _mm256_set1_ps(inv_t), th = _mm256_set1_ps(thr);
+  __m256d acc0 = _mm256_setzero_pd(), acc1 = _mm256_setzero_pd();
+  for (int64_t i = 0; i < n; i += 8) {
+    const __m256 v = load_any(buf + i, n - i, kNegInf);
+    const __m256 keep = _mm256_cmp_ps(v, th, _CMP_GE_OQ);
+    const __m256 w = _mm256_and_ps(exp8(_mm256_mul_ps(_mm256_sub_ps(v, m), it)), keep);
+    acc0 = _mm256_add_pd(acc0, _mm256_cvtps_pd(_mm256_castps256_ps128(w)));
+    acc1 = _mm256_add_pd(acc1, _mm256_cvtps_pd(_mm256_extractf128_ps(w, 1)));
+  }
+  return hsum4d(_mm256_add_pd(acc0, acc1));
+}
+
+// Top-k then top-p for one (row, position) whose max/argmax are already in `s`; sets s.thr and
+// s.z (sum over what is kept). Semantics of reference._keep_mask: top-k keeps x >= the k-th
+// largest value (all ties; off when k <= 0 or k >= V; the k-th largest is -inf when fewer than k
+// are finite, i.e. everything finite is kept). Top-p then sorts what is kept in descending order,
+// takes the smallest prefix whose probability mass reaches top_p (cumulative sums in double) and
+// keeps x >= the last value of that prefix (ties again kept). Only as much of the row is sorted
+// as the prefix needs: nth_element brings the next batch of largest values forward, doubling.
+// `buf` is per-thread scratch of V floats (never a [B, K+1, V] buffer).
+template <typename T>
+inline void filter_stats(const T* x, int64_t V, double inv_t_d, int64_t top_k, double top_p,
+                         PosStats& s, std::vector<float>& buf) {
+  if (!s.finite()) return;
+  const float inv_t = float(std::min(inv_t_d, double(FLT_MAX)));
+  buf.resize(V);
+  int64_t n = 0;
+  for (int64_t j = 0; j < V; ++j) {
+    const float v = static_cast<float>(x[j]);
+    if (std::isfinite(v)) buf[n++] = v;
+  }
+  float thr = kNegInf;
+  if (top_k > 0 && top_k < V && top_k <= n) {
+    std::nth_element(buf.begin(), buf.begin() + (top_k - 1), buf.begin() + n, std::greater<float>());
+    thr = buf[top_k - 1];
+    n = std::partition(buf.begin(), buf.begin() + n, [thr](float v) { return v >= thr; }) - buf.begin();
+  }
+  if (top_p < 1.0) {
+    const double zk = sum_exp_kept(buf.data(), n, s.max, inv_t, kNegInf);
+    const double target = top_p;
+    double cum = 0.0;
+    int64_t m = n;  // if rounding keeps the sum below top_p, everything kept stays (m clamps to n)
+    int64_t lo = 0, hi = std::min<int64_t>(n, 64);
+    bool found = false;
+    while (!found && lo < n) {
+      std::nth_element(buf.begin() + lo, buf.begin() + (hi - 1), buf.begin() + n, std::greater<float>());
+      std::sort(buf.begin() + lo, buf.begin() + hi, std::greater<float>());
+      for (int64_t i = lo; i < hi; ++i) {
+        cum += std::exp((double(buf[i]) - double(s.max)) * inv_t_d) / zk;
+        if (!(cum < target)) {  // first prefix whose mass is not below top_p
+          m = i + 1;
+          found = true;
+          break;
+        }
+      }
+      lo = hi;
+      hi = std::min<int64_t>(n, hi * 4);
+    }
+    thr = buf[m - 1];
+  }
+  s.thr = thr;
+  s.z = sum_exp_kept(buf.data(), n, s.max, inv_t, thr);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The exponential race: token = argmax_j w_j / e_j over w_j > 0, e_j = -log(v_j) from Philox at
+// index j, ties to the lowest id. 1/e_j < 2^24 always (v <= 1 - 2^-24), so an entry with
+// w_j * 2^24 <= best-so-far cannot win (nor tie with a lower id, as ids are visited in increasing
+// order) and its Philox draw is skipped; kRaceBound carries a margin for float rounding so the
+// skip never changes the result.
+constexpr float kRaceBound = 16777216.0f * 1.001f;
+
+struct RaceBest {
+  float score = 0.0f;  // every candidate has w > 0, so score > 0
+  int64_t idx = -1;
+  void merge(const RaceBest& o) {  // o covers higher ids: strict > keeps the lower id on ties
+    if (o.score > score) *this = o;
+  }
+};
+
+struct RaceOut {
+  RaceBest p;          // race over w = p (the bonus token, or the fallback)
+  RaceBest r;          // race over w = max(0, p - q) (the residual after a rejection)
+  bool r_any = false;  // residual has positive mass (reference: resid.sum() > 0)
+};
+
+// Fold 8 lane scores into `best` in lane (= id) order.
+inline void race_update(__m256 score, int64_t j, RaceBest& best) {
+  const __m256 better = _mm256_cmp_ps(score, _mm256_set1_ps(best.score), _CMP_GT_OQ);
+  if (_mm256_movemask_ps(better) == 0) return;
+  alignas(32) float sc[8];
+  _mm256_store_ps(sc, score);
+  for (int l = 0; l < 8; ++l)
+    if (sc[l] > best.score) best.score = sc[l], best.idx = j + l;
+}
+
+// One chunk [j0, j1) of a row's race. x points at the row's logits; the weight of id j is
+//   p_j = exp((x_j - max) * inv_t) * inv_z if x_j >= thr (finite), else 0.
+// The p-race uses exp(...) unnormalised (the race does not care about scale).
+// If `resid`, also races r_j = max(0, p_j - q_j) with q_j = q[j] for j < vq (0 beyond: target ids
+// >= Vd have q = 0), or, when q == nullptr, the one-hot at `onehot` (deterministic drafter).
+// If probs_out != nullptr, writes p_j there (sample's output distribution).
+template <typename T, typename Q>
+inline void race_chunk(const T* x, int64_t j0, int64_t j1, const PosStats& s, float inv_t,
+                       const PhiloxKey& key, bool resid, const Q* q, int64_t vq, int64_t onehot,
+                       float* probs_out, RaceOut& out) {
+  const __m256 m = _mm256_set1_ps(s.max), it = _mm256_set1_ps(inv_t), th = _mm256_set1_ps(s.thr);
+  const float inv_z = float(1.0 / s.z);
+  const __m256 iz = _mm256_set1_ps(inv_z), bound = _mm256_set1_ps(kRaceBound);
+  const __m256 zero = _mm256_setzero_ps();
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  __m256 r_any = zero;
+  for (int64_t j = j0; j < j1; j += 8) {
+    const int64_t n = j1 - j;
+    const __m256 v = clean8(load_any(x + j, n, kNegInf));
+    const __m256 keep = _mm256_cmp_ps(v, th, _CMP_GE_OQ);
+    const __m256 w = _mm256_and_ps(exp8(_mm256_mul_ps(_mm256_sub_ps(v, m), it)), keep);
+    if (probs_out) {
+      const __m256 p = _mm256_mul_ps(w, iz);
+      if (n >= 8) {
+        _mm256_storeu_ps(probs_out + j, p);
+      } else {
+        alignas(32) float b[8];
+        _mm256_store_ps(b, p);
+        for (int64_t l = 0; l < n; ++l) probs_out[j + l] = b[l];
+      }
+    }
+    __m256 r = zero;
+    __m256 need = _mm256_cmp_ps(_mm256_mul_ps(w, bound), _mm256_set1_ps(out.p.score), _CMP_GT_OQ);
+    if (resid) {
+      __m256 qv;
+      if (q != nullptr) {
+        qv = j + 8 <= vq ? load8(q + j) : (j < vq ? load_partial(q + j, vq - j, 0.0f) : zero);
+      } else {
+        const __m256i ids = _mm256_add_epi32(_mm256_set1_epi32(int32_t(j)), lane);
+        qv = _mm256_and_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(ids, _mm256_set1_epi32(int32_t(onehot)))),
+                           _mm256_set1_ps(1.0f));
+      }
+      r = _mm256_max_ps(_mm256_sub_ps(_mm256_mul_ps(w, iz), qv), zero);
+      r_any = _mm256_or_ps(r_any, _mm256_cmp_ps(r, zero, _CMP_GT_OQ));
+      need = _mm256_or_ps(need, _mm256_cmp_ps(_mm256_mul_ps(r, bound), _mm256_set1_ps(out.r.score), _CMP_GT_OQ));
+    }
+    if (_mm256_movemask_ps(need) == 0) continue;  // nobody here can win: no Philox needed
+    const __m256i bits = philox8_first_word(key, uint32_t(j));
+    // v = (2 * (bits >> 9) + 1) * 2^-24 in (0, 1), exact in float; e = -log(v)
+    const __m256i k = _mm256_or_si256(_mm256_slli_epi32(_mm256_srli_epi32(bits, 9), 1), _mm256_set1_epi32(1));
+    const __m256 u = _mm256_mul_ps(_mm256_cvtepi32_ps(k), _mm256_set1_ps(1.0f / 16777216.0f));
+    const __m256 e = _mm256_sub_ps(zero, log8(u));
+    race_update(_mm256_div_ps(w, e), j, out.p);  // w = 0 gives score 0: never > best
+    if (resid) race_update(_mm256_div_ps(r, e), j, out.r);
+  }
+  if (_mm256_movemask_ps(r_any)) out.r_any = true;
+}
+
+}  // namespace specdec

@@ -134,7 +134,7 @@ def main(argv=None) -> int:
         runs, max_time = args.runs or 5, args.max_time or 0.5
     else:
         Bs, Vs, dts = [1, 8, 64], [32000, 151936], ["fp32", "bf16"]
-        runs, max_time = args.runs or 30, args.max_time or (1.0 if device.type == "cpu" else 2.0)
+        runs, max_time = args.runs or 30, args.max_time or (1.0 if device.type == "cpu" else 0.5)
     Bs, Vs = args.B or Bs, args.V or Vs
     dtypes = [H.parse_dtype(d) for d in (args.dtypes.split(",") if args.dtypes else dts)]
     modes = [m for m in args.modes.split(",") if m]

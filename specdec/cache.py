@@ -44,22 +44,34 @@ def has_extension() -> bool:
 # ----------------------------------------------------------------------------------------------------
 # Fake (meta) kernels: shapes only, so the ops work under FakeTensor / torch.compile tracing.
 
+def _check_same_device(op: str, first: torch.Tensor, *others: torch.Tensor) -> None:
+    # With mixed devices the dispatcher may pick the fake kernel (e.g. meta + cpu), so it checks too.
+    for t in others:
+        if t.device != first.device:
+            raise RuntimeError(f"{op}: tensors on {t.device} and {first.device}; the store's tensors and inputs "
+                               "must share one device")
+
+
 if _HAS_EXT:
 
     @torch.library.register_fake("specdec_cpp::cache_append")
     def _append_fake(keys, values, lengths, new_keys, new_values, layer_start, advance, max_length):
+        _check_same_device("append", keys, values, lengths, new_keys, new_values)
         return None
 
     @torch.library.register_fake("specdec_cpp::cache_rollback")
     def _rollback_fake(lengths, new_lengths, check):
+        _check_same_device("rollback", lengths, new_lengths)
         return None
 
     @torch.library.register_fake("specdec_cpp::cache_gather")
     def _gather_fake(keys, values, lengths, keep_index, keep_lengths, offset, check):
+        _check_same_device("gather", keys, values, lengths, keep_index, keep_lengths, offset)
         return None
 
     @torch.library.register_fake("specdec_cpp::cache_select_rows")
     def _select_rows_fake(keys, values, lengths, row_index, max_length):
+        _check_same_device("select_rows", keys, values, lengths, row_index)
         L, _, H, _, D = keys.shape
         Bn = row_index.shape[0]
         return (keys.new_empty((L, Bn, H, max_length, D)), values.new_empty((L, Bn, H, max_length, D)),
@@ -353,6 +365,8 @@ class KVStore:
             if not 0 <= layer < self.num_layers:
                 raise IndexError(f"append: layer {layer} outside [0, {self.num_layers})")
             nk, nv, start = new_keys.unsqueeze(0), new_values.unsqueeze(0), layer
+        if nk.device != self.device or nv.device != self.device:
+            raise RuntimeError(f"append: new keys/values on {nk.device}/{nv.device}, store on {self.device}")
         q = nk.shape[3]
         if self._longest + q > self.capacity:
             b = int(self.host_lengths.argmax())
@@ -379,7 +393,7 @@ class KVStore:
             raise ValueError(f"rollback: new_lengths must have shape [B] = [{self.batch_size}], "
                              f"got {tuple(new_lengths.shape)}")
         if new_lengths.device != self.device:
-            raise ValueError(f"rollback: new_lengths is on {new_lengths.device} but the store is on {self.device}")
+            raise ValueError(f"rollback: new_lengths is on device {new_lengths.device} but the store is on {self.device}")
         host = new_lengths.to("cpu", torch.int64)
         _check_rollback_host(self.host_lengths, host)
         if min_lengths is not None and (host < min_lengths).any():

@@ -30,13 +30,14 @@ _PHILOX_W1: tl.constexpr = tl.constexpr(0xBB67AE85)
 def philox4x32_10(c0, c1, c2, c3, k0, k1):
     """Philox4x32-10 on uint32 scalars/blocks; returns the four output words (uint32)."""
     for _ in tl.static_range(10):
+        # uint32 products and sums wrap by design: no overflow check even in debug mode
         hi0 = tl.umulhi(c0, _PHILOX_M0)
-        lo0 = c0 * _PHILOX_M0  # uint32 multiply wraps: the low half of the product
+        lo0 = tl.mul(c0, _PHILOX_M0, sanitize_overflow=False)  # low half of the product
         hi1 = tl.umulhi(c2, _PHILOX_M1)
-        lo1 = c2 * _PHILOX_M1
+        lo1 = tl.mul(c2, _PHILOX_M1, sanitize_overflow=False)
         c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
-        k0 = k0 + _PHILOX_W0
-        k1 = k1 + _PHILOX_W1
+        k0 = tl.add(k0, _PHILOX_W0, sanitize_overflow=False)
+        k1 = tl.add(k1, _PHILOX_W1, sanitize_overflow=False)
     return c0, c1, c2, c3
 
 

@@ -184,6 +184,7 @@ def _sample_probs_kernel(
     temp = effective_temperature(t)
     row_ok = best > float("-inf")
     row_max = tl.where(row_ok, row_max, 0.0)  # rows without a kept logit: no (-inf) - (-inf)
+    row_sum = tl.where(row_ok, row_sum, 1.0)  # ... and no 0 / 0
     thr = float("-inf")
     if HAS_THR:
         thr = tl.load(thr_ptr + row)

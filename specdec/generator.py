@@ -373,10 +373,11 @@ class SpeculativeGenerator:
                 out_ids, num_acc = ops.verify(logits, draft.token_ids, probs, temperature=temperature,
                                               top_k=top_k, top_p=top_p, seed=seeds, offset=step,
                                               backend=self.backend)
-                # keep pending + accepted drafts; the emitted last token becomes the new pending one
-                cache.rollback(cache.lengths - k + num_acc)
                 pending = out_ids.gather(1, num_acc[:, None].long()).squeeze(1)
                 host = torch.cat([out_ids, num_acc[:, None].long()], dim=1).cpu().numpy()  # the one sync
+                # keep pending + accepted drafts; the emitted last token becomes the new pending one.
+                # (after the sync above, the cache's own host copy of the lengths waits for nothing)
+                cache.rollback(cache.lengths - k + num_acc)
                 t2 = time.perf_counter()
                 accepted = host[:, -1]
                 if drafter is not None and k > 0:

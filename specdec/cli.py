@@ -1,0 +1,252 @@
+"""Command line: ``specdec generate`` and ``specdec bench`` (console script and ``python -m specdec``).
+
+    specdec generate "Repeat this text: the quick brown fox"         # embedded SmolLM2 + n-gram drafter
+    specdec generate --file prompts.txt --batch-size 8 --temperature 0.7 --seed 1
+    specdec generate --target org/big --drafter org/small --int8 "prompt"
+    specdec bench e2e -- --quick                                      # runs benchmarks/bench_e2e.py
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+BENCHMARKS = ("verify", "sample", "cache", "e2e")
+_GREEN, _RED, _RESET = "\033[32m", "\033[31m", "\033[0m"
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="specdec", description="Exact speculative decoding with fused kernels.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate text with speculative decoding",
+                         description="Generate with a target model verified by specdec's fused op. Without "
+                                     "--target the embedded SmolLM2-135M-Instruct runs offline.")
+    gen.add_argument("prompt", nargs="*", help="prompt text (several prompts form a batch)")
+    gen.add_argument("--file", "-f", help="file of prompts, one per line ('-' = stdin)")
+    gen.add_argument("--target", "-m", default=None,
+                     help="target model: hub id, local directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
+    gen.add_argument("--drafter", "-d", default="ngram",
+                     help="'ngram' (prompt lookup, default), 'early-exit', 'none', or a drafter model name/path")
+    gen.add_argument("--early-exit-layers", type=int, default=None, help="layers of the early-exit drafter")
+    quant = gen.add_mutually_exclusive_group()
+    quant.add_argument("--int8", dest="quantization", action="store_const", const="int8",
+                       help="load models in int8 (bitsandbytes) on any device")
+    quant.add_argument("--no-int8", dest="quantization", action="store_const", const="none",
+                       help="never quantize")
+    gen.set_defaults(quantization="auto")
+    gen.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    gen.add_argument("--max-new-tokens", "-n", type=int, default=128)
+    gen.add_argument("--batch-size", "-b", type=int, default=None, help="prompts per batch (default: all)")
+    gen.add_argument("--temperature", "-t", type=float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--top-k", type=int, default=0, help="0 = off")
+    gen.add_argument("--top-p", type=float, default=1.0, help="1.0 = off")
+    gen.add_argument("--num-draft-tokens", "-k", type=int, default=None,
+                     help="initial draft length K (default 10 for n-gram, 4 for model drafters)")
+    gen.add_argument("--no-adaptive", action="store_true", help="keep K fixed instead of adapting it per row")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--raw", action="store_true", help="do not wrap prompts in the model's chat template")
+    gen.add_argument("--show-acceptance", action="store_true",
+                     help="colour accepted drafts green and resampled tokens red (on a terminal)")
+    gen.add_argument("--json", action="store_true", help="print results and stats as JSON")
+    gen.add_argument("--quiet", "-q", action="store_true", help="no stats or progress on stderr")
+
+    bench = sub.add_parser("bench", help="run the benchmarks in benchmarks/",
+                           description="Run benchmarks/bench_<name>.py main(argv) for each name; "
+                                       "arguments after '--' are passed to every benchmark.")
+    bench.add_argument("names", nargs="*", default=list(BENCHMARKS), help=f"any of {', '.join(BENCHMARKS)} (default: all)")
+    bench.add_argument("--benchmarks-dir", default=None, help="directory holding bench_*.py (default: the checkout's)")
+    return parser
+
+
+def _validate(args, parser) -> None:
+    if args.max_new_tokens < 1:
+        parser.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.temperature < 0:
+        parser.error(f"--temperature must be >= 0, got {args.temperature}")
+    if args.top_k < 0:
+        parser.error(f"--top-k must be >= 0, got {args.top_k}")
+    if not 0 < args.top_p <= 1:
+        parser.error(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.batch_size is not None and args.batch_size < 1:
+        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.num_draft_tokens is not None and not 0 <= args.num_draft_tokens <= 32:
+        parser.error(f"--num-draft-tokens must be in 0..32, got {args.num_draft_tokens}")
+    if args.early_exit_layers is not None and args.early_exit_layers < 1:
+        parser.error(f"--early-exit-layers must be >= 1, got {args.early_exit_layers}")
+
+
+def _read_prompts(args, parser) -> list:
+    prompts = list(args.prompt)
+    if args.file:
+        if args.file == "-":
+            text = sys.stdin.read()
+        else:
+            try:
+                text = Path(args.file).read_text()
+            except OSError as error:
+                parser.error(f"cannot read --file {args.file}: {error.strerror or error}")
+        prompts += [line for line in text.splitlines() if line.strip()]
+    if not prompts:
+        parser.error("give a prompt or --file")
+    return prompts
+
+
+def _encode(tokenizer, prompts, raw: bool) -> list:
+    if not raw and getattr(tokenizer, "chat_template", None):
+        texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                               tokenize=False) for p in prompts]
+        return [list(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    return [list(tokenizer(p)["input_ids"]) for p in prompts]
+
+
+class _Printer:
+    """Streams the single row's text as chunks arrive; colours drafts when asked."""
+
+    def __init__(self, tokenizer, colour: bool):
+        self.tokenizer, self.colour = tokenizer, colour
+        self.ids, self.text = [], ""
+
+    def _piece(self, new_ids) -> str:
+        self.ids += new_ids
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        piece, self.text = text[len(self.text):], text
+        return piece
+
+    def __call__(self, chunk) -> None:
+        if not self.colour:
+            out = self._piece(chunk.token_ids)
+        else:
+            n = chunk.num_accepted
+            out = _GREEN + self._piece(chunk.token_ids[:n]) + _RESET if n else ""
+            last = chunk.token_ids[n:]
+            if last:
+                resampled = chunk.num_drafted > n  # the target rejected a draft here
+                piece = self._piece(last)
+                out += (_RED + piece + _RESET) if resampled else piece
+        sys.stdout.write(out)
+        sys.stdout.flush()
+
+
+def cmd_generate(args, parser) -> int:
+    _validate(args, parser)
+    prompts = _read_prompts(args, parser)
+    import torch
+
+    from specdec.generator import SpeculativeGenerator
+    from specdec.models import check_compatible, default_device, load_model, load_tokenizer, resolve_quantization
+
+    device = torch.device(args.device) if args.device else default_device()
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: CUDA is not available on this machine")
+    quant = resolve_quantization(args.quantization, device)
+    if not args.quiet:
+        why = {"auto": f"auto on {device.type}" + ("" if device.type == "cuda" else
+                                                   ": bitsandbytes int8 is slower than fp32 on CPU, --int8 forces it"),
+               "int8": "--int8", "none": "--no-int8"}[args.quantization]
+        _log(f"specdec: quantization {quant} ({why}); device {device}")
+        _log(f"specdec: loading target {args.target or 'SmolLM2-135M-Instruct (embedded)'} ...")
+    target = load_model(args.target, quantization=quant, device=device)
+    tokenizer = load_tokenizer(args.target)
+    drafter = args.drafter
+    if drafter.lower().replace("_", "-") not in ("ngram", "n-gram", "prompt-lookup", "early-exit", "none"):
+        if not args.quiet:
+            _log(f"specdec: loading drafter {drafter} ...")
+        drafter_tokenizer = load_tokenizer(drafter)
+        drafter = load_model(drafter, quantization=quant, device=device)
+        check_compatible(target, drafter, tokenizer, drafter_tokenizer)
+    gen = SpeculativeGenerator(target, drafter, tokenizer, num_draft_tokens=args.num_draft_tokens,
+                               adaptive=not args.no_adaptive, early_exit_layers=args.early_exit_layers)
+    ids = _encode(tokenizer, prompts, args.raw)
+    stream = len(prompts) == 1 and not args.json
+    colour = args.show_acceptance and sys.stdout.isatty()
+    if args.show_acceptance and not colour and not args.quiet:
+        _log("specdec: --show-acceptance colours only on a terminal; stdout is not one")
+    callback = _Printer(tokenizer, colour) if stream else None
+    progress = not stream and not args.quiet and sys.stderr.isatty()
+    result = gen.generate(ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, seed=args.seed, batch_size=args.batch_size, callback=callback,
+                          progress=progress)
+    if args.json:
+        print(json.dumps({"prompts": prompts, "texts": result.texts, "token_ids": result.sequences,
+                          "finish_reasons": result.finish_reasons, "stats": result.stats.as_dict()}, indent=2))
+    elif stream:
+        print()
+    else:
+        for i, (prompt, text) in enumerate(zip(prompts, result.texts)):
+            print(f"=== [{i}] {prompt}\n{text}\n")
+    if not args.quiet:
+        _log(f"specdec: {result.stats.summary()}")
+    return 0
+
+
+def _benchmarks_dir(explicit: str | None) -> Path:
+    if explicit:
+        return Path(explicit)
+    return Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def cmd_bench(args, parser) -> int:
+    extra = list(args.bench_args)
+    names = args.names or list(BENCHMARKS)
+    unknown = [n for n in names if n not in BENCHMARKS]
+    if unknown:
+        parser.error(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
+    folder = _benchmarks_dir(args.benchmarks_dir)
+    for name in names:
+        path = folder / f"bench_{name}.py"
+        if not path.is_file():
+            _log(f"specdec: error: benchmark script {path} not found (benchmarks ship with the source "
+                 "checkout, not the installed package; pass --benchmarks-dir)")
+            return 1
+    for name in names:
+        path = folder / f"bench_{name}.py"
+        _log(f"specdec: running {path.name} {' '.join(extra)}")
+        spec = importlib.util.spec_from_file_location(f"specdec_bench_{name}", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.path.insert(0, str(folder))  # benchmarks may import their shared helpers
+        try:
+            spec.loader.exec_module(module)
+            if not hasattr(module, "main"):
+                _log(f"specdec: error: {path} has no main(argv)")
+                return 1
+            status = module.main(extra)
+        finally:
+            sys.path.remove(str(folder))
+        if status not in (None, 0):
+            return int(status)
+    return 0
+
+
+def main(argv=None) -> int:
+    """Entry point; returns the exit status (0 ok, 1 runtime error, 2 usage error)."""
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    bench_args = []
+    if argv and argv[0] == "bench" and "--" in argv:  # everything after '--' goes to the benchmarks
+        cut = argv.index("--")
+        argv, bench_args = argv[:cut], argv[cut + 1:]
+    args = parser.parse_args(argv)
+    args.bench_args = bench_args
+    from specdec.models import IncompatibleModelsError, ModelLoadError
+
+    try:
+        if args.command == "generate":
+            return cmd_generate(args, parser)
+        return cmd_bench(args, parser)
+    except (ModelLoadError, IncompatibleModelsError) as error:
+        _log(f"specdec: error: {error}")
+        return 1
+    except KeyboardInterrupt:
+        _log("specdec: interrupted")
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -198,6 +198,16 @@ inline ChunkStats chunk_stats(const T* x, int64_t n, int64_t base, float inv_t, 
   return out;
 }
 
+// Whether x[0, n) holds a finite value; stops at the first one (normally x[0]).
+template <typename T>
+inline bool has_finite(const T* x, int64_t n) {
+  for (int64_t i = 0; i < n; i += 8) {
+    const __m256 v = clean8(load_any(x + i, n - i, kNegInf));
+    if (_mm256_movemask_ps(_mm256_cmp_ps(v, _mm256_set1_ps(kNegInf), _CMP_GT_OQ))) return true;
+  }
+  return false;
+}
+
 // Chunks in id order -> PosStats (max, argmax with lowest id on ties, z rescaled to the max).
 inline PosStats merge_chunks(const ChunkStats* c, int64_t nchunk, double inv_t) {
   PosStats s;

@@ -1,13 +1,14 @@
 // specdec_cpp::verify on CPU: fused chain verification (reference.verify is the specification).
 //
-// Three phases, each parallel with at::parallel_for:
-//  1. statistics of every live (row, position): max / argmax / softmax denominator in one
-//     streaming pass, split into vocabulary chunks (rows with top-k/top-p also get their kept
+// Per row the work is a chain: position i only matters if drafts 0..i-1 were accepted. So the
+// kernel walks the positions in order, and at each one, for the rows still running:
+//  1. statistics of (row, pos): max / argmax / softmax denominator in one streaming pass, split
+//     into vocabulary chunks for at::parallel_for (rows with top-k/top-p also get their kept
 //     threshold from a scratch copy of the row);
-//  2. per row, the sequential acceptance chain: a few scalars per position (the draft's logit, its
-//     draft probability, one Philox uniform);
-//  3. per row that samples, one pass over the vocabulary at the stop position: the exponential race
-//     for the residual (after a rejection) and for p (bonus token / zero residual) at once.
+//  2. the acceptance test: a few scalars (the draft's logit, its draft probability, one Philox
+//     uniform). A rejection or the bonus position stops the row: later positions are not read.
+// Then 3. per sampling row, one pass over the vocabulary at the stop position: the exponential
+// race for the residual (after a rejection) and for p (bonus token / zero residual) at once.
 // Nothing of size [B, K+1, V] is allocated; logits are read as they are (fp32/fp16/bf16).
 #include <torch/library.h>
 
@@ -79,99 +80,117 @@ std::tuple<at::Tensor, at::Tensor> verify_cpu(const at::Tensor& target_logits_in
     r.filtered = !r.greedy && ((tkp[b] > 0 && tkp[b] < Vt) || double(tpp[b]) < 1.0);
   }
 
-  // Live (row, position) pairs: positions 0..n_drafts. Later ones are never looked at.
-  std::vector<int64_t> live;
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t pos = 0; pos <= rows[b].n_drafts; ++pos) live.push_back(b * K1 + pos);
-  const int64_t nlive = int64_t(live.size());
   const int64_t nchunk = (Vt + kChunk - 1) / kChunk;
   std::vector<PosStats> stats(B * K1);
-  std::vector<ChunkStats> parts(nlive * nchunk);
+  std::vector<ChunkStats> parts(B * nchunk);
   std::vector<RaceOut> races(B * nchunk);
   const int64_t grain_chunks = std::max<int64_t>(1, 32768 / std::min(Vt, kChunk));  // tiny inputs: one thread
 
   dispatch_float(logits.scalar_type(), "verify: target_logits", [&](auto tag) {
     using T = decltype(tag);
     const T* L = logits.data_ptr<T>();
-
-    // ---- phase 1: per (row, position, chunk) max/argmax/sum-exp, then merge per (row, position)
-    at::parallel_for(0, nlive * nchunk, grain_chunks, [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) {
-        const int64_t rp = live[t / nchunk], c = t % nchunk, b = rp / K1;
-        const int64_t j0 = c * kChunk, n = std::min(kChunk, Vt - j0);
-        const RowInfo& r = rows[b];
-        parts[t] = chunk_stats(L + rp * Vt + j0, n, j0, r.inv_t_f, !r.greedy && !r.filtered);
-      }
-    });
-    for (int64_t i = 0; i < nlive; ++i) {
-      const int64_t rp = live[i];
-      stats[rp] = merge_chunks(&parts[i * nchunk], nchunk, rows[rp / K1].inv_t);
-    }
-    std::vector<int64_t> filt;  // live positions of rows with top-k/top-p
-    for (int64_t rp : live)
-      if (rows[rp / K1].filtered) filt.push_back(rp);
-    if (!filt.empty()) {
-      at::parallel_for(0, int64_t(filt.size()), 1, [&](int64_t begin, int64_t end) {
-        std::vector<float> buf;
-        for (int64_t i = begin; i < end; ++i) {
-          const int64_t rp = filt[i], b = rp / K1;
-          filter_stats(L + rp * Vt, Vt, rows[b].inv_t, tkp[b], double(tpp[b]), stats[rp], buf);
-        }
-      });
-    }
-
-    // ---- phase 2: acceptance chain per row (cheap, sequential within a row)
-    std::vector<int64_t> stop(B, 0);
-    std::vector<char> row_ok(B, 1), race_row(B, 0), resid_row(B, 0);
     int64_t* out = out_ids.data_ptr<int64_t>();
     int32_t* na = num_acc.data_ptr<int32_t>();
-    for (int64_t b = 0; b < B; ++b) {
-      const RowInfo& r = rows[b];
-      for (int64_t pos = 0; pos <= r.n_drafts; ++pos)
-        if (!stats[b * K1 + pos].finite()) row_ok[b] = 0;  // a live position without a finite logit
-      if (!row_ok[b]) continue;                               // the row emits nothing
-      int64_t s = 0;
-      for (; s < r.n_drafts; ++s) {
-        const int64_t d = dr[b * K + s];
-        const PosStats& st = stats[b * K1 + s];
-        if (d < 0 || d >= Vd) break;  // out of range: rejected, never read
-        bool accept;
-        if (r.greedy) {
-          accept = d == st.argmax;
-        } else {
-          // p(d) in double from the draft's own logit (reference: softmax in float64)
-          const float x = clean1(static_cast<float>(L[(b * K1 + s) * Vt + d]));
-          double p = 0.0;
-          if (x > kNegInf && x >= st.thr) p = std::exp((double(x) - double(st.max)) * r.inv_t) / st.z;
-          double qd = 1.0;  // deterministic drafter: q is one-hot at the draft
-          if (has_q) {
-            dispatch_float(q_all.scalar_type(), "verify: draft_probs", [&](auto qtag) {
-              using Q = decltype(qtag);
-              qd = double(static_cast<float>(q_all.data_ptr<Q>()[(b * K + s) * Vd + d]));
-            });
-          }
-          const double u = uniform_open_closed(PhiloxKey(sdp[b], ofp[b], kStreamAccept, s).bits(0));
-          accept = p > 0.0 && u * qd <= p;  // q(d) = 0 < p(d): accepted; p(d) = 0: rejected
+
+    // ---- phases 1 + 2, position by position: statistics of (row, pos) for the rows still
+    // running, then one acceptance step for each. A row stops at its first rejection or at its
+    // bonus position, so positions after the stop are never read (beyond the finiteness check).
+    std::vector<int64_t> stop(B, -1);
+    std::vector<char> row_ok(B, 1), resid_row(B, 0);
+    std::vector<int64_t> active(B);
+    for (int64_t b = 0; b < B; ++b) active[b] = b;
+    for (int64_t pos = 0; pos <= K && !active.empty(); ++pos) {
+      const int64_t na_rows = int64_t(active.size());
+      at::parallel_for(0, na_rows * nchunk, grain_chunks, [&](int64_t begin, int64_t end) {
+        for (int64_t t = begin; t < end; ++t) {
+          const int64_t b = active[t / nchunk], c = t % nchunk;
+          const int64_t j0 = c * kChunk, n = std::min(kChunk, Vt - j0);
+          const RowInfo& r = rows[b];
+          // the softmax denominator is needed to test a draft; at the bonus position the race
+          // alone is scale-free and needs none
+          const bool want_sum = !r.greedy && !r.filtered && pos < r.n_drafts;
+          parts[b * nchunk + c] = chunk_stats(L + (b * K1 + pos) * Vt + j0, n, j0, r.inv_t_f, want_sum);
         }
-        if (!accept) break;
-        out[b * K1 + s] = d;
+      });
+      std::vector<int64_t> filt;  // rows with top-k/top-p: threshold from a scratch copy of the row
+      for (int64_t b : active) {
+        stats[b * K1 + pos] = merge_chunks(&parts[b * nchunk], nchunk, rows[b].inv_t);
+        if (rows[b].filtered && stats[b * K1 + pos].finite()) filt.push_back(b);
       }
-      stop[b] = s;
+      if (!filt.empty()) {
+        at::parallel_for(0, int64_t(filt.size()), 1, [&](int64_t begin, int64_t end) {
+          std::vector<float> buf;
+          for (int64_t i = begin; i < end; ++i) {
+            const int64_t b = filt[i];
+            filter_stats(L + (b * K1 + pos) * Vt, Vt, rows[b].inv_t, tkp[b], double(tpp[b]),
+                         stats[b * K1 + pos], buf);
+          }
+        });
+      }
+      std::vector<int64_t> still;
+      for (int64_t b : active) {
+        const RowInfo& r = rows[b];
+        const PosStats& st = stats[b * K1 + pos];
+        if (!st.finite()) {  // a live position without a finite logit: the row emits nothing
+          row_ok[b] = 0;
+          continue;
+        }
+        if (pos == r.n_drafts) {  // every draft accepted: bonus token here
+          stop[b] = pos;
+          continue;
+        }
+        const int64_t d = dr[b * K + pos];
+        bool accept = false;  // out-of-range ids are rejected without being read
+        if (d >= 0 && d < Vd) {
+          if (r.greedy) {
+            accept = d == st.argmax;
+          } else {
+            // p(d) in double from the draft's own logit (reference: softmax in float64)
+            const float x = clean1(static_cast<float>(L[(b * K1 + pos) * Vt + d]));
+            double p = 0.0;
+            if (x > kNegInf && x >= st.thr) p = std::exp((double(x) - double(st.max)) * r.inv_t) / st.z;
+            double qd = 1.0;  // deterministic drafter: q is one-hot at the draft
+            if (has_q) {
+              dispatch_float(q_all.scalar_type(), "verify: draft_probs", [&](auto qtag) {
+                using Q = decltype(qtag);
+                qd = double(static_cast<float>(q_all.data_ptr<Q>()[(b * K + pos) * Vd + d]));
+              });
+            }
+            const double u = uniform_open_closed(PhiloxKey(sdp[b], ofp[b], kStreamAccept, pos).bits(0));
+            accept = p > 0.0 && u * qd <= p;  // q(d) = 0 < p(d): accepted; p(d) = 0: rejected
+          }
+        }
+        if (accept) {
+          still.push_back(b);
+        } else {
+          stop[b] = pos;
+          resid_row[b] = d >= 0 && d < Vd;  // residual after rejecting an in-range draft, else p
+        }
+      }
+      active.swap(still);
+    }
+
+    // The reference also voids a row when a live position after its stop has no finite logit;
+    // checking needs only the first finite value of each such position (usually the first entry).
+    for (int64_t b = 0; b < B; ++b) {
+      if (!row_ok[b]) continue;
+      for (int64_t pos = stop[b] + 1; pos <= rows[b].n_drafts && row_ok[b]; ++pos)
+        row_ok[b] = has_finite(L + (b * K1 + pos) * Vt, Vt);
+    }
+    std::vector<int64_t> rr;  // rows that race
+    for (int64_t b = 0; b < B; ++b) {
+      if (!row_ok[b]) continue;
+      const int64_t s = stop[b];
+      for (int64_t i = 0; i < s; ++i) out[b * K1 + i] = dr[b * K + i];
       na[b] = int32_t(s);
-      if (r.greedy) {
+      if (rows[b].greedy) {
         out[b * K1 + s] = stats[b * K1 + s].argmax;
       } else {
-        race_row[b] = 1;
-        // residual after a rejection of an in-range draft; otherwise (bonus position, or an
-        // out-of-range draft) sample from p
-        resid_row[b] = s < r.n_drafts && dr[b * K + s] >= 0 && dr[b * K + s] < Vd;
+        rr.push_back(b);
       }
     }
 
     // ---- phase 3: exponential race at the stop position of every sampling row
-    std::vector<int64_t> rr;
-    for (int64_t b = 0; b < B; ++b)
-      if (race_row[b]) rr.push_back(b);
     if (rr.empty()) return;
     auto run = [&](auto qtag, bool with_q) {
       using Q = decltype(qtag);

@@ -104,20 +104,21 @@ def _verify_op(
     draft_token_ids: torch.Tensor,
     draft_probs: Optional[torch.Tensor],
     temperature: torch.Tensor,
-    top_k: torch.Tensor,
-    top_p: torch.Tensor,
+    top_k: Optional[torch.Tensor],
+    top_p: Optional[torch.Tensor],
     seed: torch.Tensor,
     offset: torch.Tensor,
     backend: str,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     impl = _pick(backend, target_logits.device)
+    if impl == "triton":  # None = filter off everywhere: the kernels then skip the threshold pass
+        from specdec.kernels import verify as tv
+
+        return tv.verify(target_logits, draft_token_ids, draft_probs, temperature, top_k, top_p, seed, offset)
+    top_k, top_p = _materialise(top_k, top_p, temperature)
     args = (target_logits, draft_token_ids, draft_probs, temperature, top_k, top_p, seed, offset)
     if impl == "cpp":
         return torch.ops.specdec_cpp.verify(*args)
-    if impl == "triton":
-        from specdec.kernels import verify as tv
-
-        return tv.verify(*args)
     return reference.verify(*args)
 
 
@@ -132,20 +133,21 @@ def _(target_logits, draft_token_ids, draft_probs, temperature, top_k, top_p, se
 def _sample_op(
     logits: torch.Tensor,
     temperature: torch.Tensor,
-    top_k: torch.Tensor,
-    top_p: torch.Tensor,
+    top_k: Optional[torch.Tensor],
+    top_p: Optional[torch.Tensor],
     seed: torch.Tensor,
     offset: torch.Tensor,
     backend: str,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     impl = _pick(backend, logits.device)
-    args = (logits, temperature, top_k, top_p, seed, offset)
-    if impl == "cpp":
-        return torch.ops.specdec_cpp.sample(*args)
     if impl == "triton":
         from specdec.kernels import sample as ts
 
-        return ts.sample(*args)
+        return ts.sample(logits, temperature, top_k, top_p, seed, offset)
+    top_k, top_p = _materialise(top_k, top_p, temperature)
+    args = (logits, temperature, top_k, top_p, seed, offset)
+    if impl == "cpp":
+        return torch.ops.specdec_cpp.sample(*args)
     return reference.sample(*args)
 
 
@@ -157,6 +159,27 @@ def _(logits, temperature, top_k, top_p, seed, offset, backend):
 
 # ---------------------------------------------------------------------------------------------
 # argument handling
+
+
+def _materialise(top_k, top_p, like):
+    """The C++ and reference backends take per-row tensors: None (off) becomes 0 / 1.0."""
+    if top_k is None:
+        top_k = torch.zeros(like.shape, dtype=torch.int64, device=like.device)
+    if top_p is None:
+        top_p = torch.ones(like.shape, dtype=torch.float32, device=like.device)
+    return top_k, top_p
+
+
+def _filters(top_k, top_p, B, dev):
+    """Per-row top_k / top_p tensors, or None where the caller left the filter off as a scalar
+    (known on the host, so the threshold pass is skipped without a sync)."""
+    k = None if _is_scalar(top_k) and top_k == 0 else _per_row(top_k, B, torch.int64, dev, "top_k")
+    p = None if _is_scalar(top_p) and top_p == 1.0 else _per_row(top_p, B, torch.float32, dev, "top_p")
+    return k, p
+
+
+def _is_scalar(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 _SEED_STRIDE = 0x9E3779B97F4A7C15  # golden-ratio increment: decorrelates the rows of one seed
 
@@ -310,10 +333,10 @@ def verify(
     B = target_logits.shape[0]
     dev = target_logits.device
     temperature_t = _per_row(temperature, B, torch.float32, dev, "temperature")
-    top_k_t = _per_row(top_k, B, torch.int64, dev, "top_k")
-    top_p_t = _per_row(top_p, B, torch.float32, dev, "top_p")
+    top_k_t, top_p_t = _filters(top_k, top_p, B, dev)
     if check:
-        _check_verify(target_logits, draft_token_ids, draft_probs, temperature_t, top_k_t, top_p_t)
+        _check_verify(target_logits, draft_token_ids, draft_probs, temperature_t,
+                      *_materialise(top_k_t, top_p_t, temperature_t))
     seed_t = _seeds(seed, B, dev)
     offset_t = _per_row(offset, B, torch.int64, dev, "offset")
     if draft_probs is not None:
@@ -353,10 +376,9 @@ def sample(
     B = logits.shape[0]
     dev = logits.device
     temperature_t = _per_row(temperature, B, torch.float32, dev, "temperature")
-    top_k_t = _per_row(top_k, B, torch.int64, dev, "top_k")
-    top_p_t = _per_row(top_p, B, torch.float32, dev, "top_p")
+    top_k_t, top_p_t = _filters(top_k, top_p, B, dev)
     if check:
-        _check_params(B, dev, temperature_t, top_k_t, top_p_t)
+        _check_params(B, dev, temperature_t, *_materialise(top_k_t, top_p_t, temperature_t))
         dead = ~torch.isfinite(logits).any(-1)
         if bool(dead.any()):
             raise ValueError(f"logits row {int(dead.nonzero()[0])} has no finite logit")

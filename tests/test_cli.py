@@ -1,0 +1,61 @@
+"""The ``specdec`` command line: end to end on the embedded model, and clear errors."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from specdec.cli import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_generate_end_to_end_on_embedded_default():
+    pytest.importorskip("gguf")
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "specdec", "generate", "--max-new-tokens", "6", "--json",
+         "Repeat this text: one two three four, one two three four."],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert len(out["token_ids"]) == 1 and 1 <= len(out["token_ids"][0]) <= 6
+    assert out["stats"]["drafter"] == "ngram" and out["stats"]["generated_tokens"] == len(out["token_ids"][0])
+    assert "quantization none (auto on cpu" in proc.stderr
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "--temperature", "-1", "hi"], "--temperature"),
+    (["generate", "--top-p", "0", "hi"], "--top-p"),
+    (["generate", "--max-new-tokens", "0", "hi"], "--max-new-tokens"),
+    (["generate", "--int8", "--no-int8", "hi"], "not allowed with"),
+    (["generate"], "give a prompt"),
+    (["generate", "--file", "/no/such/prompts.txt"], "cannot read"),
+    (["generate", "--bogus-flag", "hi"], "unrecognized arguments"),
+    (["bench", "nonsense"], "unknown benchmark"),
+])
+def test_bad_flags_exit_nonzero(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_model_is_a_clear_error(capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["generate", "--target", "specdec-test/no-such-model", "-q", "hi"]) == 1
+    err = capsys.readouterr().err
+    assert "specdec: error:" in err and "specdec-test/no-such-model" in err and "Traceback" not in err
+
+
+def test_bench_missing_script(tmp_path, capsys):
+    assert main(["bench", "verify", "--benchmarks-dir", str(tmp_path)]) == 1
+    assert "bench_verify.py not found" in capsys.readouterr().err
+
+
+def test_bench_runs_script_with_args(tmp_path, capsys):
+    (tmp_path / "bench_cache.py").write_text("def main(argv):\n    print('ran', argv)\n    return 0\n")
+    assert main(["bench", "cache", "--benchmarks-dir", str(tmp_path), "--", "--quick", "--n", "3"]) == 0
+    assert "ran ['--quick', '--n', '3']" in capsys.readouterr().out

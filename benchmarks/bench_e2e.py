@@ -254,7 +254,7 @@ def build_parser():
     p.add_argument("--dtypes", default="fp32,int8",
                    help="fp32,int8 (int8 = bitsandbytes, a subset: hf and specdec-ngram, greedy)")
     p.add_argument("--prompts", type=int, default=8, help="number of prompts (default 8)")
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--draft-tokens", type=int, default=10, help="K for prompt lookup / n-gram (default 10)")
     p.add_argument("--model-draft-tokens", type=int, default=4, help="K for early-exit / model drafters")
     p.add_argument("--early-exit-layers", type=int, default=None, help="default: a quarter of the target's")
@@ -433,8 +433,10 @@ def _run(name, model, assistant, prompts, batch, sampled, K, L, args):
     # warm-up: one short call on the first prompt
     if name.startswith("hf"):
         hf_kwargs = {"hf": {}, "hf-prompt-lookup": {"prompt_lookup_num_tokens": K},
-                     "hf-early-exit": {"assistant_early_exit": L},
-                     "hf-assistant": {"assistant_model": assistant}}[name]
+                     "hf-early-exit": {"assistant_early_exit": L, "num_assistant_tokens": K,
+                                       "num_assistant_tokens_schedule": "constant"},
+                     "hf-assistant": {"assistant_model": assistant, "num_assistant_tokens": K,
+                                      "num_assistant_tokens_schedule": "constant"}}[name]
         run_hf(model, prompts[:1], **{**kw, "max_new": 4, "batch": 1}, kwargs=hf_kwargs, count_steps=False)
         res = [run_hf(model, prompts, **kw, kwargs=hf_kwargs, count_steps=name in ("hf", "hf-prompt-lookup"))
                for _ in range(reps)]

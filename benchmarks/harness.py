@@ -309,7 +309,7 @@ def _fmt(v) -> str:
 
 
 class CsvWriter:
-    """Writes benchmark rows to ``path`` (written as ``path.tmp`` then renamed on close, so a
+    """Writes benchmark rows to ``path`` (written as ``path.<pid>.tmp`` then renamed on close, so a
     crashed run never leaves a half CSV under the final name; rows are flushed as they come).
 
     ``add(op=, provider=, shape=, dtype=, timing=Timing|None, bytes=, copy_gb_per_s=, ...)``:
@@ -323,7 +323,8 @@ class CsvWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.env = env
         self.columns = COLUMNS[:-1] + list(extra_columns) + ["note"] + ENV_COLUMNS
-        self._tmp = self.path.with_name(self.path.name + ".tmp")
+        # per-process temporary name: two runs writing the same CSV never share (or steal) a file
+        self._tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
         self._f = open(self._tmp, "w", newline="")
         self._w = csv.DictWriter(self._f, fieldnames=self.columns)
         self._w.writeheader()

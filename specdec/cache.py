@@ -165,6 +165,8 @@ def _torch_select_rows(keys, values, lengths, row_index, max_length):
 
 def _check_rollback_host(cur: torch.Tensor, new: torch.Tensor) -> None:
     """Raise ValueError naming the first row whose new length is negative or above the current one."""
+    if not bool(((new < 0) | (new > cur)).any()):  # fast path: rollback is on every step
+        return
     neg = (new < 0).nonzero()
     if neg.numel():
         b = int(neg[0, 0])
@@ -269,7 +271,7 @@ def select_rows(keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor,
 # ----------------------------------------------------------------------------------------------------
 # The store object.
 
-def _as_index(x, device, name: str) -> torch.Tensor:
+def _as_index(x, name: str) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         x = torch.as_tensor(x, dtype=torch.int64)
     if x.dtype not in (torch.int32, torch.int64):
@@ -415,9 +417,9 @@ class KVStore:
         After the call ``lengths = offset + keep_lengths``. One kernel over all layers.
         """
         dev = self.device
-        keep_index = _as_index(keep_index, dev, "keep_index").to(dev)
-        keep_lengths = _as_index(keep_lengths, dev, "keep_lengths").to(dev)
-        offset = torch.zeros_like(keep_lengths) if offset is None else _as_index(offset, dev, "offset").to(dev)
+        keep_index = _as_index(keep_index, "keep_index").to(dev)
+        keep_lengths = _as_index(keep_lengths, "keep_lengths").to(dev)
+        offset = torch.zeros_like(keep_lengths) if offset is None else _as_index(offset, "offset").to(dev)
         gather_(self.keys, self.values, self.lengths, keep_index, keep_lengths, offset, True, backend=self.backend)
         self._set_host(offset.cpu().long() + keep_lengths.cpu().long())
 
@@ -427,7 +429,7 @@ class KVStore:
         Reallocates the store at ``[L, B', H_kv, max_length or T_max, D]`` (one kernel copies the
         stored prefixes); the batch size becomes ``B'``.
         """
-        index = _as_index(index, self.device, "index").to(self.device)
+        index = _as_index(index, "index").to(self.device)
         if index.dim() != 1:
             raise ValueError(f"select_rows: index must be [B'], got {tuple(index.shape)}")
         self.keys, self.values, self.lengths = select_rows(self.keys, self.values, self.lengths, index,
@@ -683,7 +685,7 @@ class RaggedCache(_HFCache):
 
     def select_rows(self, index: torch.Tensor) -> None:
         """Keep rows ``index`` (``[B']`` int64) in that order; the batch size becomes ``B'``."""
-        index = _as_index(index, self.store.device, "index").to(self.store.device)
+        index = _as_index(index, "index").to(self.store.device)
         self.store.select_rows(index)
         self.start = self.start.index_select(0, index.long())
         self._host_start = self._host_start[index.cpu().long()]

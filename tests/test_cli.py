@@ -59,3 +59,18 @@ def test_bench_runs_script_with_args(tmp_path, capsys):
     (tmp_path / "bench_cache.py").write_text("def main(argv):\n    print('ran', argv)\n    return 0\n")
     assert main(["bench", "cache", "--benchmarks-dir", str(tmp_path), "--", "--quick", "--n", "3"]) == 0
     assert "ran ['--quick', '--n', '3']" in capsys.readouterr().out
+
+
+def test_show_acceptance_colours(capsys):
+    from specdec.cli import _GREEN, _RED, _Printer
+    from specdec.generator import Chunk
+
+    class Tok:  # one character per id
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join(chr(97 + i) for i in ids)
+
+    printer = _Printer(Tok(), colour=True)
+    printer(Chunk(0, [0, 1, 2], num_accepted=2, num_drafted=4, finished=False))  # 2 accepted, then a resample
+    printer(Chunk(0, [3], num_accepted=0, num_drafted=0, finished=True))  # no draft: plain target token
+    out = capsys.readouterr().out
+    assert out == f"{_GREEN}ab\033[0m{_RED}c\033[0md"

@@ -9,8 +9,10 @@ from _tiny_models import PROMPTS, hf_greedy, tiny_model
 
 @pytest.fixture(scope="module")
 def models():
-    torch.set_num_threads(1)
-    return tiny_model("llama", seed=0, layers=2), tiny_model("llama", seed=1, layers=1, hidden_size=32)
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: threads only add contention on a shared 2-core machine
+    yield tiny_model("llama", seed=0, layers=2), tiny_model("llama", seed=1, layers=1, hidden_size=32)
+    torch.set_num_threads(old)
 
 
 def _assisted(target, prompt, **kwargs):

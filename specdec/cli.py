@@ -139,8 +139,8 @@ def cmd_generate(args, parser) -> int:
     prompts = _read_prompts(args, parser)
     import torch
 
-    from specdec.generator import SpeculativeGenerator
-    from specdec.models import check_compatible, default_device, load_model, load_tokenizer, resolve_quantization
+    from specdec.generator import _DRAFTER_NAMES, SpeculativeGenerator
+    from specdec.models import default_device, resolve_quantization
 
     device = torch.device(args.device) if args.device else default_device()
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -152,17 +152,13 @@ def cmd_generate(args, parser) -> int:
                "int8": "--int8", "none": "--no-int8"}[args.quantization]
         _log(f"specdec: quantization {quant} ({why}); device {device}")
         _log(f"specdec: loading target {args.target or 'SmolLM2-135M-Instruct (embedded)'} ...")
-    target = load_model(args.target, quantization=quant, device=device)
-    tokenizer = load_tokenizer(args.target)
-    drafter = args.drafter
-    if drafter.lower().replace("_", "-") not in ("ngram", "n-gram", "prompt-lookup", "early-exit", "none"):
-        if not args.quiet:
-            _log(f"specdec: loading drafter {drafter} ...")
-        drafter_tokenizer = load_tokenizer(drafter)
-        drafter = load_model(drafter, quantization=quant, device=device)
-        check_compatible(target, drafter, tokenizer, drafter_tokenizer)
-    gen = SpeculativeGenerator(target, drafter, tokenizer, num_draft_tokens=args.num_draft_tokens,
-                               adaptive=not args.no_adaptive, early_exit_layers=args.early_exit_layers)
+    named_drafter = args.drafter.lower().replace("_", "-") not in _DRAFTER_NAMES
+    if named_drafter and not args.quiet:
+        _log(f"specdec: loading drafter {args.drafter} ...")
+    gen = SpeculativeGenerator.from_pretrained(args.target, args.drafter, quantization=quant, device=device,
+                                               num_draft_tokens=args.num_draft_tokens, adaptive=not args.no_adaptive,
+                                               early_exit_layers=args.early_exit_layers)
+    tokenizer = gen.tokenizer
     ids = _encode(tokenizer, prompts, args.raw)
     stream = len(prompts) == 1 and not args.json
     colour = args.show_acceptance and sys.stdout.isatty()

@@ -25,6 +25,7 @@ import torch
 from specdec.drafters import Draft, Drafter, DraftState, make_drafter
 from specdec.models import check_compatible, model_vocab_size
 
+_DRAFTER_NAMES = ("ngram", "n-gram", "prompt-lookup", "early-exit", "earlyexit", "self", "none")
 MAX_DRAFT_TOKENS = 32  # cap for adaptive growth (drafters derive sampling offsets with K < 64)
 
 
@@ -183,6 +184,22 @@ class SpeculativeGenerator:
         self.adaptive = adaptive
         self.device = _model_device(target)
         self.backend = backend
+
+    @classmethod
+    def from_pretrained(cls, target: str | None = None, drafter="ngram", *, quantization: str = "auto",
+                        device=None, **kwargs) -> "SpeculativeGenerator":
+        """Load a target (default: the embedded SmolLM2-135M-Instruct) and its tokenizer, and a drafter:
+        ``"ngram"`` (default, the fastest measured on CPU), ``"early-exit"``, ``"none"``, or a model
+        name/path loaded with the same quantization (its tokenizer is checked against the target's)."""
+        from specdec.models import load_model, load_tokenizer
+
+        model = load_model(target, quantization=quantization, device=device)
+        tokenizer = load_tokenizer(target)
+        drafter_tokenizer = None
+        if isinstance(drafter, str) and drafter.lower().replace("_", "-") not in _DRAFTER_NAMES:
+            drafter_tokenizer = load_tokenizer(drafter)
+            drafter = load_model(drafter, quantization=quantization, device=device)
+        return cls(model, drafter, tokenizer, drafter_tokenizer=drafter_tokenizer, **kwargs)
 
     @property
     def drafter_name(self) -> str:

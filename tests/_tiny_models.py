@@ -57,3 +57,15 @@ def min_greedy_margin(model, prompts, continuations):
         top = logits.topk(2, dim=-1).values
         margin = min(margin, float((top[:, 0] - top[:, 1]).min()))
     return margin
+
+
+def word_tokenizer(words):
+    """A whitespace word-level fast tokenizer over ``words`` (ids 0-3: pad, bos, eos, unk)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<pad>", "<s>", "</s>", "<unk>"] + words)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")

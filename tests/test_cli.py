@@ -50,6 +50,18 @@ def test_missing_model_is_a_clear_error(capsys, monkeypatch):
     assert "specdec: error:" in err and "specdec-test/no-such-model" in err and "Traceback" not in err
 
 
+def test_mismatched_tokenizers_are_a_clear_error(tmp_path, capsys):
+    from _tiny_models import tiny_model, word_tokenizer
+
+    for name, words in (("target", "w"), ("drafter", "v")):
+        tiny_model("llama", seed=0, layers=1).save_pretrained(tmp_path / name)
+        word_tokenizer([f"{words}{i}" for i in range(80)]).save_pretrained(tmp_path / name)
+    argv = ["generate", "--target", str(tmp_path / "target"), "--drafter", str(tmp_path / "drafter"), "-q", "w1 w2"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "different tokenizers" in err and "Traceback" not in err
+
+
 def test_bench_missing_script(tmp_path, capsys):
     assert main(["bench", "verify", "--benchmarks-dir", str(tmp_path)]) == 1
     assert "bench_verify.py not found" in capsys.readouterr().err

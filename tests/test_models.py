@@ -5,7 +5,7 @@ import torch
 from specdec.generator import SpeculativeGenerator
 from specdec.models import (IncompatibleModelsError, ModelLoadError, cache_dir, check_compatible, load_model,
                             load_tokenizer, resolve_quantization)
-from _tiny_models import PROMPTS, hf_greedy, tiny_model
+from _tiny_models import PROMPTS, hf_greedy, tiny_model, word_tokenizer
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -14,17 +14,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
-
-
-def _word_tokenizer(words):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {w: i for i, w in enumerate(["<pad>", "<s>", "</s>", "<unk>"] + words)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>")
 
 
 def test_resolve_quantization():
@@ -48,14 +37,14 @@ def test_missing_model_offline(monkeypatch, tmp_path):
 def test_tokenizer_mismatch_and_vocab_padding():
     target = tiny_model("llama", seed=0, layers=1)  # vocab 96
     padded = tiny_model("llama", seed=1, layers=1, vocab_size=128)
-    tok_a = _word_tokenizer([f"w{i}" for i in range(80)])
-    tok_b = _word_tokenizer([f"v{i}" for i in range(80)])
-    check_compatible(target, padded, tok_a, _word_tokenizer([f"w{i}" for i in range(80)]))  # padding is fine
+    tok_a = word_tokenizer([f"w{i}" for i in range(80)])
+    tok_b = word_tokenizer([f"v{i}" for i in range(80)])
+    check_compatible(target, padded, tok_a, word_tokenizer([f"w{i}" for i in range(80)]))  # padding is fine
     with pytest.raises(IncompatibleModelsError, match="different tokenizers"):
         check_compatible(target, padded, tok_a, tok_b)
     with pytest.raises(IncompatibleModelsError, match="different tokenizers"):
         SpeculativeGenerator(target, padded, tok_a, drafter_tokenizer=tok_b)
-    big = _word_tokenizer([f"w{i}" for i in range(120)])  # more tokens than the target's head
+    big = word_tokenizer([f"w{i}" for i in range(120)])  # more tokens than the target's head
     with pytest.raises(IncompatibleModelsError, match="vocabulary"):
         check_compatible(target, padded, big, big)
 

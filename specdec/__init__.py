@@ -12,8 +12,11 @@ from specdec.ops import backends, sample, verify  # noqa: E402
 _LAZY = {
     "load_model": "specdec.models",
     "load_tokenizer": "specdec.models",
+    "ModelLoadError": "specdec.models",
+    "IncompatibleModelsError": "specdec.models",
     "SpeculativeGenerator": "specdec.generator",
-    "GenerationOutput": "specdec.generator",
+    "GenerationResult": "specdec.generator",
+    "GenerationStats": "specdec.generator",
 }
 
 

@@ -2,7 +2,7 @@
 // distribution it sampled from (reference.sample is the specification). Two passes per row:
 //  1. max / argmax / softmax denominator (plus the top-k/top-p threshold when the row asks);
 //  2. write probs and run the exponential race in the same sweep.
-// Both passes are split into vocabulary chunks for at::parallel_for, so B = 1 uses every core.
+// Rows run in parallel when there are enough, else each row's vocabulary chunks do (for_rows).
 #include <torch/library.h>
 
 #include "sampling_common.h"
@@ -52,61 +52,47 @@ std::tuple<at::Tensor, at::Tensor> sample_cpu(const at::Tensor& logits_in, const
   std::vector<RaceOut> races(B * nchunk);
   float* P = probs.data_ptr<float>();
 
+  int64_t* tok = tokens.data_ptr<int64_t>();
+
   dispatch_float(logits.scalar_type(), "sample: logits", [&](auto tag) {
     using T = decltype(tag);
     const T* L = logits.data_ptr<T>();
-    at::parallel_for(0, B * nchunk, grain_chunks, [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) {
-        const int64_t b = t / nchunk, j0 = (t % nchunk) * kChunk;
-        parts[t] = chunk_stats(L + b * V + j0, std::min(kChunk, V - j0), j0, inv_t_f[b],
-                               !greedy[b] && !filtered[b]);
-      }
-    });
-    std::vector<int64_t> filt;
-    for (int64_t b = 0; b < B; ++b) {
-      stats[b] = merge_chunks(&parts[b * nchunk], nchunk, inv_t[b]);
-      if (filtered[b]) filt.push_back(b);
-    }
-    if (!filt.empty()) {
-      at::parallel_for(0, int64_t(filt.size()), 1, [&](int64_t begin, int64_t end) {
-        std::vector<float> buf;
-        for (int64_t i = begin; i < end; ++i) {
-          const int64_t b = filt[i];
-          filter_stats(L + b * V, V, inv_t[b], tkp[b], double(tpp[b]), stats[b], buf);
-        }
+    // One row, start to finish; exec(n, f) runs f over the vocabulary chunks (see for_rows).
+    auto run_row = [&](int64_t b, auto&& exec) {
+      const T* x = L + b * V;
+      float* pr = P + b * V;
+      ChunkStats* cs = &parts[b * nchunk];
+      exec(nchunk, [&](int64_t c) {
+        const int64_t j0 = c * kChunk;
+        cs[c] = chunk_stats(x + j0, std::min(kChunk, V - j0), j0, inv_t_f[b], !greedy[b] && !filtered[b]);
       });
-    }
-    at::parallel_for(0, B * nchunk, grain_chunks, [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) {
-        const int64_t b = t / nchunk, c = t % nchunk;
-        const int64_t j0 = c * kChunk, j1 = std::min(V, j0 + kChunk);
-        const PosStats& s = stats[b];
-        if (!s.finite() || greedy[b]) {
-          // no finite logit: zero probs; greedy: one-hot at the argmax (the distribution sampled)
-          std::fill(P + b * V + j0, P + b * V + j1, 0.0f);
-          if (s.finite() && s.argmax >= j0 && s.argmax < j1) P[b * V + s.argmax] = 1.0f;
-          continue;
-        }
-        RaceOut ro;
-        race_chunk<T, float>(L + b * V, j0, j1, s, inv_t_f[b], PhiloxKey(sdp[b], ofp[b], kStreamSample, 0),
-                             false, nullptr, 0, -1, P + b * V, ro);
-        races[t] = ro;
+      PosStats& s = stats[b];
+      s = merge_chunks(cs, nchunk, inv_t[b]);
+      if (!s.finite() || greedy[b]) {
+        // no finite logit: token -1, zero probs; greedy: the argmax, probs one-hot there (the
+        // distribution it was drawn from)
+        std::fill(pr, pr + V, 0.0f);
+        if (s.finite()) pr[s.argmax] = 1.0f, tok[b] = s.argmax;
+        return;
       }
-    });
+      if (filtered[b]) {
+        thread_local std::vector<float> buf;  // scratch row for top-k/top-p
+        filter_stats(x, V, inv_t[b], tkp[b], double(tpp[b]), s, buf);
+      }
+      // probs and the race in one sweep
+      const PhiloxKey key(sdp[b], ofp[b], kStreamSample, 0);
+      RaceOut* ro = &races[b * nchunk];
+      exec(nchunk, [&](int64_t c) {
+        const int64_t j0 = c * kChunk, j1 = std::min(V, j0 + kChunk);
+        ro[c] = RaceOut();
+        race_chunk<T, float>(x, j0, j1, s, inv_t_f[b], key, false, nullptr, 0, -1, pr, ro[c]);
+      });
+      RaceBest best;
+      for (int64_t c = 0; c < nchunk; ++c) best.merge(ro[c].p);
+      tok[b] = best.idx >= 0 ? best.idx : s.argmax;
+    };
+    for_rows(B, V, grain_chunks, run_row);
   });
-
-  int64_t* tok = tokens.data_ptr<int64_t>();
-  for (int64_t b = 0; b < B; ++b) {
-    const PosStats& s = stats[b];
-    if (!s.finite()) continue;  // token -1
-    if (greedy[b]) {
-      tok[b] = s.argmax;
-      continue;
-    }
-    RaceBest best;
-    for (int64_t c = 0; c < nchunk; ++c) best.merge(races[b * nchunk + c].p);
-    tok[b] = best.idx >= 0 ? best.idx : s.argmax;
-  }
   return {tokens, probs};
 }
 

@@ -15,6 +15,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
@@ -283,6 +284,36 @@ inline void filter_stats(const T* x, int64_t V, double inv_t_d, int64_t top_k, d
   }
   s.thr = thr;
   s.z = sum_exp_kept(buf.data(), n, s.max, inv_t, thr);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Parallel schedule. With at least two rows per thread, rows are the unit: one parallel region,
+// rows taken from a shared counter (their costs differ). Parallel regions are barriers, and on a
+// busy machine each one can cost a scheduler time slice, so a call should open few of them.
+// With fewer rows, rows run one after another and each splits its vocabulary chunks over the
+// threads: fn(row, exec) calls exec(n, f) to run f(0 .. n-1), inline or in parallel.
+// Tiny inputs (rows * row_len below ~64K values) run on the calling thread.
+template <typename F>
+inline void for_rows(int64_t rows, int64_t row_len, int64_t grain_chunks, F&& fn) {
+  auto inline_exec = [](int64_t n, auto&& f) {
+    for (int64_t i = 0; i < n; ++i) f(i);
+  };
+  auto par_exec = [grain_chunks](int64_t n, auto&& f) {
+    at::parallel_for(0, n, grain_chunks, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) f(i);
+    });
+  };
+  const int64_t nt = at::get_num_threads();
+  if (rows * row_len < 65536 || at::in_parallel_region()) {
+    for (int64_t r = 0; r < rows; ++r) fn(r, inline_exec);
+  } else if (nt > 1 && rows >= 2 * nt) {
+    std::atomic<int64_t> next{0};
+    at::parallel_for(0, nt, 1, [&](int64_t, int64_t) {
+      for (int64_t r; (r = next.fetch_add(1)) < rows;) fn(r, inline_exec);
+    });
+  } else {
+    for (int64_t r = 0; r < rows; ++r) fn(r, par_exec);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------

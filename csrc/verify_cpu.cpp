@@ -1,14 +1,15 @@
 // specdec_cpp::verify on CPU: fused chain verification (reference.verify is the specification).
 //
-// Per row the work is a chain: position i only matters if drafts 0..i-1 were accepted. So the
-// kernel walks the positions in order, and at each one, for the rows still running:
-//  1. statistics of (row, pos): max / argmax / softmax denominator in one streaming pass, split
-//     into vocabulary chunks for at::parallel_for (rows with top-k/top-p also get their kept
-//     threshold from a scratch copy of the row);
+// Per row the work is a chain: position i only matters if drafts 0..i-1 were accepted. So each
+// row walks its positions in order:
+//  1. statistics of (row, pos): max / argmax / softmax denominator in one streaming pass over
+//     vocabulary chunks (rows with top-k/top-p also get their kept threshold from a scratch copy);
 //  2. the acceptance test: a few scalars (the draft's logit, its draft probability, one Philox
-//     uniform). A rejection or the bonus position stops the row: later positions are not read.
-// Then 3. per sampling row, one pass over the vocabulary at the stop position: the exponential
-// race for the residual (after a rejection) and for p (bonus token / zero residual) at once.
+//     uniform). A rejection or the bonus position stops the row: later positions are not read;
+//  3. at the stop position, one pass over the vocabulary: the exponential race for the residual
+//     (after a rejection) and for p (bonus token / zero residual) at once.
+// Rows are the parallel unit when there are enough of them (one parallel region per call, rows
+// handed out dynamically since their chains differ in length); otherwise vocabulary chunks are.
 // Nothing of size [B, K+1, V] is allocated; logits are read as they are (fp32/fp16/bf16).
 #include <torch/library.h>
 
@@ -85,147 +86,102 @@ std::tuple<at::Tensor, at::Tensor> verify_cpu(const at::Tensor& target_logits_in
   std::vector<ChunkStats> parts(B * nchunk);
   std::vector<RaceOut> races(B * nchunk);
   const int64_t grain_chunks = std::max<int64_t>(1, 32768 / std::min(Vt, kChunk));  // tiny inputs: one thread
+  int64_t* out = out_ids.data_ptr<int64_t>();
+  int32_t* na = num_acc.data_ptr<int32_t>();
 
+  // q's dtype only matters to the race; T and Q are both compile-time in the row loop below.
   dispatch_float(logits.scalar_type(), "verify: target_logits", [&](auto tag) {
-    using T = decltype(tag);
-    const T* L = logits.data_ptr<T>();
-    int64_t* out = out_ids.data_ptr<int64_t>();
-    int32_t* na = num_acc.data_ptr<int32_t>();
-
-    // ---- phases 1 + 2, position by position: statistics of (row, pos) for the rows still
-    // running, then one acceptance step for each. A row stops at its first rejection or at its
-    // bonus position, so positions after the stop are never read (beyond the finiteness check).
-    std::vector<int64_t> stop(B, -1);
-    std::vector<char> row_ok(B, 1), resid_row(B, 0);
-    std::vector<int64_t> active(B);
-    for (int64_t b = 0; b < B; ++b) active[b] = b;
-    for (int64_t pos = 0; pos <= K && !active.empty(); ++pos) {
-      const int64_t na_rows = int64_t(active.size());
-      at::parallel_for(0, na_rows * nchunk, grain_chunks, [&](int64_t begin, int64_t end) {
-        for (int64_t t = begin; t < end; ++t) {
-          const int64_t b = active[t / nchunk], c = t % nchunk;
-          const int64_t j0 = c * kChunk, n = std::min(kChunk, Vt - j0);
-          const RowInfo& r = rows[b];
-          // the softmax denominator is needed to test a draft; at the bonus position the race
-          // alone is scale-free and needs none
-          const bool want_sum = !r.greedy && !r.filtered && pos < r.n_drafts;
-          parts[b * nchunk + c] = chunk_stats(L + (b * K1 + pos) * Vt + j0, n, j0, r.inv_t_f, want_sum);
-        }
-      });
-      std::vector<int64_t> filt;  // rows with top-k/top-p: threshold from a scratch copy of the row
-      for (int64_t b : active) {
-        stats[b * K1 + pos] = merge_chunks(&parts[b * nchunk], nchunk, rows[b].inv_t);
-        if (rows[b].filtered && stats[b * K1 + pos].finite()) filt.push_back(b);
-      }
-      if (!filt.empty()) {
-        at::parallel_for(0, int64_t(filt.size()), 1, [&](int64_t begin, int64_t end) {
-          std::vector<float> buf;
-          for (int64_t i = begin; i < end; ++i) {
-            const int64_t b = filt[i];
-            filter_stats(L + (b * K1 + pos) * Vt, Vt, rows[b].inv_t, tkp[b], double(tpp[b]),
-                         stats[b * K1 + pos], buf);
-          }
-        });
-      }
-      std::vector<int64_t> still;
-      for (int64_t b : active) {
-        const RowInfo& r = rows[b];
-        const PosStats& st = stats[b * K1 + pos];
-        if (!st.finite()) {  // a live position without a finite logit: the row emits nothing
-          row_ok[b] = 0;
-          continue;
-        }
-        if (pos == r.n_drafts) {  // every draft accepted: bonus token here
-          stop[b] = pos;
-          continue;
-        }
-        const int64_t d = dr[b * K + pos];
-        bool accept = false;  // out-of-range ids are rejected without being read
-        if (d >= 0 && d < Vd) {
-          if (r.greedy) {
-            accept = d == st.argmax;
-          } else {
-            // p(d) in double from the draft's own logit (reference: softmax in float64)
-            const float x = clean1(static_cast<float>(L[(b * K1 + pos) * Vt + d]));
-            double p = 0.0;
-            if (x > kNegInf && x >= st.thr) p = std::exp((double(x) - double(st.max)) * r.inv_t) / st.z;
-            double qd = 1.0;  // deterministic drafter: q is one-hot at the draft
-            if (has_q) {
-              dispatch_float(q_all.scalar_type(), "verify: draft_probs", [&](auto qtag) {
-                using Q = decltype(qtag);
-                qd = double(static_cast<float>(q_all.data_ptr<Q>()[(b * K + pos) * Vd + d]));
-              });
-            }
-            const double u = uniform_open_closed(PhiloxKey(sdp[b], ofp[b], kStreamAccept, pos).bits(0));
-            accept = p > 0.0 && u * qd <= p;  // q(d) = 0 < p(d): accepted; p(d) = 0: rejected
-          }
-        }
-        if (accept) {
-          still.push_back(b);
-        } else {
-          stop[b] = pos;
-          resid_row[b] = d >= 0 && d < Vd;  // residual after rejecting an in-range draft, else p
-        }
-      }
-      active.swap(still);
-    }
-
-    // The reference also voids a row when a live position after its stop has no finite logit;
-    // checking needs only the first finite value of each such position (usually the first entry).
-    for (int64_t b = 0; b < B; ++b) {
-      if (!row_ok[b]) continue;
-      for (int64_t pos = stop[b] + 1; pos <= rows[b].n_drafts && row_ok[b]; ++pos)
-        row_ok[b] = has_finite(L + (b * K1 + pos) * Vt, Vt);
-    }
-    std::vector<int64_t> rr;  // rows that race
-    for (int64_t b = 0; b < B; ++b) {
-      if (!row_ok[b]) continue;
-      const int64_t s = stop[b];
-      for (int64_t i = 0; i < s; ++i) out[b * K1 + i] = dr[b * K + i];
-      na[b] = int32_t(s);
-      if (rows[b].greedy) {
-        out[b * K1 + s] = stats[b * K1 + s].argmax;
-      } else {
-        rr.push_back(b);
-      }
-    }
-
-    // ---- phase 3: exponential race at the stop position of every sampling row
-    if (rr.empty()) return;
-    auto run = [&](auto qtag, bool with_q) {
+    dispatch_float(has_q ? q_all.scalar_type() : at::kFloat, "verify: draft_probs", [&](auto qtag) {
+      using T = decltype(tag);
       using Q = decltype(qtag);
-      const Q* qbase = with_q ? q_all.data_ptr<Q>() : nullptr;
-      at::parallel_for(0, int64_t(rr.size()) * nchunk, grain_chunks, [&](int64_t begin, int64_t end) {
-        for (int64_t t = begin; t < end; ++t) {
-          const int64_t b = rr[t / nchunk], c = t % nchunk, s = stop[b];
-          const int64_t j0 = c * kChunk, j1 = std::min(Vt, j0 + kChunk);
-          const bool resid = resid_row[b];
-          const Q* q = (resid && qbase) ? qbase + (b * K + s) * Vd : nullptr;
-          const int64_t d = resid ? dr[b * K + s] : -1;
-          RaceOut ro;
-          race_chunk<T, Q>(L + (b * K1 + s) * Vt, j0, j1, stats[b * K1 + s], rows[b].inv_t_f,
-                           PhiloxKey(sdp[b], ofp[b], kStreamResample, s), resid, q, Vd, d, nullptr, ro);
-          races[b * nchunk + c] = ro;
+      const T* L = logits.data_ptr<T>();
+      const Q* Qp = has_q ? q_all.data_ptr<Q>() : nullptr;
+
+      // One row, start to finish. `exec(n, f)` runs f(0..n-1): inline when rows are the parallel
+      // unit, through at::parallel_for over vocabulary chunks when there are too few rows.
+      auto run_row = [&](int64_t b, auto&& exec) {
+        const RowInfo& r = rows[b];
+        ChunkStats* cs = &parts[b * nchunk];
+        int64_t s = -1;
+        bool resid = false;
+        // Walk the positions: statistics of (b, pos), then the acceptance test. The first
+        // rejection, or the bonus position, stops the row; later positions are never read.
+        for (int64_t pos = 0; pos <= r.n_drafts; ++pos) {
+          const T* x = L + (b * K1 + pos) * Vt;
+          // the softmax denominator is needed to test a draft; the bonus race is scale-free
+          const bool want_sum = !r.greedy && !r.filtered && pos < r.n_drafts;
+          exec(nchunk, [&](int64_t c) {
+            const int64_t j0 = c * kChunk;
+            cs[c] = chunk_stats(x + j0, std::min(kChunk, Vt - j0), j0, r.inv_t_f, want_sum);
+          });
+          PosStats& st = stats[b * K1 + pos];
+          st = merge_chunks(cs, nchunk, r.inv_t);
+          if (!st.finite()) return;  // a live position without a finite logit: the row emits nothing
+          if (r.filtered) {
+            thread_local std::vector<float> buf;  // scratch row for top-k/top-p
+            filter_stats(x, Vt, r.inv_t, tkp[b], double(tpp[b]), st, buf);
+          }
+          if (pos == r.n_drafts) {  // every draft accepted: the bonus token comes from here
+            s = pos;
+            break;
+          }
+          const int64_t d = dr[b * K + pos];
+          bool accept = false;  // out-of-range ids are rejected without being read
+          if (d >= 0 && d < Vd) {
+            if (r.greedy) {
+              accept = d == st.argmax;
+            } else {
+              // p(d) in double from the draft's own logit (reference: softmax in float64)
+              const float xd = clean1(static_cast<float>(x[d]));
+              double p = 0.0;
+              if (xd > kNegInf && xd >= st.thr) p = std::exp((double(xd) - double(st.max)) * r.inv_t) / st.z;
+              // deterministic drafter: q is one-hot at the draft
+              const double qd = Qp ? double(static_cast<float>(Qp[(b * K + pos) * Vd + d])) : 1.0;
+              const double u = uniform_open_closed(PhiloxKey(sdp[b], ofp[b], kStreamAccept, pos).bits(0));
+              accept = p > 0.0 && u * qd <= p;  // q(d) = 0 < p(d): accepted; p(d) = 0: rejected
+            }
+          }
+          if (!accept) {
+            s = pos;
+            resid = d >= 0 && d < Vd;  // residual after rejecting an in-range draft, else p
+            break;
+          }
         }
-      });
-    };
-    if (has_q) {
-      dispatch_float(q_all.scalar_type(), "verify: draft_probs", [&](auto qtag) { run(qtag, true); });
-    } else {
-      run(float{}, false);
-    }
-    for (int64_t b : rr) {
-      RaceOut tot;
-      for (int64_t c = 0; c < nchunk; ++c) {
-        const RaceOut& ro = races[b * nchunk + c];
-        tot.p.merge(ro.p);
-        tot.r.merge(ro.r);
-        tot.r_any = tot.r_any || ro.r_any;
-      }
-      // residual mass 0 (p == q up to rounding): sample from p, as the reference does
-      const RaceBest& win = (resid_row[b] && tot.r_any) ? tot.r : tot.p;
-      out[b * K1 + stop[b]] = win.idx >= 0 ? win.idx : 0;
-    }
+        // The reference also voids a row when a live position after its stop has no finite
+        // logit; that needs only the first finite value of each (usually the first entry).
+        for (int64_t pos = s + 1; pos <= r.n_drafts; ++pos)
+          if (!has_finite(L + (b * K1 + pos) * Vt, Vt)) return;
+
+        for (int64_t i = 0; i < s; ++i) out[b * K1 + i] = dr[b * K + i];
+        na[b] = int32_t(s);
+        const PosStats& st = stats[b * K1 + s];
+        if (r.greedy) {
+          out[b * K1 + s] = st.argmax;
+          return;
+        }
+        // The exponential race at the stop position, for the residual and for p at once.
+        const T* x = L + (b * K1 + s) * Vt;
+        const Q* q = (resid && Qp) ? Qp + (b * K + s) * Vd : nullptr;
+        const int64_t d = resid ? dr[b * K + s] : -1;
+        const PhiloxKey key(sdp[b], ofp[b], kStreamResample, s);
+        RaceOut* ro = &races[b * nchunk];
+        exec(nchunk, [&](int64_t c) {
+          const int64_t j0 = c * kChunk, j1 = std::min(Vt, j0 + kChunk);
+          ro[c] = RaceOut();
+          race_chunk<T, Q>(x, j0, j1, st, r.inv_t_f, key, resid, q, Vd, d, nullptr, ro[c]);
+        });
+        RaceOut tot;
+        for (int64_t c = 0; c < nchunk; ++c) {
+          tot.p.merge(ro[c].p);
+          tot.r.merge(ro[c].r);
+          tot.r_any = tot.r_any || ro[c].r_any;
+        }
+        // residual mass 0 (p == q up to rounding): sample from p, as the reference does
+        const RaceBest& win = (resid && tot.r_any) ? tot.r : tot.p;
+        out[b * K1 + s] = win.idx >= 0 ? win.idx : 0;
+      };
+      for_rows(B, Vt, grain_chunks, run_row);
+    });
   });
   return {out_ids, num_acc};
 }

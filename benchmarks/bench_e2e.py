@@ -8,7 +8,8 @@ Providers (each one row per configuration; a provider whose part of the stack is
 skipped with a note, or is an error when named explicitly in ``--providers``):
   hf              plain autoregressive ``model.generate`` (batch 1 and batch 8, left padded)
   hf-prompt-lookup  HF assisted generation, ``prompt_lookup_num_tokens=K`` (batch 1 only)
-  hf-early-exit   HF assisted generation, ``assistant_early_exit=L`` (batch 1 only)
+  hf-early-exit   HF assisted generation, ``assistant_early_exit=L`` (batch 1 only; greedy only,
+                  like specdec-early-exit, outside --quick: without LayerSkip training it accepts ~nothing)
   hf-assistant    HF assisted generation with ``--assistant MODEL`` (batch 1; only when given)
   specdec-none    specdec's loop without a drafter (plain decoding through the ragged cache)
   specdec-ngram   specdec, n-gram (prompt lookup) drafter, fixed K (like for like with HF) ...
@@ -254,7 +255,12 @@ def build_parser():
     p.add_argument("--dtypes", default="fp32,int8",
                    help="fp32,int8 (int8 = bitsandbytes, a subset: hf and specdec-ngram, greedy)")
     p.add_argument("--prompts", type=int, default=8, help="number of prompts (default 8)")
+    p.add_argument("--batch1-prompts", type=int, default=None,
+                   help="run batch 1 over only the first N prompts (default: all; saves time on a slow CPU)")
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--int8-prompts", type=int, default=2,
+                   help="prompts for the int8 subset (bitsandbytes int8 is ~10x slower than fp32 on CPU)")
+    p.add_argument("--int8-max-new-tokens", type=int, default=32)
     p.add_argument("--draft-tokens", type=int, default=10, help="K for prompt lookup / n-gram (default 10)")
     p.add_argument("--model-draft-tokens", type=int, default=4, help="K for early-exit / model drafters")
     p.add_argument("--early-exit-layers", type=int, default=None, help="default: a quarter of the target's")
@@ -331,6 +337,13 @@ def main(argv=None) -> int:
             if model is None:
                 continue
             L = args.early_exit_layers or max(1, len(model.model.layers) // 4)
+            run_args = args
+            if dt == "int8":
+                import copy
+
+                run_args = copy.copy(args)
+                run_args.max_new_tokens = min(args.max_new_tokens, args.int8_max_new_tokens)
+                prompts = prompts[:args.int8_prompts]
             if not args.no_cost and dt == "fp32":
                 _cost_rows(out, model, prompts, args, device, runs, max_time, model_name, dt)
             jobs = _jobs(providers, batches, modes, dt, args, L)
@@ -341,7 +354,7 @@ def main(argv=None) -> int:
                     bar.set_postfix_str(f"{name} B={batch} {mode}")
                 sampled = mode == "sampled"
                 try:
-                    tokens, times, stats = _run(name, model, assistant, prompts, batch, sampled, K, L, args)
+                    tokens, times, stats = _run(name, model, assistant, prompts, batch, sampled, K, L, run_args)
                 except Exception as exc:  # noqa: BLE001
                     if explicit:
                         raise
@@ -359,7 +372,9 @@ def main(argv=None) -> int:
                            tokens_per_s=tps, mode=mode, batch=batch, draft_tokens=K, new_tokens=tokens,
                            model=model_name, acceptance_rate=stats.get("acceptance_rate"),
                            tokens_per_step=stats.get("tokens_per_step"),
-                           note=_note(name, batch, args.backend))
+                           note=_note(name, batch, args.backend) + (
+                               f"; int8 subset: {len(prompts)} prompts x {run_args.max_new_tokens} new tokens"
+                               if dt == "int8" else ""))
                 if ("hf", 1, mode) in base_tps and name != "hf":
                     row["speedup_vs_hf"] = tps / base_tps[("hf", 1, mode)]
                 if ("hf-prompt-lookup", 1, mode) in base_tps and name.startswith("specdec-ngram"):
@@ -414,12 +429,16 @@ def _jobs(providers, batches, modes, dt, args, L):
     for mode in modes:
         for name in providers:
             if dt == "int8" and (mode != "greedy" or name not in ("hf", "specdec-ngram")):
-                continue
+                continue  # int8: a subset (batch 1, greedy, HF plain vs specdec n-gram); slow on CPU
             for batch in batches:
+                if dt == "int8" and batch > 1:
+                    continue
                 if batch > 1 and name in HF_BATCH1_ONLY:
                     continue
                 if name == "specdec-ngram-adaptive" and (batch > 1 and mode == "sampled"):
                     continue
+                if "early-exit" in name and mode == "sampled" and not args.quick:
+                    continue  # greedy already shows its acceptance; it is the slowest provider here
                 K = args.draft_tokens if ("ngram" in name or "prompt-lookup" in name) else \
                     (args.model_draft_tokens if name not in ("hf", "specdec-none") else 0)
                 jobs.append((name, batch, mode, K))
@@ -427,6 +446,8 @@ def _jobs(providers, batches, modes, dt, args, L):
 
 
 def _run(name, model, assistant, prompts, batch, sampled, K, L, args):
+    if batch == 1 and args.batch1_prompts:
+        prompts = prompts[:args.batch1_prompts]
     kw = dict(batch=batch, max_new=args.max_new_tokens, sampled=sampled, temperature=args.temperature,
               seed=args.seed)
     reps = max(1, args.repeats)

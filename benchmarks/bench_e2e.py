@@ -258,6 +258,9 @@ def build_parser():
     p.add_argument("--batch1-prompts", type=int, default=None,
                    help="run batch 1 over only the first N prompts (default: all; saves time on a slow CPU)")
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--early-exit-prompts", type=int, default=2,
+                   help="prompts for the early-exit providers at batch 1 (slow: they accept almost nothing "
+                        "on a model not trained for early exit); 0 = all")
     p.add_argument("--int8-prompts", type=int, default=2,
                    help="prompts for the int8 subset (bitsandbytes int8 is ~10x slower than fp32 on CPU)")
     p.add_argument("--int8-max-new-tokens", type=int, default=32)
@@ -448,6 +451,8 @@ def _jobs(providers, batches, modes, dt, args, L):
 def _run(name, model, assistant, prompts, batch, sampled, K, L, args):
     if batch == 1 and args.batch1_prompts:
         prompts = prompts[:args.batch1_prompts]
+    if "early-exit" in name and args.early_exit_prompts:
+        prompts = prompts[:max(batch, args.early_exit_prompts)]
     kw = dict(batch=batch, max_new=args.max_new_tokens, sampled=sampled, temperature=args.temperature,
               seed=args.seed)
     reps = max(1, args.repeats)

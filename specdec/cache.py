@@ -17,12 +17,13 @@ Layers:
   decoder models (Llama, Qwen2/3, Mistral; ``sdpa`` and ``eager``) read and write, plus the per-row
   ``position_ids`` and 4D ``attention_mask`` for ragged rows and left padding.
 
-The target and the drafter each get their own :class:`RaggedCache` (``from_model``); the kernels and
-the bookkeeping are the same.
+The target and a model drafter each get their own :class:`RaggedCache` (``from_model``); an early-exit
+drafter runs the target's first layers over the target's own cache (:meth:`RaggedCache.partial_depth`).
 """
 from __future__ import annotations
 
-from typing import Sequence
+import contextlib
+from typing import Iterator, Sequence
 
 import torch
 
@@ -527,6 +528,9 @@ class RaggedCache(_HFCache):
 
     Left padding: ``set_left_padding(num_pad)`` marks the first ``num_pad[b]`` slots of row ``b`` as
     padding (``start``); they are never attended and positions count from the first real token.
+
+    Partial depth: inside ``with cache.partial_depth(n):`` forwards run only layers ``0..n-1`` (an
+    early-exit drafter); lengths commit after layer ``n - 1`` and return to their entry values on exit.
     """
 
     is_compileable = False
@@ -547,6 +551,8 @@ class RaggedCache(_HFCache):
         #: [B] int32: left-padding slots at the front of each row
         self.start = torch.zeros(batch_size, dtype=torch.int32, device=self.store.device)
         self._host_start = torch.zeros(batch_size, dtype=torch.int64)
+        # layers a forward runs; the update of layer active_layers - 1 commits the lengths
+        self._active_layers = num_layers
 
     @classmethod
     def from_model(cls, model, batch_size: int, max_length: int, *, dtype: torch.dtype | None = None,
@@ -615,12 +621,15 @@ class RaggedCache(_HFCache):
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Append ``key_states``/``value_states`` ``[B, H_kv, q, D]`` of layer ``layer_idx`` at per-row offsets.
 
-        Returns views ``[B, H_kv, max(lengths) + q, D]`` of the layer's buffers. The last layer's call
-        advances every row's length by ``q``.
+        Returns views ``[B, H_kv, max(lengths) + q, D]`` of the layer's buffers. The last active layer's
+        call (the last layer, or ``n - 1`` inside :meth:`partial_depth`) advances every row's length by ``q``.
         """
+        if layer_idx >= self._active_layers:  # it would append after the commit, at the wrong offsets
+            raise RuntimeError(f"RaggedCache.update: layer {layer_idx} written inside partial_depth"
+                               f"({self._active_layers}); the forward must run only layers 0..{self._active_layers - 1}")
         q = key_states.shape[-2]
         kv_len = self.store.seq_length + q
-        self.store.append(key_states, value_states, layer_idx, advance=layer_idx == self.store.num_layers - 1)
+        self.store.append(key_states, value_states, layer_idx, advance=layer_idx == self._active_layers - 1)
         return (self.store.keys[layer_idx, :, :, :kv_len], self.store.values[layer_idx, :, :, :kv_len])
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -671,6 +680,36 @@ class RaggedCache(_HFCache):
         self._host_start.zero_()
 
     # -- speculative-decoding interface ------------------------------------------------------------------
+    @contextlib.contextmanager
+    def partial_depth(self, num_layers: int) -> Iterator["RaggedCache"]:
+        """Run forwards of the first ``num_layers`` layers only (an early-exit drafter) over this cache.
+
+        Inside the block, ``update`` of layer ``num_layers - 1`` commits the lengths, so successive
+        shallow forwards (``q`` tokens each) read the committed prefix of layers ``0..num_layers-1`` plus
+        what the block appended; writing a deeper layer raises RuntimeError. On exit every row's length
+        (``[B]`` int32, and its host mirror) goes back to its value on entry: O(1), no data moves and no
+        device synchronisation. The shallow positions are scratch (layers ``num_layers..L-1`` never got
+        them), and the next full forward overwrites their slots. Do not change the batch
+        (``select_rows``, ``gather``, ``rollback`` ...) inside the block.
+
+        Args:
+            num_layers: ``1 <= num_layers <= L``.
+        """
+        if not 1 <= num_layers <= self.store.num_layers:
+            raise ValueError(f"partial_depth: num_layers must be in 1..{self.store.num_layers}, got {num_layers}")
+        if self._active_layers != self.store.num_layers:
+            raise RuntimeError("partial_depth: already inside a partial_depth block")
+        store = self.store
+        saved, saved_host = store.lengths.clone(), store.host_lengths.clone()
+        self._active_layers = num_layers
+        try:
+            yield self
+        finally:
+            self._active_layers = store.num_layers
+            # restore through the rollback kernel without its checks: they would read the device lengths
+            rollback_(store.lengths, saved, False, backend=store.backend)
+            store._set_host(saved_host)
+
     def rollback(self, new_lengths: torch.Tensor) -> None:
         """Per-row rollback: ``new_lengths`` ``[B]`` int32/int64 on the cache's device, each in
         ``[start[b], lengths[b]]``. O(1), no data movement (one copy of ``B`` ints to the host)."""

@@ -13,7 +13,7 @@ plus ``start(state)`` once after the target's prefill and ``select_rows(index)``
   the last n tokens (prompt and generated text). No model; ``probs`` is None (deterministic drafts).
 * :class:`ModelDrafter` - a smaller HF model with its own ragged KV cache and O(1) per-row rollback.
 * :class:`EarlyExitDrafter` - the target's first N layers plus its final norm and head, sharing the
-  target's weights (a view, no copy).
+  target's weights (a view, no copy) and its KV cache (``DraftState.cache``), so it needs no prefill.
 """
 from __future__ import annotations
 
@@ -39,6 +39,9 @@ class DraftState:
     device:      the target's device (draft token ids are returned there)
     max_length:  capacity in tokens any cache needs for this batch
     backend:     implementation for specdec.ops.sample ("auto", "cpp", "triton", "reference")
+    cache:       the target's RaggedCache (row b holds the row's tokens but the pending one), or None;
+                 drafters may run forwards over it inside ``cache.partial_depth`` but must leave its
+                 lengths as they found them
     """
 
     tokens: np.ndarray
@@ -52,6 +55,7 @@ class DraftState:
     device: torch.device
     max_length: int
     backend: str = "auto"
+    cache: object = None
 
 
 class Draft(NamedTuple):
@@ -214,6 +218,16 @@ class ModelDrafter(Drafter):
         last = logits[rows, torch.from_numpy(need - 1).to(logits.device)]
         if width > 1:  # drop the right padding of rows that needed one token
             self.cache.rollback(torch.from_numpy(state.lengths).to(self.cache.lengths))
+        draft = self._draft(last, state, self.cache)
+        self.lengths_at_propose = state.lengths.copy()
+        self.proposed = k
+        return draft
+
+    def _draft(self, last: torch.Tensor, state: DraftState, cache) -> Draft:
+        """Draft ``k = max(max_drafts)`` tokens from ``last`` [B, V] logits (after each row's pending
+        token), feeding drafts 1..k-1 back through ``self.model`` over ``cache`` (which advances by k-1)."""
+        num = state.max_drafts
+        k = int(num.max())
         ids, probs = [], []
         offset0 = state.step * 64  # distinct offsets per step and draft position (K <= 64)
         for i in range(k):
@@ -221,9 +235,7 @@ class ModelDrafter(Drafter):
             ids.append(tok)
             probs.append(prob)
             if i + 1 < k:
-                last = _forward(self.model, self.cache, tok[:, None])[:, -1]
-        self.lengths_at_propose = state.lengths.copy()
-        self.proposed = k
+                last = _forward(self.model, cache, tok[:, None])[:, -1]
         token_ids = torch.stack(ids, dim=1)
         if (num < k).any():  # rows with a smaller budget: mask their tail
             mask = torch.arange(k, device=token_ids.device)[None, :] >= torch.from_numpy(num).to(token_ids.device)[:, None]
@@ -276,8 +288,13 @@ def truncated_model(model, num_layers: int):
 class EarlyExitDrafter(ModelDrafter):
     """Self-speculation: the target's first ``num_layers`` layers + final norm + head as the drafter.
 
-    Shares the target's weights through :func:`truncated_model` (no extra parameter memory); its KV
-    cache covers only those layers, so it is ``num_layers / L`` of the target's.
+    Shares the target's weights through :func:`truncated_model` and the target's KV cache
+    (``state.cache``): no extra parameter or cache memory and no prefill, since the target's prefill
+    and verification forwards already wrote layers ``0..num_layers-1`` of every accepted token.
+    ``propose`` runs the pending token and drafts 1..k-1 through those layers inside
+    ``cache.partial_depth(num_layers)``; on exit the lengths are back at the target's (O(1)), and the
+    target's verification forward overwrites the drafted slots. ``accept``/``select_rows`` have
+    nothing to do: the generator rolls back and selects rows of its own cache.
     """
 
     def __init__(self, target, num_layers: int | None = None, vocab_size: int | None = None):
@@ -286,6 +303,29 @@ class EarlyExitDrafter(ModelDrafter):
             num_layers = max(1, total // 4)
         super().__init__(truncated_model(target, num_layers), vocab_size=vocab_size)
         self.num_layers = num_layers
+
+    def start(self, state: DraftState) -> None:
+        if state.cache is None:
+            raise ValueError("EarlyExitDrafter drafts over the target's cache: DraftState.cache must be set")
+
+    @torch.inference_mode()
+    def propose(self, state: DraftState) -> Draft:
+        batch = state.lengths.shape[0]
+        if batch == 0 or int(state.max_drafts.max()) == 0:
+            return _empty_draft(batch, state.device)
+        pending = torch.from_numpy(state.tokens[np.arange(batch), state.lengths - 1]).to(state.device)
+        with state.cache.partial_depth(self.num_layers) as cache:
+            last = _forward(self.model, cache, pending[:, None])[:, -1]
+            return self._draft(last, state, cache)
+
+    def accept(self, num_accepted: np.ndarray) -> None:
+        pass
+
+    def select_rows(self, index: torch.Tensor) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
 
 
 def make_drafter(kind, target=None, *, num_layers: int | None = None, vocab_size: int | None = None) -> Drafter | None:

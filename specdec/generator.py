@@ -364,7 +364,8 @@ class SpeculativeGenerator:
         k_row = np.full(batch, opts["k0"], dtype=np.int64)
         temperature, top_k, top_p = opts["temperature"], opts["top_k"], opts["top_p"]
         if drafter is not None:
-            state = DraftState(tokens, lengths, k_row, temperature, top_k, top_p, seeds, 0, device, capacity, self.backend)
+            state = DraftState(tokens, lengths, k_row, temperature, top_k, top_p, seeds, 0, device, capacity, self.backend,
+                               cache)
             drafter.start(state)
         _sync(device)
         stats.drafter_time += time.perf_counter() - t_prefill
@@ -375,7 +376,8 @@ class SpeculativeGenerator:
                 budget = np.minimum(k_row, remaining - 1)  # never draft past the length limit
                 t0 = time.perf_counter()
                 if drafter is not None and budget.max() > 0:
-                    state = DraftState(tokens, lengths, budget, temperature, top_k, top_p, seeds, step, device, capacity, self.backend)
+                    state = DraftState(tokens, lengths, budget, temperature, top_k, top_p, seeds, step, device, capacity,
+                                       self.backend, cache)
                     draft = drafter.propose(state)
                     _sync(device)
                 else:

@@ -403,6 +403,57 @@ def test_hf_batch1_without_explicit_mask():
     torch.testing.assert_close(logits, _fresh_last_logits(model, seq), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_hf_partial_depth_commits_after_last_active_layer(attn):
+    """Early exit over the full model's cache: layers 0..n-1 only, lengths committed after layer n-1 and
+    restored on exit (deeper layers untouched); the next full forward overwrites the shallow slots."""
+    from specdec.drafters import truncated_model
+
+    model = _tiny_model("llama", attn)  # 2 layers
+    shallow = truncated_model(model, 1)
+    g = torch.Generator().manual_seed(15)
+    prompt_lens = [5, 8]
+    B, T0 = len(prompt_lens), max(prompt_lens)
+    prompts = [torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in prompt_lens]
+    cache = RaggedCache.from_model(model, batch_size=B, max_length=24)
+    _forward(model, cache, torch.tensor([pr + [0] * (T0 - len(pr)) for pr in prompts]))
+    cache.rollback(torch.tensor(prompt_lens, dtype=torch.int32))
+    deep_keys = cache.store.keys[1].clone()
+    drafts = torch.randint(1, VOCAB, (B, 3), generator=g)
+    with cache.partial_depth(1):
+        for j in range(3):  # one token at a time, like a drafter
+            logits = _forward(shallow, cache, drafts[:, j:j + 1])
+            assert cache.lengths.tolist() == [n + j + 1 for n in prompt_lens]
+            for b in range(B):
+                seq = prompts[b] + drafts[b, :j + 1].tolist()
+                torch.testing.assert_close(logits[b, -1], _fresh_last_logits(shallow, seq), rtol=1e-4, atol=1e-5)
+        kv = torch.zeros(B, 2, 2, 16)
+        cache.update(kv, kv, 0)  # the commit happens at layer 0's update, not the model's last layer
+        assert cache.lengths.tolist() == [n + 5 for n in prompt_lens] and cache.get_seq_length() == T0 + 5
+        with pytest.raises(RuntimeError, match="partial_depth"):
+            cache.update(kv, kv, 1)
+        with pytest.raises(RuntimeError, match="already"):
+            with cache.partial_depth(1):
+                pass
+    assert cache.lengths.tolist() == prompt_lens and cache.store.host_lengths.tolist() == prompt_lens
+    assert cache.get_seq_length() == T0 and torch.equal(cache.store.keys[1], deep_keys)
+    nxt = torch.randint(1, VOCAB, (B, 2), generator=g)
+    logits = _forward(model, cache, nxt)
+    for b in range(B):
+        torch.testing.assert_close(logits[b, -1], _fresh_last_logits(model, prompts[b] + nxt[b].tolist()),
+                                   rtol=1e-4, atol=1e-5)
+    for bad in (0, 3):
+        with pytest.raises(ValueError, match="num_layers"):
+            with cache.partial_depth(bad):
+                pass
+    with pytest.raises(KeyError), cache.partial_depth(1):  # an exception inside still restores the lengths
+        _forward(shallow, cache, nxt)
+        raise KeyError
+    assert cache.lengths.tolist() == [n + 2 for n in prompt_lens]
+    _forward(model, cache, nxt)  # full depth again: the commit is back at the last layer
+    assert cache.lengths.tolist() == [n + 4 for n in prompt_lens]
+
+
 def test_ragged_cache_interface():
     model = _tiny_model("llama", "eager")
     cache = RaggedCache.from_model(model, batch_size=3, max_length=10)

@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from specdec.drafters import EarlyExitDrafter, ModelDrafter, NGramDrafter, truncated_model
+from specdec.cache import RaggedCache
+from specdec.drafters import DraftState, EarlyExitDrafter, ModelDrafter, NGramDrafter, truncated_model
 from specdec.generator import SpeculativeGenerator
 from _tiny_models import PROMPTS, hf_greedy, min_greedy_margin, tiny_model
 
@@ -161,6 +162,45 @@ def test_truncated_model_shares_weights():
     assert view(ids).logits.shape == target(ids).logits.shape
     assert isinstance(SpeculativeGenerator(target, "early-exit").drafter, EarlyExitDrafter)
     assert isinstance(SpeculativeGenerator(target, target).drafter, ModelDrafter)
+
+
+def test_early_exit_drafter_shares_the_target_cache(monkeypatch):
+    """The early-exit drafter allocates no cache (one RaggedCache per batch: the target's), reads its
+    drafts from the target's cache and leaves that cache's lengths as they were."""
+    target = tiny_model("llama", seed=0, layers=3)
+    created, init = [], RaggedCache.__init__
+
+    def counting_init(self, *args, **kwargs):
+        created.append(self)
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(RaggedCache, "__init__", counting_init)
+    gen = SpeculativeGenerator(target, "early-exit", num_draft_tokens=3, early_exit_layers=1)
+    result = gen.generate(PROMPTS, max_new_tokens=8, eos_token_id=None)
+    assert len(created) == 1 and result.stats.drafted_tokens > 0
+    assert result.sequences == [hf_greedy(target, p, 8) for p in PROMPTS]
+
+    # one proposal by hand, over the target's cache in the generator's state (all but the pending token)
+    drafter, k = gen.drafter, 4
+    lengths = np.array([len(p) for p in PROMPTS])
+    tokens = np.zeros((len(PROMPTS), 32), dtype=np.int64)
+    for b, p in enumerate(PROMPTS):
+        tokens[b, : len(p)] = p
+    cache = RaggedCache.from_model(target, batch_size=len(PROMPTS), max_length=32)
+    width = int(lengths.max()) - 1
+    with torch.no_grad():
+        target(input_ids=torch.from_numpy(tokens[:, :width]), position_ids=cache.position_ids(width),
+               attention_mask=cache.attention_mask(width), past_key_values=cache, use_cache=True)
+    cache.rollback(torch.from_numpy(lengths - 1).to(torch.int32))
+    state = DraftState(tokens, lengths, np.full(len(PROMPTS), k), 0.0, 0, 1.0, torch.zeros(len(PROMPTS)), 0,
+                       torch.device("cpu"), 32, cache=cache)
+    drafter.start(state)
+    draft = drafter.propose(state)
+    assert cache.lengths.tolist() == (lengths - 1).tolist() and cache.get_seq_length() == width
+    # the drafts are the truncated model's own greedy continuation
+    assert draft.token_ids.tolist() == [hf_greedy(drafter.model, p, k) for p in PROMPTS]
+    with pytest.raises(ValueError, match="cache"):
+        drafter.start(DraftState(tokens, lengths, state.max_drafts, 0.0, 0, 1.0, state.seeds, 0, state.device, 32))
 
 
 def test_padded_drafter_vocabulary():

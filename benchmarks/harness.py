@@ -412,7 +412,7 @@ def plot_bars(rows: Sequence[dict], path, *, value: str = "median_ms", group: st
     groups = list(dict.fromkeys(r[group] for r in rows))
     names = list(dict.fromkeys(r[series] for r in rows))
     width = 0.8 / max(1, len(names))
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(groups) * max(1, len(names)) * 0.35 + 3), 4.5))
+    fig, ax = plt.subplots(figsize=(min(14.0, max(6.0, 0.18 * len(groups) * max(1, len(names)) + 3)), 5.0))
     for i, name in enumerate(names):
         ys = []
         for g in groups:

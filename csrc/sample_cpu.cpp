@@ -16,13 +16,7 @@ std::tuple<at::Tensor, at::Tensor> sample_cpu(const at::Tensor& logits_in, const
   TORCH_CHECK(logits_in.dim() == 2, "sample: logits must be [B, V]");
   const at::Tensor logits = logits_in.contiguous();
   const int64_t B = logits.size(0), V = logits.size(1);
-  const at::Tensor temp = temperature.to(at::kFloat).contiguous();
-  const at::Tensor tk = top_k.to(at::kLong).contiguous();
-  const at::Tensor tp = top_p.to(at::kFloat).contiguous();
-  const at::Tensor sd = seed.to(at::kLong).contiguous();
-  const at::Tensor of = offset.to(at::kLong).contiguous();
-  for (const auto* t : {&temp, &tk, &tp, &sd, &of})
-    TORCH_CHECK(t->numel() == B, "sample: temperature/top_k/top_p/seed/offset must have B entries");
+  const RowParams rp(temperature, top_k, top_p, seed, offset, B, "sample");
 
   auto tokens = at::full({B}, -1, logits.options().dtype(at::kLong));
   auto probs = at::empty({B, V}, logits.options().dtype(at::kFloat));
@@ -30,20 +24,15 @@ std::tuple<at::Tensor, at::Tensor> sample_cpu(const at::Tensor& logits_in, const
     probs.zero_();
     return {tokens, probs};
   }
-  const float* tmp = temp.data_ptr<float>();
-  const int64_t* tkp = tk.data_ptr<int64_t>();
-  const float* tpp = tp.data_ptr<float>();
-  const int64_t* sdp = sd.data_ptr<int64_t>();
-  const int64_t* ofp = of.data_ptr<int64_t>();
 
   std::vector<char> greedy(B), filtered(B);
   std::vector<double> inv_t(B);
   std::vector<float> inv_t_f(B);
   for (int64_t b = 0; b < B; ++b) {
-    greedy[b] = !(double(tmp[b]) > 0.0);
-    inv_t[b] = greedy[b] ? 1.0 : 1.0 / double(tmp[b]);
+    greedy[b] = !(double(rp.temperature[b]) > 0.0);
+    inv_t[b] = greedy[b] ? 1.0 : 1.0 / double(rp.temperature[b]);
     inv_t_f[b] = float(std::min(inv_t[b], double(FLT_MAX)));
-    filtered[b] = !greedy[b] && ((tkp[b] > 0 && tkp[b] < V) || double(tpp[b]) < 1.0);
+    filtered[b] = !greedy[b] && ((rp.top_k[b] > 0 && rp.top_k[b] < V) || double(rp.top_p[b]) < 1.0);
   }
   const int64_t nchunk = (V + kChunk - 1) / kChunk;
   const int64_t grain_chunks = std::max<int64_t>(1, 32768 / std::min(V, kChunk));
@@ -77,10 +66,10 @@ std::tuple<at::Tensor, at::Tensor> sample_cpu(const at::Tensor& logits_in, const
       }
       if (filtered[b]) {
         thread_local std::vector<float> buf;  // scratch row for top-k/top-p
-        filter_stats(x, V, inv_t[b], tkp[b], double(tpp[b]), s, buf);
+        filter_stats(x, V, inv_t[b], rp.top_k[b], double(rp.top_p[b]), s, buf);
       }
       // probs and the race in one sweep
-      const PhiloxKey key(sdp[b], ofp[b], kStreamSample, 0);
+      const PhiloxKey key(rp.seed[b], rp.offset[b], kStreamSample, 0);
       RaceOut* ro = &races[b * nchunk];
       exec(nchunk, [&](int64_t c) {
         const int64_t j0 = c * kChunk, j1 = std::min(V, j0 + kChunk);

@@ -406,4 +406,31 @@ inline void race_chunk(const T* x, int64_t j0, int64_t j1, const PosStats& s, fl
   if (_mm256_movemask_ps(r_any)) out.r_any = true;
 }
 
+// Per-row sampling parameters ([B] each) normalised to the dtypes the kernels read; the copies cost
+// nothing at this size. `op` names the caller in the error message.
+struct RowParams {
+  at::Tensor temperature_t, top_k_t, top_p_t, seed_t, offset_t;
+  const float* temperature;
+  const int64_t* top_k;
+  const float* top_p;
+  const int64_t* seed;
+  const int64_t* offset;
+
+  RowParams(const at::Tensor& temperature_in, const at::Tensor& top_k_in, const at::Tensor& top_p_in,
+            const at::Tensor& seed_in, const at::Tensor& offset_in, int64_t B, const char* op)
+      : temperature_t(temperature_in.to(at::kFloat).contiguous()),
+        top_k_t(top_k_in.to(at::kLong).contiguous()),
+        top_p_t(top_p_in.to(at::kFloat).contiguous()),
+        seed_t(seed_in.to(at::kLong).contiguous()),
+        offset_t(offset_in.to(at::kLong).contiguous()) {
+    for (const auto* t : {&temperature_t, &top_k_t, &top_p_t, &seed_t, &offset_t})
+      TORCH_CHECK(t->numel() == B, op, ": temperature/top_k/top_p/seed/offset must have B entries");
+    temperature = temperature_t.data_ptr<float>();
+    top_k = top_k_t.data_ptr<int64_t>();
+    top_p = top_p_t.data_ptr<float>();
+    seed = seed_t.data_ptr<int64_t>();
+    offset = offset_t.data_ptr<int64_t>();
+  }
+};
+
 }  // namespace specdec

@@ -40,13 +40,7 @@ std::tuple<at::Tensor, at::Tensor> verify_cpu(const at::Tensor& target_logits_in
               "verify: draft_token_ids must be [B, K]");
   // Per-row parameters are tiny; normalising them costs nothing.
   const at::Tensor drafts = draft_token_ids.to(at::kLong).contiguous();
-  const at::Tensor temp = temperature.to(at::kFloat).contiguous();
-  const at::Tensor tk = top_k.to(at::kLong).contiguous();
-  const at::Tensor tp = top_p.to(at::kFloat).contiguous();
-  const at::Tensor sd = seed.to(at::kLong).contiguous();
-  const at::Tensor of = offset.to(at::kLong).contiguous();
-  for (const auto* t : {&temp, &tk, &tp, &sd, &of})
-    TORCH_CHECK(t->numel() == B, "verify: temperature/top_k/top_p/seed/offset must have B entries");
+  const RowParams rp(temperature, top_k, top_p, seed, offset, B, "verify");
   at::Tensor q_all;
   int64_t Vd = Vt;
   if (draft_probs_opt.has_value() && draft_probs_opt->defined()) {
@@ -62,11 +56,6 @@ std::tuple<at::Tensor, at::Tensor> verify_cpu(const at::Tensor& target_logits_in
   if (B == 0) return {out_ids, num_acc};
 
   const int64_t* dr = drafts.data_ptr<int64_t>();
-  const float* tmp = temp.data_ptr<float>();
-  const int64_t* tkp = tk.data_ptr<int64_t>();
-  const float* tpp = tp.data_ptr<float>();
-  const int64_t* sdp = sd.data_ptr<int64_t>();
-  const int64_t* ofp = of.data_ptr<int64_t>();
 
   std::vector<RowInfo> rows(B);
   for (int64_t b = 0; b < B; ++b) {
@@ -74,11 +63,11 @@ std::tuple<at::Tensor, at::Tensor> verify_cpu(const at::Tensor& target_logits_in
     r.n_drafts = K;
     for (int64_t i = 0; i < K; ++i)
       if (dr[b * K + i] == -1) { r.n_drafts = i; break; }
-    const double t = tmp[b];
+    const double t = rp.temperature[b];
     r.greedy = !(t > 0.0);  // temperature <= 0 (NaN would also be greedy; the dispatcher rejects it)
     r.inv_t = r.greedy ? 1.0 : 1.0 / t;
     r.inv_t_f = float(std::min(r.inv_t, double(FLT_MAX)));
-    r.filtered = !r.greedy && ((tkp[b] > 0 && tkp[b] < Vt) || double(tpp[b]) < 1.0);
+    r.filtered = !r.greedy && ((rp.top_k[b] > 0 && rp.top_k[b] < Vt) || double(rp.top_p[b]) < 1.0);
   }
 
   const int64_t nchunk = (Vt + kChunk - 1) / kChunk;
@@ -119,7 +108,7 @@ std::tuple<at::Tensor, at::Tensor> verify_cpu(const at::Tensor& target_logits_in
           if (!st.finite()) return;  // a live position without a finite logit: the row emits nothing
           if (r.filtered) {
             thread_local std::vector<float> buf;  // scratch row for top-k/top-p
-            filter_stats(x, Vt, r.inv_t, tkp[b], double(tpp[b]), st, buf);
+            filter_stats(x, Vt, r.inv_t, rp.top_k[b], double(rp.top_p[b]), st, buf);
           }
           if (pos == r.n_drafts) {  // every draft accepted: the bonus token comes from here
             s = pos;
@@ -137,7 +126,7 @@ std::tuple<at::Tensor, at::Tensor> verify_cpu(const at::Tensor& target_logits_in
               if (xd > kNegInf && xd >= st.thr) p = std::exp((double(xd) - double(st.max)) * r.inv_t) / st.z;
               // deterministic drafter: q is one-hot at the draft
               const double qd = Qp ? double(static_cast<float>(Qp[(b * K + pos) * Vd + d])) : 1.0;
-              const double u = uniform_open_closed(PhiloxKey(sdp[b], ofp[b], kStreamAccept, pos).bits(0));
+              const double u = uniform_open_closed(PhiloxKey(rp.seed[b], rp.offset[b], kStreamAccept, pos).bits(0));
               accept = p > 0.0 && u * qd <= p;  // q(d) = 0 < p(d): accepted; p(d) = 0: rejected
             }
           }
@@ -163,7 +152,7 @@ std::tuple<at::Tensor, at::Tensor> verify_cpu(const at::Tensor& target_logits_in
         const T* x = L + (b * K1 + s) * Vt;
         const Q* q = (resid && Qp) ? Qp + (b * K + s) * Vd : nullptr;
         const int64_t d = resid ? dr[b * K + s] : -1;
-        const PhiloxKey key(sdp[b], ofp[b], kStreamResample, s);
+        const PhiloxKey key(rp.seed[b], rp.offset[b], kStreamResample, s);
         RaceOut* ro = &races[b * nchunk];
         exec(nchunk, [&](int64_t c) {
           const int64_t j0 = c * kChunk, j1 = std::min(Vt, j0 + kChunk);

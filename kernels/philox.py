@@ -18,6 +18,9 @@ import triton.language as tl
 STREAM_ACCEPT: tl.constexpr = tl.constexpr(0)  # acceptance test of draft i: position i, index 0
 STREAM_RESAMPLE: tl.constexpr = tl.constexpr(1)  # residual / bonus token: index = vocabulary id
 STREAM_SAMPLE: tl.constexpr = tl.constexpr(2)  # the sample op: position 0, index = vocabulary id
+# block streams of the two-level race: same position as the token race, index = block number
+STREAM_RESAMPLE_BLOCK: tl.constexpr = tl.constexpr(3)
+STREAM_SAMPLE_BLOCK: tl.constexpr = tl.constexpr(4)
 
 # Philox4x32 constants (Salmon et al. 2011). Literals above 2**31 are typed uint32 by Triton.
 _PHILOX_M0: tl.constexpr = tl.constexpr(0xD2511F53)

@@ -2,19 +2,29 @@
 
 What it computes is ``specdec.reference.sample`` (the specification): per row, the target
 distribution p = softmax(top-p(top-k(logits / temperature))) with non-finite logits as -inf, a token
-drawn from p by the exponential race ``argmax_j p_j / e_j`` (e_j ~ Exp(1) from Philox, stream
-``STREAM_SAMPLE``, position 0, index j), and p itself as float32 (one-hot at the argmax for greedy
-rows, zeros and token -1 for rows without a finite logit).
+drawn from p by the reference's two-level exponential race, and p itself as float32 (one-hot at the
+argmax for greedy rows, zeros and token -1 for rows without a finite logit).
+
+The two-level race (``specdec.reference._race``): the vocabulary is cut into blocks of
+``RACE_BLOCK`` = 256 ids; block b (sum of its weights W_b) wins the race argmax_b W_b / e_b over
+W_b > 0 (e_b ~ Exp(1) from Philox stream ``STREAM_SAMPLE_BLOCK``, position 0, index b), then token
+j of the winning block wins argmax_j p_j / e_j over p_j > 0 (stream ``STREAM_SAMPLE``, index j).
+Ties go to the lowest index at both levels. So a row costs V / 256 + 256 Philox draws, not V.
+"p_j > 0" is "j is kept" here: exact in the float64 reference, where float32 p may underflow.
 
 Kernels (grid, what they read):
-  1. ``softmax_stats_kernel`` (rows, splits): each program streams one chunk of vocabulary tiles of
+  1. ``softmax_stats_kernel`` (rows, S1): each program streams one chunk of BLOCK_V-wide tiles of
      one row and writes its partial (max, sum of exp, argmax value, argmax id). Online softmax per
      lane, so the loop has no cross-lane reduction. Shared with verification, where a row is a
      (batch row, draft position) pair.
-  2. ``_sample_probs_kernel`` (rows, splits): combines the row's partials (a few numbers), streams
-     its chunk again, writes probs and the chunk's race winner.
-  3. ``_sample_finish_kernel`` (rows,): combines the race winners into the token.
-Bytes: logits read twice, probs written once; intermediate state is [B, splits].
+  2. ``_sample_probs_kernel`` (rows, S2): combines the row's S1 partials (a few numbers), streams
+     its chunk of race blocks again (tiles of TILE_BLOCKS whole blocks), writes probs, and keeps
+     the chunk's block-race winner (score, block id): the argmax over blocks splits over programs.
+     Sampled rows only draw one exponential per block; greedy rows draw nothing.
+  3. ``_sample_finish_kernel`` (rows,): combines the S2 block winners into the winning block,
+     re-reads its 256 logits, recomputes p there and runs the race inside the block.
+Bytes: logits read twice, plus 256 logits per sampled row; probs written once; intermediate state
+is [B, S1] and [B, S2].
 
 Top-k / top-p: ``filter_thresholds`` computes with torch ops on the device one threshold per row
 on the temperature-scaled logits (a token is kept iff scaled >= threshold, so ties at the threshold
@@ -26,9 +36,10 @@ import torch
 import triton
 import triton.language as tl
 
-from specdec.kernels.philox import STREAM_SAMPLE, exponential, philox_bits
+from specdec.kernels.philox import STREAM_SAMPLE, STREAM_SAMPLE_BLOCK, exponential, philox_bits
 
 _BIG_ID: tl.constexpr = tl.constexpr(2147483647)  # "no id yet"; loses every lowest-id tie-break
+RACE_BLOCK: tl.constexpr = tl.constexpr(256)  # ids per block of the race (= reference.RACE_BLOCK)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -105,6 +116,35 @@ def race_winner(best, best_id):
 
 
 @triton.jit
+def target_probs(raw, temp, thr, row_max, row_sum):
+    """p of raw logits (any float dtype, loaded with -inf where masked) given the row's statistics
+    (max of the kept scaled logits, softmax denominator), and the keep mask: p > 0 exactly where
+    kept in the float64 reference, so races use ``keep``, not a float32 p that may underflow."""
+    scaled, keep = scale_and_filter(clean_logits(raw), temp, thr)
+    return tl.where(keep, tl.exp(scaled - row_max) / row_sum, 0.0), keep
+
+
+@triton.jit
+def race_tile(block0, blk_end, V, TILE_BLOCKS: tl.constexpr):
+    """Ids of the race blocks [block0, block0 + TILE_BLOCKS) ([TILE_BLOCKS] int32), their
+    vocabulary ids ([TILE_BLOCKS, RACE_BLOCK] int32) and the load mask: ids < V of the blocks
+    before ``blk_end`` (the end of the program's chunk; the next chunk belongs to another)."""
+    blocks = block0 + tl.arange(0, TILE_BLOCKS)
+    offs = blocks[:, None] * RACE_BLOCK + tl.arange(0, RACE_BLOCK)[None, :]
+    return blocks, offs, offs < tl.minimum(V, blk_end * RACE_BLOCK)
+
+
+@triton.jit
+def race_in_block(weights, competes, offs, seed, offset, stream: tl.constexpr, position):
+    """Second level of the race: argmax_j w_j / e_j over the entries that compete ([RACE_BLOCK]
+    weights of one block, vocabulary ids ``offs``; e_j from ``stream``, index j), lowest id on
+    ties. Returns the id (int32)."""
+    e = exponential(philox_bits(seed, offset, stream, position, offs))
+    _, winner = race_winner(tl.where(competes, weights / e, -1.0), offs)
+    return winner
+
+
+@triton.jit
 def softmax_stats_kernel(
     logits_ptr,  # [B * (K+1), V] float logits, contiguous
     drafts_ptr,  # [B, K] int64 draft ids (K = 0: unused)
@@ -168,17 +208,18 @@ def combine_row_stats(m_ptr, z_ptr, a_ptr, ai_ptr, row, num_splits, BLOCK_S: tl.
 def _sample_probs_kernel(
     logits_ptr,  # [B, V] float logits
     temperature_ptr, thr_ptr, seed_ptr, offset_ptr,  # [B] each
-    m_ptr, z_ptr, a_ptr, ai_ptr,  # [B, num_splits] pass-1 partials
+    m_ptr, z_ptr, a_ptr, ai_ptr,  # [B, S1] pass-1 partials
     probs_ptr,  # [B, V] float32 (out)
-    race_ptr, race_id_ptr,  # [B, num_splits] chunk race winners (out)
-    V, tiles_per_split, num_splits,
-    HAS_THR: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_V: tl.constexpr,
+    race_ptr, race_id_ptr,  # [B, S2] float32 / int32 chunk block-race winners (out)
+    V, S1, blocks_per_split, S2,
+    HAS_THR: tl.constexpr, BLOCK_S1: tl.constexpr, TILE_BLOCKS: tl.constexpr,
 ):
-    """Pass 2. grid = (B, num_splits): writes probs for one chunk and runs its exponential race."""
+    """Pass 2. grid = (B, S2): program (row, split) writes probs for race blocks
+    [split * blocks_per_split, ...) and runs the block race over them (sampled rows only)."""
     row = tl.program_id(0)
     split = tl.program_id(1)
     row_max, row_sum, best, best_id = combine_row_stats(
-        m_ptr, z_ptr, a_ptr, ai_ptr, row, num_splits, BLOCK_S)
+        m_ptr, z_ptr, a_ptr, ai_ptr, row, S1, BLOCK_S1)
     t = tl.load(temperature_ptr + row)
     greedy = t <= 0
     temp = effective_temperature(t)
@@ -191,49 +232,65 @@ def _sample_probs_kernel(
     seed = tl.load(seed_ptr + row)
     offset = tl.load(offset_ptr + row)
 
-    tile_start = split * tiles_per_split
-    n_tiles = tl.maximum(tl.minimum(tiles_per_split, tl.cdiv(V, BLOCK_V) - tile_start), 0)
+    blk_start = split * blocks_per_split
+    blk_end = tl.minimum(blk_start + blocks_per_split, tl.cdiv(V, RACE_BLOCK))
+    n_tiles = tl.cdiv(tl.maximum(blk_end - blk_start, 0), TILE_BLOCKS)
     row_off = row.to(tl.int64) * V
-    lanes = tl.arange(0, BLOCK_V)
-    race = tl.full([BLOCK_V], float("-inf"), tl.float32)
-    race_id = tl.full([BLOCK_V], _BIG_ID, tl.int32)
+    race = tl.full([TILE_BLOCKS], float("-inf"), tl.float32)  # per-block-lane best score
+    race_id = tl.full([TILE_BLOCKS], _BIG_ID, tl.int32)
     for i in range(n_tiles):
-        offs = (tile_start + i) * BLOCK_V + lanes
-        mask = offs < V
-        x = clean_logits(tl.load(logits_ptr + row_off + offs, mask=mask, other=float("-inf")))
-        scaled, keep = scale_and_filter(x, temp, thr)
-        p = tl.where(keep, tl.exp(scaled - row_max) / row_sum, 0.0)
-        p = tl.where(greedy, tl.where(offs == best_id, 1.0, 0.0), p)
-        p = tl.where(row_ok, p, 0.0)
-        tl.store(probs_ptr + row_off + offs, p, mask=mask)
+        blocks, offs, mask = race_tile(blk_start + i * TILE_BLOCKS, blk_end, V, TILE_BLOCKS)
+        raw = tl.load(logits_ptr + row_off + offs, mask=mask, other=float("-inf"))
+        p, keep = target_probs(raw, temp, thr, row_max, row_sum)
+        out = tl.where(greedy, tl.where(offs == best_id, 1.0, 0.0), p)
+        tl.store(probs_ptr + row_off + offs, tl.where(row_ok, out, 0.0), mask=mask)
         if t <= 0:
-            pass  # greedy rows need no Philox draws, the costly part of this loop
+            pass  # greedy rows need no Philox draws
         else:
-            e = exponential(philox_bits(seed, offset, STREAM_SAMPLE, 0, offs))
-            race, race_id = race_update(tl.where(p > 0, p / e, -1.0), offs, race, race_id)
+            # one exponential per block; a block competes iff it keeps a token (W_b > 0)
+            e = exponential(philox_bits(seed, offset, STREAM_SAMPLE_BLOCK, 0, blocks))
+            has_mass = tl.max(keep.to(tl.int32), 1) > 0
+            race, race_id = race_update(tl.where(has_mass, tl.sum(p, 1) / e, -1.0), blocks,
+                                        race, race_id)
     top, top_id = race_winner(race, race_id)
-    tl.store(race_ptr + row * num_splits + split, top)
-    tl.store(race_id_ptr + row * num_splits + split, top_id)
+    tl.store(race_ptr + row * S2 + split, top)
+    tl.store(race_id_ptr + row * S2 + split, top_id)
 
 
 @triton.jit
 def _sample_finish_kernel(
-    temperature_ptr,  # [B]
-    m_ptr, z_ptr, a_ptr, ai_ptr,  # [B, num_splits] pass-1 partials
-    race_ptr, race_id_ptr,  # [B, num_splits] chunk race winners
+    logits_ptr,  # [B, V] float logits
+    temperature_ptr, thr_ptr, seed_ptr, offset_ptr,  # [B] each
+    m_ptr, z_ptr, a_ptr, ai_ptr,  # [B, S1] pass-1 partials
+    race_ptr, race_id_ptr,  # [B, S2] chunk block-race winners
     token_ptr,  # [B] int64 (out)
-    num_splits, BLOCK_S: tl.constexpr,
+    V, S1, S2,
+    HAS_THR: tl.constexpr, BLOCK_S1: tl.constexpr, BLOCK_S2: tl.constexpr,
 ):
-    """grid = (B,): token = argmax (greedy) or race winner; -1 for a row without a finite logit."""
+    """grid = (B,): token = argmax (greedy), else the race inside the winning block (its 256
+    logits re-read, p recomputed bit-identically to pass 2); -1 for a row without a finite logit."""
     row = tl.program_id(0)
-    _, _, best, best_id = combine_row_stats(m_ptr, z_ptr, a_ptr, ai_ptr, row, num_splits, BLOCK_S)
-    sp = tl.arange(0, BLOCK_S)
-    mask = sp < num_splits
-    race = tl.load(race_ptr + row * num_splits + sp, mask=mask, other=float("-inf"))
-    race_id = tl.load(race_id_ptr + row * num_splits + sp, mask=mask, other=_BIG_ID)
-    _, winner = race_winner(race, race_id)
-    token = tl.where(tl.load(temperature_ptr + row) <= 0, best_id, winner)
-    token = tl.where(best > float("-inf"), token, -1)
+    row_max, row_sum, best, best_id = combine_row_stats(
+        m_ptr, z_ptr, a_ptr, ai_ptr, row, S1, BLOCK_S1)
+    t = tl.load(temperature_ptr + row)
+    row_ok = best > float("-inf")
+    token = best_id
+    if (t > 0) & row_ok:  # both scalars; greedy rows and empty rows draw nothing
+        sp = tl.arange(0, BLOCK_S2)
+        mask = sp < S2
+        _, block = race_winner(
+            tl.load(race_ptr + row * S2 + sp, mask=mask, other=float("-inf")),
+            tl.load(race_id_ptr + row * S2 + sp, mask=mask, other=_BIG_ID))
+        thr = float("-inf")
+        if HAS_THR:
+            thr = tl.load(thr_ptr + row)
+        offs = block * RACE_BLOCK + tl.arange(0, RACE_BLOCK)
+        raw = tl.load(logits_ptr + row.to(tl.int64) * V + offs, mask=offs < V,
+                      other=float("-inf"))
+        p, keep = target_probs(raw, effective_temperature(t), thr, row_max, row_sum)
+        token = race_in_block(p, keep, offs, tl.load(seed_ptr + row), tl.load(offset_ptr + row),
+                              STREAM_SAMPLE, 0)
+    token = tl.where(row_ok, token, -1)
     tl.store(token_ptr + row, token.to(tl.int64))
 
 
@@ -303,43 +360,69 @@ def split_plan(V: int, rows: int, device, block_v=None, num_splits=None):
     return BLOCK_V, tiles_per_split, splits, triton.next_power_of_2(splits), num_warps
 
 
+def race_plan(V: int, rows: int, device, block_v=None, num_splits=None):
+    """(blocks_per_split, num_splits, BLOCK_S, TILE_BLOCKS, num_warps) of a race pass over rows
+    of V ids. Splits own whole race blocks; a tile is TILE_BLOCKS whole blocks, about as wide as
+    the stats pass's tile (``block_v``, default up to 2048 ids) but no wider than a split."""
+    race_block = RACE_BLOCK.value
+    n_blocks = triton.cdiv(V, race_block)
+    width = block_v or min(2048, triton.next_power_of_2(max(V, 16)))
+    tile_max = max(1, width // race_block)
+    # by default a split gets at least a full tile: more, smaller programs would each redo the
+    # row's setup (in verify: combining the partials and the acceptance tests)
+    splits = num_splits or num_splits_for(rows, triton.cdiv(n_blocks, tile_max), device)
+    blocks_per_split = triton.cdiv(n_blocks, max(1, min(splits, n_blocks)))
+    splits = triton.cdiv(n_blocks, blocks_per_split)  # no empty split
+    tile_blocks = min(tile_max, triton.next_power_of_2(blocks_per_split))
+    num_warps = 8 if tile_blocks * race_block >= 2048 else 4
+    return blocks_per_split, splits, triton.next_power_of_2(splits), tile_blocks, num_warps
+
+
 def sample(logits, temperature, top_k, top_p, seed, offset, *, block_v=None, num_splits=None):
     """Fused sampling (Triton). Same contract as ``specdec.reference.sample``.
 
     logits [B, V] float32/float16/bfloat16; temperature [B] float32 (<= 0: greedy row); top_k [B]
     int64 (0 = off) or None; top_p [B] float32 (1.0 = off) or None; seed, offset [B] int64; all on
-    one device. ``block_v`` / ``num_splits`` override the tiling (tests, tuning).
+    one device. ``block_v`` / ``num_splits`` override the tiling (tests, tuning): the tile width
+    (the race pass rounds it down to whole 256-id race blocks, at least one) and the programs per
+    row, of both passes.
     Returns (token_ids [B] int64, probs [B, V] float32).
     """
     B, V = logits.shape
     dev = logits.device
     tokens = torch.full((B,), -1, dtype=torch.int64, device=dev)
-    probs = torch.zeros((B, V), dtype=torch.float32, device=dev)
     if B == 0 or V == 0:
-        return tokens, probs
+        return tokens, torch.zeros((B, V), dtype=torch.float32, device=dev)
     logits = logits.contiguous()
     temperature = temperature.to(torch.float32).contiguous()
     seed = seed.to(torch.int64).contiguous()
     offset = offset.to(torch.int64).contiguous()
     thr = filter_thresholds(logits, temperature, top_k, top_p)
-    BLOCK_V, tiles_per_split, S, BLOCK_S, num_warps = split_plan(V, B, dev, block_v, num_splits)
-
-    stats = torch.empty((3, B, S), dtype=torch.float32, device=dev)  # max, sum, argmax value
-    stats_id = torch.empty((B, S), dtype=torch.int32, device=dev)
-    race = torch.empty((B, S), dtype=torch.float32, device=dev)
-    race_id = torch.empty((B, S), dtype=torch.int32, device=dev)
     thr_arg = thr if thr is not None else temperature  # placeholder pointer, never read
     no_drafts = seed  # K = 0: never read
 
-    softmax_stats_kernel[(B, S)](
+    # pass 1: softmax statistics over (row, vocabulary split)
+    BLOCK_V, tiles_per_split, S1, BLOCK_S1, warps1 = split_plan(V, B, dev, block_v, num_splits)
+    stats = torch.empty((3, B, S1), dtype=torch.float32, device=dev)  # max, sum, argmax value
+    stats_id = torch.empty((B, S1), dtype=torch.int32, device=dev)
+    softmax_stats_kernel[(B, S1)](
         logits, no_drafts, temperature, thr_arg, stats[0], stats[1], stats[2], stats_id,
-        V, 0, tiles_per_split, S,
-        HAS_THR=thr is not None, BLOCK_K=1, BLOCK_V=BLOCK_V, num_warps=num_warps)
-    _sample_probs_kernel[(B, S)](
+        V, 0, tiles_per_split, S1,
+        HAS_THR=thr is not None, BLOCK_K=1, BLOCK_V=BLOCK_V, num_warps=warps1)
+
+    # pass 2: probs and the block race over (row, split of race blocks)
+    blocks_per_split, S2, BLOCK_S2, TILE_BLOCKS, warps2 = race_plan(V, B, dev, block_v, num_splits)
+    probs = torch.empty((B, V), dtype=torch.float32, device=dev)  # every entry written
+    race = torch.empty((B, S2), dtype=torch.float32, device=dev)
+    race_id = torch.empty((B, S2), dtype=torch.int32, device=dev)
+    _sample_probs_kernel[(B, S2)](
         logits, temperature, thr_arg, seed, offset, stats[0], stats[1], stats[2], stats_id,
-        probs, race, race_id, V, tiles_per_split, S,
-        HAS_THR=thr is not None, BLOCK_S=BLOCK_S, BLOCK_V=BLOCK_V, num_warps=num_warps)
+        probs, race, race_id, V, S1, blocks_per_split, S2,
+        HAS_THR=thr is not None, BLOCK_S1=BLOCK_S1, TILE_BLOCKS=TILE_BLOCKS, num_warps=warps2)
+
+    # the race inside the winning block
     _sample_finish_kernel[(B,)](
-        temperature, stats[0], stats[1], stats[2], stats_id, race, race_id, tokens, S,
-        BLOCK_S=BLOCK_S, num_warps=1)
+        logits, temperature, thr_arg, seed, offset, stats[0], stats[1], stats[2], stats_id,
+        race, race_id, tokens, V, S1, S2,
+        HAS_THR=thr is not None, BLOCK_S1=BLOCK_S1, BLOCK_S2=BLOCK_S2, num_warps=4)
     return tokens, probs

@@ -3,9 +3,11 @@
 What it computes is ``specdec.reference.verify`` (the specification; DESIGN.md for the semantics):
 accept draft x_i with probability min(1, p_i(x_i) / q_i(x_i)) (greedy rows: iff x_i is the argmax),
 then emit one token at the first rejection (a sample from norm(max(0, p_i - q_i))) or after the last
-accepted draft (a bonus sample from p), by the exponential race of the reference, with the same
-Philox numbers (``STREAM_ACCEPT`` for the acceptance tests, ``STREAM_RESAMPLE`` for the emitted
-token).
+accepted draft (a bonus sample from p), with the same Philox numbers as the reference:
+``STREAM_ACCEPT`` for the acceptance tests, then the reference's two-level race (sample.py's
+docstring) at the emit position s: a race over the sums of the 256-id race blocks
+(``STREAM_RESAMPLE_BLOCK``, index = block number), then one inside the winning block
+(``STREAM_RESAMPLE``, index = vocabulary id).
 
 Kernels (B rows, K drafts, K+1 positions, Vt target vocabulary):
   1. ``softmax_stats_kernel`` (from sample.py), grid (B*(K+1), S1): every position's vocabulary
@@ -15,15 +17,20 @@ Kernels (B rows, K drafts, K+1 positions, Vt target vocabulary):
   2. ``_verify_accept_race_kernel``, grid (B, S2): every program first combines row b's partials
      (a [K+1, S1] tile) and decides the K acceptance tests from one load of each draft's logit and
      draft probability: the emit position s = number of accepted drafts. Program (b, 0) writes
-     output_ids / num_accepted (all but a sampled emitted token). Then, for sampled rows only, each
-     program streams its chunk of the row's vocabulary at position s (and of draft_probs at s when
-     the draft was rejected) and runs two exponential races on the same Philox draws: over the
-     residual max(0, p - q) and over p (used when the residual has no mass or there was no
-     rejection).
-  3. ``_verify_finish_kernel``, grid (B,): combines the S2 race winners, writes the emitted token.
+     output_ids / num_accepted (all but a sampled emitted token) and the per-row scalars the finish
+     kernel needs (s, the softmax statistics and threshold at s, the residual's draft). Then, for
+     sampled rows only, each program streams its chunk of race blocks of the row's logits at
+     position s (and of draft_probs at s when the draft was rejected) and runs two block races on
+     the same Philox draws, one per block: over the residual max(0, p - q) and over p (used when
+     the residual has no mass, which only the sum over all chunks tells, or there was no
+     rejection). It writes the chunk's two winners (score, block id) and its residual mass.
+  3. ``_verify_finish_kernel``, grid (B,): combines the S2 chunk winners into the winning block,
+     re-reads that block's 256 logits (and draft probabilities), recomputes its weights exactly as
+     pass 2 did, runs the race inside the block and writes the emitted token.
 Bytes read: the target logits once, plus one more vocabulary row (and one draft_probs row) per
-sampled batch row; never a probability tensor. Intermediate state: [B*(K+1), S1] and [B, S2].
-Nothing synchronises with the host.
+sampled batch row, plus 256 entries of each in the finish; never a probability tensor. Philox per
+sampled row: K acceptance uniforms (per program), ceil(Vt / 256) block draws, 256 in-block draws.
+Intermediate state: [B*(K+1), S1], [B, S2] and [B]. Nothing synchronises with the host.
 
 Top-k / top-p: thresholds per (row, position) from ``sample.filter_thresholds`` (torch sort on the
 device), only when the caller passes top_k / top_p (None = off everywhere, nothing computed).
@@ -35,21 +42,41 @@ import triton.language as tl
 from specdec.kernels.philox import (
     STREAM_ACCEPT,
     STREAM_RESAMPLE,
+    STREAM_RESAMPLE_BLOCK,
     exponential,
     philox_bits,
     uniform_open_closed,
 )
 from specdec.kernels.sample import (
     _BIG_ID,
+    RACE_BLOCK,
     clean_logits,
     effective_temperature,
     filter_thresholds,
+    race_in_block,
+    race_plan,
+    race_tile,
     race_update,
     race_winner,
     scale_and_filter,
     softmax_stats_kernel,
     split_plan,
+    target_probs,
 )
+
+
+@triton.jit
+def _residual(p, q_row_ptr, offs, q_lim, resid_draft, HAS_Q: tl.constexpr):
+    """max(0, p - q) at vocabulary ids ``offs``, with q the rejected draft's distribution (row
+    ``q_row_ptr``, read below ``q_lim`` <= Vd, 0 beyond; HAS_Q) or one-hot at the draft id
+    ``resid_draft``; all 0 when resid_draft < 0 (no residual: q is then not read at all)."""
+    use = resid_draft >= 0
+    if HAS_Q:
+        q = tl.load(q_row_ptr + offs, mask=offs < tl.where(use, q_lim, 0), other=0.0)
+        q = q.to(tl.float32)
+    else:
+        q = tl.where(offs == resid_draft, 1.0, 0.0)
+    return tl.where(use, tl.maximum(p - q, 0.0), 0.0)
 
 
 @triton.jit
@@ -62,11 +89,13 @@ def _verify_accept_race_kernel(
     m_ptr, z_ptr, a_ptr, ai_ptr,  # [B * (K+1), S1] pass-1 partials
     out_ptr,  # [B, K+1] int64 output ids (out)
     num_acc_ptr,  # [B] int32 (out)
-    emit_ptr,  # [B] int32 (out): position of the sampled token, -1 if none to sample
+    emit_ptr,  # [B] int32 (out): position s of the sampled token, -1 if none to sample
+    resid_draft_ptr,  # [B] int32 (out): the rejected draft whose residual is raced, else -1
+    max_ptr, sum_ptr, thr_s_ptr,  # [B] float32 (out): softmax statistics and threshold at s
     race_r_ptr, race_r_id_ptr, race_p_ptr, race_p_id_ptr, resid_ptr,  # [B, S2] (out)
-    K, Vt, Vd, S1, tiles_per_split, S2,
+    K, Vt, Vd, S1, blocks_per_split, S2,
     HAS_Q: tl.constexpr, HAS_THR: tl.constexpr,
-    BLOCK_K1: tl.constexpr, BLOCK_S1: tl.constexpr, BLOCK_V: tl.constexpr,
+    BLOCK_K1: tl.constexpr, BLOCK_S1: tl.constexpr, TILE_BLOCKS: tl.constexpr,
 ):
     # (Interpreter caveat, triton 3.8: a scalar comparison combined with a block by & or | is
     # broadcast as float32; such conditions go through tl.where or into a bound instead.)
@@ -134,8 +163,9 @@ def _verify_accept_race_kernel(
     draft_s = tl.sum(tl.where(at_s, safe, 0), 0)
     # sample from the residual only after a rejection of an in-range draft
     use_resid = rejected & (tl.sum(tl.where(at_s & in_range, 1, 0), 0) > 0)
+    resid_draft = tl.where(use_resid, draft_s, -1)
 
-    # ---- outputs except a sampled emitted token (program (b, 0) only) -------------------------
+    # ---- outputs except a sampled emitted token, and the finish kernel's scalars (split 0) ---
     ids = tl.where(pos < s, drafts, -1)
     ids = tl.where(greedy, tl.where(at_s, argmax_s.to(tl.int64), ids), ids)
     ids = tl.where(row_ok, ids, -1)
@@ -144,34 +174,36 @@ def _verify_accept_race_kernel(
     tl.store(num_acc_ptr + b, tl.where(row_ok, s, 0), mask=first)
     sampled_row = row_ok & (t > 0)
     tl.store(emit_ptr + b, tl.where(sampled_row, s, -1), mask=first)
+    tl.store(resid_draft_ptr + b, resid_draft, mask=first)
+    tl.store(max_ptr + b, max_s, mask=first)
+    tl.store(sum_ptr + b, sum_s, mask=first)
+    tl.store(thr_s_ptr + b, thr_s, mask=first)
 
-    # ---- exponential races over this program's chunk of position s ---------------------------
-    tile_start = split * tiles_per_split
-    n_tiles = tl.maximum(tl.minimum(tiles_per_split, tl.cdiv(Vt, BLOCK_V) - tile_start), 0)
-    n_tiles = tl.where(sampled_row, n_tiles, 0)  # greedy / empty rows read nothing more
+    # ---- block races over this program's race blocks of position s ---------------------------
+    blk_start = split * blocks_per_split
+    blk_end = tl.minimum(blk_start + blocks_per_split, tl.cdiv(Vt, RACE_BLOCK))
+    n_tiles = tl.cdiv(tl.maximum(blk_end - blk_start, 0), TILE_BLOCKS)
+    n_tiles = tl.where(sampled_row, n_tiles, 0)  # greedy / empty rows read and draw nothing more
     row_ptr = logits_ptr + (b * K1 + s).to(tl.int64) * Vt
     q_row_ptr = q_ptr + (b * K + tl.minimum(s, tl.maximum(K - 1, 0))).to(tl.int64) * Vd
-    lanes = tl.arange(0, BLOCK_V)
-    best_r = tl.full([BLOCK_V], float("-inf"), tl.float32)
-    best_r_id = tl.full([BLOCK_V], _BIG_ID, tl.int32)
-    best_p = tl.full([BLOCK_V], float("-inf"), tl.float32)
-    best_p_id = tl.full([BLOCK_V], _BIG_ID, tl.int32)
-    resid_mass = tl.zeros([BLOCK_V], tl.float32)
+    q_lim = tl.minimum(Vd, blk_end * RACE_BLOCK)
+    best_r = tl.full([TILE_BLOCKS], float("-inf"), tl.float32)  # per-block-lane best scores
+    best_r_id = tl.full([TILE_BLOCKS], _BIG_ID, tl.int32)
+    best_p = tl.full([TILE_BLOCKS], float("-inf"), tl.float32)
+    best_p_id = tl.full([TILE_BLOCKS], _BIG_ID, tl.int32)
+    resid_mass = tl.zeros([TILE_BLOCKS], tl.float32)
     for i in range(n_tiles):
-        offs = (tile_start + i) * BLOCK_V + lanes
-        x = clean_logits(tl.load(row_ptr + offs, mask=offs < Vt, other=float("-inf")))
-        scaled, keep = scale_and_filter(x, temp, thr_s)
-        p = tl.where(keep, tl.exp(scaled - max_s) / sum_s, 0.0)
-        if HAS_Q:  # q is 0 beyond Vd; not read at all unless the residual is needed
-            q = tl.load(q_row_ptr + offs, mask=offs < tl.where(use_resid, Vd, 0),
-                        other=0.0).to(tl.float32)
-        else:
-            q = tl.where(offs == draft_s, 1.0, 0.0)
-        resid = tl.where(use_resid, tl.maximum(p - q, 0.0), 0.0)
-        e = exponential(philox_bits(seed, offset, STREAM_RESAMPLE, s, offs))
-        best_r, best_r_id = race_update(tl.where(resid > 0, resid / e, -1.0), offs, best_r, best_r_id)
-        best_p, best_p_id = race_update(tl.where(keep, p / e, -1.0), offs, best_p, best_p_id)
-        resid_mass += resid
+        blocks, offs, mask = race_tile(blk_start + i * TILE_BLOCKS, blk_end, Vt, TILE_BLOCKS)
+        raw = tl.load(row_ptr + offs, mask=mask, other=float("-inf"))
+        p, keep = target_probs(raw, temp, thr_s, max_s, sum_s)
+        w_r = tl.sum(_residual(p, q_row_ptr, offs, q_lim, resid_draft, HAS_Q), 1)  # [TILE_BLOCKS]
+        w_p = tl.sum(p, 1)
+        # one exponential per block, shared by both races (only one of them is used)
+        e = exponential(philox_bits(seed, offset, STREAM_RESAMPLE_BLOCK, s, blocks))
+        best_r, best_r_id = race_update(tl.where(w_r > 0, w_r / e, -1.0), blocks, best_r, best_r_id)
+        has_p = tl.max(keep.to(tl.int32), 1) > 0  # W_b > 0 in the reference
+        best_p, best_p_id = race_update(tl.where(has_p, w_p / e, -1.0), blocks, best_p, best_p_id)
+        resid_mass += w_r
     out = b * S2 + split
     top_r, top_r_id = race_winner(best_r, best_r_id)
     top_p, top_p_id = race_winner(best_p, best_p_id)
@@ -184,24 +216,42 @@ def _verify_accept_race_kernel(
 
 @triton.jit
 def _verify_finish_kernel(
-    out_ptr,  # [B, K+1] int64
-    emit_ptr,  # [B] int32: position to fill, -1 for none
+    logits_ptr,  # [B, K+1, Vt] float target logits
+    q_ptr,  # [B, K, Vd] float draft probabilities (HAS_Q)
+    temperature_ptr, seed_ptr, offset_ptr,  # [B]
+    emit_ptr, resid_draft_ptr, max_ptr, sum_ptr, thr_s_ptr,  # [B] per-row scalars of pass 2
     race_r_ptr, race_r_id_ptr, race_p_ptr, race_p_id_ptr, resid_ptr,  # [B, S2]
-    K1, S2, BLOCK_S2: tl.constexpr,
+    out_ptr,  # [B, K+1] int64 (out: the sampled token at position s)
+    K, Vt, Vd, S2,
+    HAS_Q: tl.constexpr, BLOCK_S2: tl.constexpr,
 ):
-    """grid = (B,): the residual race's winner if the residual has mass, else the race over p."""
+    """grid = (B,): the winning block (of the residual race if the residual has mass, else of the
+    race over p), then the race inside it. Rows with nothing to sample (s = -1) do nothing."""
     b = tl.program_id(0)
     s = tl.load(emit_ptr + b)
-    sp = tl.arange(0, BLOCK_S2)
-    mask = sp < S2
-    base = b * S2 + sp
-    _, r_id = race_winner(tl.load(race_r_ptr + base, mask=mask, other=float("-inf")),
-                          tl.load(race_r_id_ptr + base, mask=mask, other=_BIG_ID))
-    _, p_id = race_winner(tl.load(race_p_ptr + base, mask=mask, other=float("-inf")),
-                          tl.load(race_p_id_ptr + base, mask=mask, other=_BIG_ID))
-    mass = tl.sum(tl.load(resid_ptr + base, mask=mask, other=0.0), 0)
-    token = tl.where(mass > 0, r_id, p_id)
-    tl.store(out_ptr + b * K1 + s, token.to(tl.int64), mask=s >= 0)
+    if s >= 0:
+        sp = tl.arange(0, BLOCK_S2)
+        mask = sp < S2
+        base = b * S2 + sp
+        _, r_blk = race_winner(tl.load(race_r_ptr + base, mask=mask, other=float("-inf")),
+                               tl.load(race_r_id_ptr + base, mask=mask, other=_BIG_ID))
+        _, p_blk = race_winner(tl.load(race_p_ptr + base, mask=mask, other=float("-inf")),
+                               tl.load(race_p_id_ptr + base, mask=mask, other=_BIG_ID))
+        use_r = tl.sum(tl.load(resid_ptr + base, mask=mask, other=0.0), 0) > 0
+        offs = tl.where(use_r, r_blk, p_blk) * RACE_BLOCK + tl.arange(0, RACE_BLOCK)
+
+        # the weights of that block, computed exactly as in pass 2
+        K1 = K + 1
+        temp = effective_temperature(tl.load(temperature_ptr + b))
+        raw = tl.load(logits_ptr + (b * K1 + s).to(tl.int64) * Vt + offs, mask=offs < Vt,
+                      other=float("-inf"))
+        p, keep = target_probs(raw, temp, tl.load(thr_s_ptr + b), tl.load(max_ptr + b),
+                               tl.load(sum_ptr + b))
+        q_row_ptr = q_ptr + (b * K + tl.minimum(s, tl.maximum(K - 1, 0))).to(tl.int64) * Vd
+        resid = _residual(p, q_row_ptr, offs, Vd, tl.load(resid_draft_ptr + b), HAS_Q)
+        token = race_in_block(tl.where(use_r, resid, p), tl.where(use_r, resid > 0, keep), offs,
+                              tl.load(seed_ptr + b), tl.load(offset_ptr + b), STREAM_RESAMPLE, s)
+        tl.store(out_ptr + b * K1 + s, token.to(tl.int64))
 
 
 def verify(target_logits, draft_token_ids, draft_probs, temperature, top_k, top_p, seed, offset,
@@ -212,7 +262,9 @@ def verify(target_logits, draft_token_ids, draft_probs, temperature, top_k, top_
     no draft); draft_probs [B, K, Vd] float (Vd <= Vt) or None (deterministic drafter);
     temperature [B] float32 (<= 0: greedy row); top_k [B] int64 (0 = off) or None; top_p [B]
     float32 (1.0 = off) or None; seed, offset [B] int64; all on one device. K may be 0.
-    ``block_v`` / ``num_splits`` / ``num_race_splits`` override the tiling (tests, tuning).
+    ``block_v`` / ``num_splits`` / ``num_race_splits`` override the tiling (tests, tuning):
+    the stats pass's tile width and programs per (row, position); the race pass's tile width
+    (rounded down to whole 256-id race blocks, at least one) and programs per row.
     Returns (output_ids [B, K+1] int64, num_accepted [B] int32).
     """
     B, K1, Vt = target_logits.shape
@@ -241,28 +293,33 @@ def verify(target_logits, draft_token_ids, draft_probs, temperature, top_k, top_
     drafts_arg = drafts if K > 0 else seed  # K = 0: never read, but a valid pointer
 
     # pass 1: per-position softmax statistics over (row * position, vocabulary split)
-    BLOCK_V, tps1, S1, BLOCK_S1, warps = split_plan(Vt, rows, dev, block_v, num_splits)
+    BLOCK_V, tps1, S1, BLOCK_S1, warps1 = split_plan(Vt, rows, dev, block_v, num_splits)
     stats = torch.empty((3, rows, S1), dtype=torch.float32, device=dev)  # max, sum, argmax value
     stats_id = torch.empty((rows, S1), dtype=torch.int32, device=dev)
     BLOCK_K = triton.next_power_of_2(max(K, 1))
     softmax_stats_kernel[(rows, S1)](
         logits, drafts_arg, temperature, thr_arg, stats[0], stats[1], stats[2], stats_id,
         Vt, K, tps1, S1,
-        HAS_THR=thr is not None, BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V, num_warps=warps)
+        HAS_THR=thr is not None, BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V, num_warps=warps1)
 
-    # pass 2: acceptance, then the races at the emit position over (row, vocabulary split)
-    _, tps2, S2, BLOCK_S2, _ = split_plan(Vt, B, dev, BLOCK_V, num_race_splits)
+    # pass 2: acceptance, then the block races at the emit position over (row, split of blocks)
+    blocks_per_split, S2, BLOCK_S2, TILE_BLOCKS, warps2 = race_plan(
+        Vt, B, dev, block_v, num_race_splits)
     races = torch.empty((3, B, S2), dtype=torch.float32, device=dev)  # residual, p, residual mass
     race_ids = torch.empty((2, B, S2), dtype=torch.int32, device=dev)
-    emit = torch.empty((B,), dtype=torch.int32, device=dev)
+    row_i = torch.empty((2, B), dtype=torch.int32, device=dev)  # emit position, residual draft
+    row_f = torch.empty((3, B), dtype=torch.float32, device=dev)  # max, sum, threshold at s
     _verify_accept_race_kernel[(B, S2)](
         logits, drafts_arg, q, temperature, seed, offset, thr_arg,
-        stats[0], stats[1], stats[2], stats_id, out, num_acc, emit,
-        races[0], race_ids[0], races[1], race_ids[1], races[2],
-        K, Vt, Vd, S1, tps2, S2,
+        stats[0], stats[1], stats[2], stats_id, out, num_acc, row_i[0], row_i[1],
+        row_f[0], row_f[1], row_f[2], races[0], race_ids[0], races[1], race_ids[1], races[2],
+        K, Vt, Vd, S1, blocks_per_split, S2,
         HAS_Q=has_q, HAS_THR=thr is not None, BLOCK_K1=triton.next_power_of_2(K1),
-        BLOCK_S1=BLOCK_S1, BLOCK_V=BLOCK_V, num_warps=warps)
+        BLOCK_S1=BLOCK_S1, TILE_BLOCKS=TILE_BLOCKS, num_warps=warps2)
+
+    # the race inside the winning block
     _verify_finish_kernel[(B,)](
-        out, emit, races[0], race_ids[0], races[1], race_ids[1], races[2], K1, S2,
-        BLOCK_S2=BLOCK_S2, num_warps=1)
+        logits, q, temperature, seed, offset, row_i[0], row_i[1], row_f[0], row_f[1], row_f[2],
+        races[0], race_ids[0], races[1], race_ids[1], races[2], out, K, Vt, Vd, S2,
+        HAS_Q=has_q, BLOCK_S2=BLOCK_S2, num_warps=4)
     return out, num_acc

@@ -3,7 +3,8 @@
 The backend-parametrised suite (tests/test_verify.py) checks the ops' semantics for every backend;
 this file checks what is specific to Triton: its own Philox against the reference's (and the
 Random123 known answers), and token-for-token equality of ``verify`` / ``sample`` with the
-reference on small random inputs, including the tilings that split a vocabulary over programs.
+reference on small random inputs, including the tilings that split a vocabulary over programs and
+vocabularies of several blocks of the two-level race (``reference.RACE_BLOCK`` ids each).
 Without a GPU the kernels run on CPU tensors through Triton's interpreter (TRITON_INTERPRET=1,
 set before triton is imported, here and in conftest.py), so sizes stay small.
 """
@@ -86,8 +87,16 @@ def test_philox_random123_known_answers():
     assert ref.tolist() == expected
 
 
+def test_constants_match_reference():
+    for name in ("STREAM_ACCEPT", "STREAM_RESAMPLE", "STREAM_SAMPLE", "STREAM_RESAMPLE_BLOCK",
+                 "STREAM_SAMPLE_BLOCK"):
+        assert getattr(kphilox, name).value == getattr(reference, name), name
+    assert ksample.RACE_BLOCK.value == reference.RACE_BLOCK
+
+
 @pytest.mark.parametrize("stream", [reference.STREAM_ACCEPT, reference.STREAM_RESAMPLE,
-                                    reference.STREAM_SAMPLE])
+                                    reference.STREAM_SAMPLE, reference.STREAM_RESAMPLE_BLOCK,
+                                    reference.STREAM_SAMPLE_BLOCK])
 def test_philox_draws_match_reference(stream):
     g = torch.Generator().manual_seed(stream)
     n = 500
@@ -279,6 +288,55 @@ def test_verify_non_finite_logits():
     assert int((out[2] >= 0).sum()) >= 1
 
 
+# several race blocks: V = 700 is 3 blocks of the two-level race (the last one 188 ids), V = 1000
+# is 4 (the last one 232 ids). Tilings: the default (one tile of 4 blocks, the last masked off),
+# one block per tile and per split, and 2-block tiles over 2 splits (the second one half empty
+# for V = 700).
+RACE_TILINGS = [{}, dict(block_v=256, num_splits=2, num_race_splits=4),
+                dict(block_v=512, num_race_splits=2)]
+
+
+@pytest.mark.parametrize("V", [700, 1000])
+@pytest.mark.parametrize("with_q", [True, False])
+def test_verify_several_race_blocks(V, with_q):
+    args = _verify_inputs(3, 2, V, with_q=with_q, seed=80 + V, greedy=(2,), top_p=[1.0, 0.9, 1.0])
+    first = _check_verify(args)
+    for tiling in RACE_TILINGS[1:]:
+        out, n = _check_verify(args, **tiling)
+        assert torch.equal(out, first[0]) and torch.equal(n, first[1])
+
+
+def _far_block_verify_inputs(seed):
+    """p: mass in block 0 (ids 0..199) and in the last, partial block (ids 800..999 of V = 1000),
+    -inf logits elsewhere; q: all its mass in block 0, where q > p. Drafts come from q, so about
+    half are rejected, and a rejection's residual max(0, p - q) lies in the far block only."""
+    B, K, V = 4, 2, 1000
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.full((B, K + 1, V), float("-inf"))
+    logits[..., :200] = torch.randn(B, K + 1, 200, generator=g)
+    logits[..., 800:] = torch.randn(B, K + 1, 200, generator=g)
+    q = torch.zeros(B, K, V)
+    q[..., :200] = torch.softmax(logits[:, :K, :200], dim=-1)
+    drafts = torch.multinomial(q.reshape(-1, V), 1, generator=g).view(B, K)
+    params = _params(B, g)
+    params[0].fill_(1.0)  # temperature 1: p = softmax(logits), below q in block 0
+    return (logits.to(DEV), drafts.to(DEV), q.to(DEV), *(p.to(DEV) for p in params))
+
+
+def test_verify_residual_in_one_far_block():
+    rejections = 0
+    for s in range(3):
+        args = _far_block_verify_inputs(90 + s)
+        out, n = _check_verify(args)
+        _check_verify(args, **RACE_TILINGS[1])
+        K = args[1].shape[1]
+        for b in range(out.shape[0]):
+            if int(n[b]) < K:  # rejected: the residual's block is the only one with mass
+                rejections += 1
+                assert 800 <= int(out[b, int(n[b])]) < 1000
+    assert rejections > 0
+
+
 def test_verify_large_vocab():
     args = _verify_inputs(1, 1, 32003, seed=70, dtype=torch.bfloat16, top_p=[0.95])
     _check_verify(args)
@@ -320,6 +378,36 @@ def test_sample_top_k_top_p_and_non_finite():
                                          top_p=[1.0, 0.6, 0.9, 0.5])]
     tok, probs = _check_sample(logits.to(DEV), params, block_v=32, num_splits=2)
     assert int(tok[3]) == -1 and float(probs[3].abs().sum()) == 0.0
+
+
+@pytest.mark.parametrize("V", [700, 1000])
+def test_sample_several_race_blocks(V):
+    g = torch.Generator().manual_seed(500 + V)
+    logits = (torch.randn(3, V, generator=g) * 2).to(DEV)
+    params = [p.to(DEV) for p in _params(3, g, greedy=(1,), top_k=[0, 0, 300])]
+    first, _ = _check_sample(logits, params)
+    for tiling in RACE_TILINGS[1:]:
+        tok, _ = _check_sample(logits, params, block_v=tiling["block_v"],
+                               num_splits=tiling.get("num_race_splits"))
+        assert torch.equal(tok, first)
+
+
+def test_sample_mass_in_one_block():
+    # only one block has finite logits: the last, partial one (row 0), a middle one (row 1), the
+    # first (row 2, and a single id); the block race must pick it whatever the tiling
+    B, V = 3, 1000
+    g = torch.Generator().manual_seed(600)
+    logits = torch.full((B, V), float("-inf"))
+    logits[0, 900:] = torch.randn(100, generator=g)
+    logits[1, 300:310] = torch.randn(10, generator=g)
+    logits[2, 5] = 1.0
+    params = [p.to(DEV) for p in _params(B, g)]
+    for s in range(3):
+        params[3] = params[3] + 1  # another seed: another draw
+        for tiling in ({}, dict(block_v=256, num_splits=4)):
+            tok, _ = _check_sample(logits.to(DEV), params, **tiling)
+            t = tok.cpu().tolist()
+            assert 900 <= t[0] < 1000 and 300 <= t[1] < 310 and t[2] == 5
 
 
 def test_sample_large_vocab():

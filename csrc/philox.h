@@ -27,6 +27,8 @@ constexpr uint32_t kPhiloxW1 = 0xBB67AE85u;
 constexpr int kStreamAccept = 0;    // acceptance test, index 0
 constexpr int kStreamResample = 1;  // residual / bonus token, index = vocabulary id
 constexpr int kStreamSample = 2;    // the sample op, position 0
+constexpr int kStreamResampleBlock = 3;  // block level of the two-level race: index = block number
+constexpr int kStreamSampleBlock = 4;
 
 struct PhiloxOut {
   uint32_t w[4];

@@ -1,7 +1,8 @@
 // specdec_cpp::sample on CPU: fused temperature / top-k / top-p sampling that also returns the
 // distribution it sampled from (reference.sample is the specification). Two passes per row:
 //  1. max / argmax / softmax denominator (plus the top-k/top-p threshold when the row asks);
-//  2. write probs and run the exponential race in the same sweep.
+//  2. write probs and sum them per race block in the same sweep; then the two-level exponential
+//     race (sampling_common.h): one race over the blocks, one inside the winning block.
 // Rows run in parallel when there are enough, else each row's vocabulary chunks do (for_rows).
 #include <torch/library.h>
 
@@ -38,7 +39,8 @@ std::tuple<at::Tensor, at::Tensor> sample_cpu(const at::Tensor& logits_in, const
   const int64_t grain_chunks = std::max<int64_t>(1, 32768 / std::min(V, kChunk));
   std::vector<ChunkStats> parts(B * nchunk);
   std::vector<PosStats> stats(B);
-  std::vector<RaceOut> races(B * nchunk);
+  const int64_t nblock = (V + kRaceBlock - 1) / kRaceBlock;
+  std::vector<double> block_sums(B * nblock);
   float* P = probs.data_ptr<float>();
 
   int64_t* tok = tokens.data_ptr<int64_t>();
@@ -68,17 +70,17 @@ std::tuple<at::Tensor, at::Tensor> sample_cpu(const at::Tensor& logits_in, const
         thread_local std::vector<float> buf;  // scratch row for top-k/top-p
         filter_stats(x, V, inv_t[b], rp.top_k[b], double(rp.top_p[b]), s, buf);
       }
-      // probs and the race in one sweep
-      const PhiloxKey key(rp.seed[b], rp.offset[b], kStreamSample, 0);
-      RaceOut* ro = &races[b * nchunk];
+      // probs and the race's block sums in one sweep, then the two-level race
+      const Weights w(s, inv_t_f[b]);
+      double* p_sum = &block_sums[b * nblock];
       exec(nchunk, [&](int64_t c) {
         const int64_t j0 = c * kChunk, j1 = std::min(V, j0 + kChunk);
-        ro[c] = RaceOut();
-        race_chunk<T, float>(x, j0, j1, s, inv_t_f[b], key, false, nullptr, 0, -1, pr, ro[c]);
+        race_block_sums<T, float>(x, j0, j1, w, false, nullptr, 0, -1, pr, p_sum, nullptr);
       });
-      RaceBest best;
-      for (int64_t c = 0; c < nchunk; ++c) best.merge(ro[c].p);
-      tok[b] = best.idx >= 0 ? best.idx : s.argmax;
+      const int64_t k = race_blocks(p_sum, nblock, PhiloxKey(rp.seed[b], rp.offset[b], kStreamSampleBlock, 0));
+      const int64_t t = k < 0 ? -1 : race_in_block<T, float>(x, V, k, w, false, nullptr, 0, -1,
+                                                             PhiloxKey(rp.seed[b], rp.offset[b], kStreamSample, 0));
+      tok[b] = t >= 0 ? t : s.argmax;
     };
     for_rows(B, V, grain_chunks, run_row);
   });

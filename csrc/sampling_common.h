@@ -317,93 +317,123 @@ inline void for_rows(int64_t rows, int64_t row_len, int64_t grain_chunks, F&& fn
 }
 
 // ---------------------------------------------------------------------------------------------
-// The exponential race: token = argmax_j w_j / e_j over w_j > 0, e_j = -log(v_j) from Philox at
-// index j, ties to the lowest id. 1/e_j < 2^24 always (v <= 1 - 2^-24), so an entry with
-// w_j * 2^24 <= best-so-far cannot win (nor tie with a lower id, as ids are visited in increasing
-// order) and its Philox draw is skipped; kRaceBound carries a margin for float rounding so the
-// skip never changes the result.
-constexpr float kRaceBound = 16777216.0f * 1.001f;
+// The two-level exponential race of reference._race. Level 1: the vocabulary is cut into blocks
+// of kRaceBlock ids and block b, weighing W_b = sum of its w_j, wins argmax_b W_b / e_b (Philox on
+// the block stream, index b). Level 2: inside block b, argmax_j w_j / e_j (index j). Ties go to
+// the lowest index at both levels. A one-level race would need a Philox draw and a log per
+// vocabulary entry, several times the cost of the exp; this needs one sweep of exps (the block
+// sums) plus V / kRaceBlock + kRaceBlock draws.
+constexpr int64_t kRaceBlock = 256;
+static_assert(kChunk % kRaceBlock == 0, "chunks must hold whole race blocks");
 
-struct RaceBest {
-  float score = 0.0f;  // every candidate has w > 0, so score > 0
-  int64_t idx = -1;
-  void merge(const RaceBest& o) {  // o covers higher ids: strict > keeps the lower id on ties
-    if (o.score > score) *this = o;
-  }
-};
-
-struct RaceOut {
-  RaceBest p;          // race over w = p (the bonus token, or the fallback)
-  RaceBest r;          // race over w = max(0, p - q) (the residual after a rejection)
-  bool r_any = false;  // residual has positive mass (reference: resid.sum() > 0)
-};
-
-// Fold 8 lane scores into `best` in lane (= id) order.
-inline void race_update(__m256 score, int64_t j, RaceBest& best) {
-  const __m256 better = _mm256_cmp_ps(score, _mm256_set1_ps(best.score), _CMP_GT_OQ);
-  if (_mm256_movemask_ps(better) == 0) return;
-  alignas(32) float sc[8];
-  _mm256_store_ps(sc, score);
-  for (int l = 0; l < 8; ++l)
-    if (sc[l] > best.score) best.score = sc[l], best.idx = j + l;
+// e = -log(v), v = (2 * (bits >> 9) + 1) * 2^-24 in (0, 1) (exact in float), for 8 draws.
+inline __m256 exponential8(__m256i bits) {
+  const __m256i k = _mm256_or_si256(_mm256_slli_epi32(_mm256_srli_epi32(bits, 9), 1), _mm256_set1_epi32(1));
+  const __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(k), _mm256_set1_ps(1.0f / 16777216.0f));
+  return _mm256_sub_ps(_mm256_setzero_ps(), log8(v));
 }
 
-// One chunk [j0, j1) of a row's race. x points at the row's logits; the weight of id j is
-//   p_j = exp((x_j - max) * inv_t) * inv_z if x_j >= thr (finite), else 0.
-// The p-race uses exp(...) unnormalised (the race does not care about scale).
-// If `resid`, also races r_j = max(0, p_j - q_j) with q_j = q[j] for j < vq (0 beyond: target ids
-// >= Vd have q = 0), or, when q == nullptr, the one-hot at `onehot` (deterministic drafter).
-// If probs_out != nullptr, writes p_j there (sample's output distribution).
-template <typename T, typename Q>
-inline void race_chunk(const T* x, int64_t j0, int64_t j1, const PosStats& s, float inv_t,
-                       const PhiloxKey& key, bool resid, const Q* q, int64_t vq, int64_t onehot,
-                       float* probs_out, RaceOut& out) {
-  const __m256 m = _mm256_set1_ps(s.max), it = _mm256_set1_ps(inv_t), th = _mm256_set1_ps(s.thr);
-  const float inv_z = float(1.0 / s.z);
-  const __m256 iz = _mm256_set1_ps(inv_z), bound = _mm256_set1_ps(kRaceBound);
-  const __m256 zero = _mm256_setzero_ps();
-  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  __m256 r_any = zero;
-  for (int64_t j = j0; j < j1; j += 8) {
-    const int64_t n = j1 - j;
+// The weights of ids j .. j+7 (n < 8: the row's last n; the rest weigh 0). The race samples from
+//   p_j = exp((x_j - max) * inv_t) * inv_z   if x_j is finite and >= thr, else 0,
+// or, after a rejection, from the residual r_j = max(0, p_j - q_j) with q_j = q[j] for j < vq (0
+// beyond: target ids >= Vd have q = 0) or, when q == nullptr, the one-hot at `onehot`
+// (deterministic drafter).
+struct Weights {
+  __m256 m, it, th, iz;
+  // s.z == 0: the denominator was not computed (verify's bonus position: a race over p alone is
+  // scale-free), so the weights stay unnormalised (the largest is 1).
+  Weights(const PosStats& s, float inv_t)
+      : m(_mm256_set1_ps(s.max)), it(_mm256_set1_ps(inv_t)), th(_mm256_set1_ps(s.thr)),
+        iz(_mm256_set1_ps(s.z > 0.0 ? float(1.0 / s.z) : 1.0f)) {}
+  template <typename T>
+  __m256 p(const T* x, int64_t j, int64_t n) const {
     const __m256 v = clean8(load_any(x + j, n, kNegInf));
     const __m256 keep = _mm256_cmp_ps(v, th, _CMP_GE_OQ);
-    const __m256 w = _mm256_and_ps(exp8(_mm256_mul_ps(_mm256_sub_ps(v, m), it)), keep);
-    if (probs_out) {
-      const __m256 p = _mm256_mul_ps(w, iz);
-      if (n >= 8) {
-        _mm256_storeu_ps(probs_out + j, p);
-      } else {
-        alignas(32) float b[8];
-        _mm256_store_ps(b, p);
-        for (int64_t l = 0; l < n; ++l) probs_out[j + l] = b[l];
-      }
-    }
-    __m256 r = zero;
-    __m256 need = _mm256_cmp_ps(_mm256_mul_ps(w, bound), _mm256_set1_ps(out.p.score), _CMP_GT_OQ);
-    if (resid) {
-      __m256 qv;
-      if (q != nullptr) {
-        qv = j + 8 <= vq ? load8(q + j) : (j < vq ? load_partial(q + j, vq - j, 0.0f) : zero);
-      } else {
-        const __m256i ids = _mm256_add_epi32(_mm256_set1_epi32(int32_t(j)), lane);
-        qv = _mm256_and_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(ids, _mm256_set1_epi32(int32_t(onehot)))),
-                           _mm256_set1_ps(1.0f));
-      }
-      r = _mm256_max_ps(_mm256_sub_ps(_mm256_mul_ps(w, iz), qv), zero);
-      r_any = _mm256_or_ps(r_any, _mm256_cmp_ps(r, zero, _CMP_GT_OQ));
-      need = _mm256_or_ps(need, _mm256_cmp_ps(_mm256_mul_ps(r, bound), _mm256_set1_ps(out.r.score), _CMP_GT_OQ));
-    }
-    if (_mm256_movemask_ps(need) == 0) continue;  // nobody here can win: no Philox needed
-    const __m256i bits = philox8_first_word(key, uint32_t(j));
-    // v = (2 * (bits >> 9) + 1) * 2^-24 in (0, 1), exact in float; e = -log(v)
-    const __m256i k = _mm256_or_si256(_mm256_slli_epi32(_mm256_srli_epi32(bits, 9), 1), _mm256_set1_epi32(1));
-    const __m256 u = _mm256_mul_ps(_mm256_cvtepi32_ps(k), _mm256_set1_ps(1.0f / 16777216.0f));
-    const __m256 e = _mm256_sub_ps(zero, log8(u));
-    race_update(_mm256_div_ps(w, e), j, out.p);  // w = 0 gives score 0: never > best
-    if (resid) race_update(_mm256_div_ps(r, e), j, out.r);
+    return _mm256_mul_ps(_mm256_and_ps(exp8(_mm256_mul_ps(_mm256_sub_ps(v, m), it)), keep), iz);
   }
-  if (_mm256_movemask_ps(r_any)) out.r_any = true;
+  template <typename Q>
+  static __m256 residual(__m256 p, const Q* q, int64_t vq, int64_t onehot, int64_t j) {
+    __m256 qv;
+    if (q != nullptr) {
+      qv = j + 8 <= vq ? load8(q + j) : (j < vq ? load_partial(q + j, vq - j, 0.0f) : _mm256_setzero_ps());
+    } else {
+      const __m256i ids = _mm256_add_epi32(_mm256_set1_epi32(int32_t(j)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+      qv = _mm256_and_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(ids, _mm256_set1_epi32(int32_t(onehot)))),
+                         _mm256_set1_ps(1.0f));
+    }
+    return _mm256_max_ps(_mm256_sub_ps(p, qv), _mm256_setzero_ps());
+  }
+};
+
+inline void store_row(float* out, int64_t j, int64_t n, __m256 v) {
+  if (n >= 8) {
+    _mm256_storeu_ps(out + j, v);
+    return;
+  }
+  alignas(32) float b[8];
+  _mm256_store_ps(b, v);
+  for (int64_t l = 0; l < n; ++l) out[j + l] = b[l];
+}
+
+// Level-1 weights of the race blocks inside [j0, j1) (j0 a multiple of kRaceBlock): p_sum[k] and,
+// if `resid`, r_sum[k] for block k = j / kRaceBlock (floats summed in double). If probs_out is
+// given, also writes p_j there (the sample op's output distribution).
+template <typename T, typename Q>
+inline void race_block_sums(const T* x, int64_t j0, int64_t j1, const Weights& w, bool resid, const Q* q,
+                            int64_t vq, int64_t onehot, float* probs_out, double* p_sum, double* r_sum) {
+  for (int64_t b0 = j0; b0 < j1; b0 += kRaceBlock) {
+    const int64_t b1 = std::min(j1, b0 + kRaceBlock);
+    __m256d p_lo = _mm256_setzero_pd(), p_hi = p_lo, r_lo = p_lo, r_hi = p_lo;
+    for (int64_t j = b0; j < b1; j += 8) {
+      const __m256 p = w.p(x, j, b1 - j);
+      if (probs_out) store_row(probs_out, j, b1 - j, p);
+      p_lo = _mm256_add_pd(p_lo, _mm256_cvtps_pd(_mm256_castps256_ps128(p)));
+      p_hi = _mm256_add_pd(p_hi, _mm256_cvtps_pd(_mm256_extractf128_ps(p, 1)));
+      if (resid) {
+        const __m256 r = Weights::residual(p, q, vq, onehot, j);
+        r_lo = _mm256_add_pd(r_lo, _mm256_cvtps_pd(_mm256_castps256_ps128(r)));
+        r_hi = _mm256_add_pd(r_hi, _mm256_cvtps_pd(_mm256_extractf128_ps(r, 1)));
+      }
+    }
+    p_sum[b0 / kRaceBlock] = hsum4d(_mm256_add_pd(p_lo, p_hi));
+    if (resid) r_sum[b0 / kRaceBlock] = hsum4d(_mm256_add_pd(r_lo, r_hi));
+  }
+}
+
+// Level 1: argmax_k sums[k] / e_k over sums[k] > 0 (ties to the lowest k), e_k drawn at index k of
+// `key` (the block stream). -1 if no block has weight.
+inline int64_t race_blocks(const double* sums, int64_t nb, const PhiloxKey& key) {
+  double best = 0.0;
+  int64_t idx = -1;
+  alignas(32) float e[8];
+  for (int64_t k0 = 0; k0 < nb; k0 += 8) {
+    _mm256_store_ps(e, exponential8(philox8_first_word(key, uint32_t(k0))));
+    for (int64_t l = 0; l < 8 && k0 + l < nb; ++l) {
+      const double w = sums[k0 + l];
+      if (w > 0.0 && w / double(e[l]) > best) best = w / double(e[l]), idx = k0 + l;
+    }
+  }
+  return idx;
+}
+
+// Level 2: argmax_j w_j / e_j inside block k (ids [k * kRaceBlock, min(V, (k + 1) * kRaceBlock))),
+// e_j drawn at index j of `key`; w is the residual if `resid`, else p. -1 if nothing weighs > 0.
+template <typename T, typename Q>
+inline int64_t race_in_block(const T* x, int64_t V, int64_t k, const Weights& w, bool resid, const Q* q,
+                             int64_t vq, int64_t onehot, const PhiloxKey& key) {
+  const int64_t j0 = k * kRaceBlock, j1 = std::min(V, j0 + kRaceBlock);
+  float best = 0.0f;
+  int64_t idx = -1;
+  alignas(32) float sc[8];
+  for (int64_t j = j0; j < j1; j += 8) {
+    __m256 wt = w.p(x, j, j1 - j);
+    if (resid) wt = Weights::residual(wt, q, vq, onehot, j);
+    const __m256 score = _mm256_div_ps(wt, exponential8(philox8_first_word(key, uint32_t(j))));
+    _mm256_store_ps(sc, score);  // w = 0 scores 0 and never beats best >= 0
+    for (int64_t l = 0; l < 8 && j + l < j1; ++l)
+      if (sc[l] > best) best = sc[l], idx = j + l;
+  }
+  return idx;
 }
 
 // Per-row sampling parameters ([B] each) normalised to the dtypes the kernels read; the copies cost

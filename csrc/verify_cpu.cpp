@@ -6,8 +6,9 @@
 //     vocabulary chunks (rows with top-k/top-p also get their kept threshold from a scratch copy);
 //  2. the acceptance test: a few scalars (the draft's logit, its draft probability, one Philox
 //     uniform). A rejection or the bonus position stops the row: later positions are not read;
-//  3. at the stop position, one pass over the vocabulary: the exponential race for the residual
-//     (after a rejection) and for p (bonus token / zero residual) at once.
+//  3. at the stop position, one pass over the vocabulary: the block sums of the two-level
+//     exponential race for the residual (after a rejection) and for p (bonus token / zero
+//     residual) at once, then the race over blocks and the race inside the winning block.
 // Rows are the parallel unit when there are enough of them (one parallel region per call, rows
 // handed out dynamically since their chains differ in length); otherwise vocabulary chunks are.
 // Nothing of size [B, K+1, V] is allocated; logits are read as they are (fp32/fp16/bf16).
@@ -73,7 +74,8 @@ std::tuple<at::Tensor, at::Tensor> verify_cpu(const at::Tensor& target_logits_in
   const int64_t nchunk = (Vt + kChunk - 1) / kChunk;
   std::vector<PosStats> stats(B * K1);
   std::vector<ChunkStats> parts(B * nchunk);
-  std::vector<RaceOut> races(B * nchunk);
+  const int64_t nblock = (Vt + kRaceBlock - 1) / kRaceBlock;
+  std::vector<double> block_sums(2 * B * nblock);  // per row: p's block sums, then the residual's
   const int64_t grain_chunks = std::max<int64_t>(1, 32768 / std::min(Vt, kChunk));  // tiny inputs: one thread
   int64_t* out = out_ids.data_ptr<int64_t>();
   int32_t* na = num_acc.data_ptr<int32_t>();
@@ -148,26 +150,26 @@ std::tuple<at::Tensor, at::Tensor> verify_cpu(const at::Tensor& target_logits_in
           out[b * K1 + s] = st.argmax;
           return;
         }
-        // The exponential race at the stop position, for the residual and for p at once.
+        // The two-level race at the stop position, for the residual and for p at once: block
+        // sums in one sweep (chunks in parallel), then the block race and the race inside the
+        // winning block (a few hundred draws, serial).
         const T* x = L + (b * K1 + s) * Vt;
         const Q* q = (resid && Qp) ? Qp + (b * K + s) * Vd : nullptr;
         const int64_t d = resid ? dr[b * K + s] : -1;
-        const PhiloxKey key(rp.seed[b], rp.offset[b], kStreamResample, s);
-        RaceOut* ro = &races[b * nchunk];
+        const Weights w(st, r.inv_t_f);
+        double* p_sum = &block_sums[(2 * b) * nblock];
+        double* r_sum = &block_sums[(2 * b + 1) * nblock];
         exec(nchunk, [&](int64_t c) {
           const int64_t j0 = c * kChunk, j1 = std::min(Vt, j0 + kChunk);
-          ro[c] = RaceOut();
-          race_chunk<T, Q>(x, j0, j1, st, r.inv_t_f, key, resid, q, Vd, d, nullptr, ro[c]);
+          race_block_sums<T, Q>(x, j0, j1, w, resid, q, Vd, d, nullptr, p_sum, r_sum);
         });
-        RaceOut tot;
-        for (int64_t c = 0; c < nchunk; ++c) {
-          tot.p.merge(ro[c].p);
-          tot.r.merge(ro[c].r);
-          tot.r_any = tot.r_any || ro[c].r_any;
-        }
         // residual mass 0 (p == q up to rounding): sample from p, as the reference does
-        const RaceBest& win = (resid && tot.r_any) ? tot.r : tot.p;
-        out[b * K1 + s] = win.idx >= 0 ? win.idx : 0;
+        const bool use_r = resid && std::any_of(r_sum, r_sum + nblock, [](double v) { return v > 0.0; });
+        const int64_t k = race_blocks(use_r ? r_sum : p_sum, nblock,
+                                      PhiloxKey(rp.seed[b], rp.offset[b], kStreamResampleBlock, s));
+        const int64_t tok = k < 0 ? -1 : race_in_block<T, Q>(x, Vt, k, w, use_r, q, Vd, d,
+                                                             PhiloxKey(rp.seed[b], rp.offset[b], kStreamResample, s));
+        out[b * K1 + s] = tok >= 0 ? tok : st.argmax;  // tok < 0 only if rounding zeroed every weight
       };
       for_rows(B, Vt, grain_chunks, run_row);
     });

@@ -16,10 +16,19 @@ Random numbers: counter-based Philox4x32-10, stateless. One 32-bit word per
     exponential(1):      e = -log(v)
 
 Streams: ``STREAM_ACCEPT`` (acceptance test, index 0), ``STREAM_RESAMPLE`` (residual or bonus
-token, index = vocabulary id), ``STREAM_SAMPLE`` (the ``sample`` op, position 0). Sampling from a
-weight vector w (not necessarily normalised) is an exponential race: the token is
-``argmax_j w_j / e_j`` over w_j > 0, ties to the lowest id. It needs no cumulative sum and no
-normalisation, streams over the vocabulary in one pass, and is exact: P(j) = w_j / sum(w).
+token, index = vocabulary id), ``STREAM_SAMPLE`` (the ``sample`` op, position 0), and their block
+streams ``STREAM_RESAMPLE_BLOCK`` / ``STREAM_SAMPLE_BLOCK`` (index = block number, below).
+
+Sampling from a weight vector w >= 0 (not necessarily normalised) is a two-level exponential race
+(``_race``). An exponential race draws argmax_j w_j / e_j over w_j > 0 (ties to the lowest index),
+which is exact, P(j) = w_j / sum(w), and needs neither a cumulative sum nor normalisation. One race
+over the whole vocabulary would cost a Philox draw per entry, which dominates a CPU kernel, so:
+  1. the vocabulary is cut into blocks of ``RACE_BLOCK`` ids (the last one shorter) and block b
+     weighs W_b = sum of its w_j; a race over the blocks (block stream, index = b) picks block b
+     with probability W_b / sum(w);
+  2. a race inside block b (index = vocabulary id) picks j with probability w_j / W_b.
+The product is w_j / sum(w), and the two levels use different streams, so their noise is
+independent. Cost: one pass of sums over the vocabulary, then V / RACE_BLOCK + RACE_BLOCK draws.
 
 Target distribution at each position (``_target_probs``): non-finite logits become -inf; scaled =
 logits / temperature; top-k keeps scaled >= the k-th largest value (ties kept); top-p then keeps the
@@ -34,6 +43,9 @@ import torch
 STREAM_ACCEPT = 0
 STREAM_RESAMPLE = 1
 STREAM_SAMPLE = 2
+STREAM_RESAMPLE_BLOCK = 3
+STREAM_SAMPLE_BLOCK = 4
+RACE_BLOCK = 256  # vocabulary ids per block of the two-level race
 
 _PHILOX_M0 = 0xD2511F53
 _PHILOX_M1 = 0xCD9E8D57
@@ -136,13 +148,27 @@ def _clean(logits: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(out), out, torch.full_like(out, float("-inf")))
 
 
-def _race(weights: torch.Tensor, seed, offset, stream: int, position) -> torch.Tensor:
-    """Exponential race over weights [B, V] >= 0: argmax_j w_j / e_j, ties to the lowest id."""
-    V = weights.shape[-1]
-    index = torch.arange(V, dtype=torch.int64, device=weights.device)[None, :]
+def _race_flat(weights: torch.Tensor, seed, offset, stream: int, position, index) -> torch.Tensor:
+    """One exponential race over weights [B, N] >= 0 whose entries have Philox indices index [B, N]:
+    the column of argmax_j w_j / e_j over w_j > 0, ties to the lowest column."""
     e = exponential(philox_bits(seed[:, None], offset[:, None], stream, position[:, None], index))
     score = torch.where(weights > 0, weights / e, torch.full_like(weights, -1.0))
     return score.argmax(dim=-1)
+
+
+def _race(weights: torch.Tensor, seed, offset, stream: int, block_stream: int, position) -> torch.Tensor:
+    """Two-level exponential race over weights [B, V] >= 0 (module docstring): a race over the
+    RACE_BLOCK-sized blocks' sums on ``block_stream``, then one inside the winning block on
+    ``stream``. Returns the token [B] int64 (some id, not a sample, for an all-zero row)."""
+    B, V = weights.shape
+    dev = weights.device
+    nb = -(-V // RACE_BLOCK)
+    blocks = torch.nn.functional.pad(weights, (0, nb * RACE_BLOCK - V)).view(B, nb, RACE_BLOCK)
+    block_ids = torch.arange(nb, dtype=torch.int64, device=dev).expand(B, nb)
+    block = _race_flat(blocks.sum(-1), seed, offset, block_stream, position, block_ids)
+    ids = block[:, None] * RACE_BLOCK + torch.arange(RACE_BLOCK, dtype=torch.int64, device=dev)
+    inner = blocks[torch.arange(B, device=dev), block]  # [B, RACE_BLOCK], zero past V
+    return block * RACE_BLOCK + _race_flat(inner, seed, offset, stream, position, ids)
 
 
 def verify(target_logits, draft_token_ids, draft_probs, temperature, top_k, top_p, seed, offset):
@@ -205,7 +231,7 @@ def verify(target_logits, draft_token_ids, draft_probs, temperature, top_k, top_
         resid = (p_s - q_s).clamp(min=0)
         use_resid = resid_ok & (resid.sum(1) > 0)  # residual mass 0: sample from p
         weights = torch.where(use_resid[:, None], resid, p_s)
-    sampled = _race(weights, seed, offset, STREAM_RESAMPLE, s)
+    sampled = _race(weights, seed, offset, STREAM_RESAMPLE, STREAM_RESAMPLE_BLOCK, s)
     token = torch.where(greedy, argmax[rows, s], sampled)
 
     # a row with a position (up to its last live one) that has no finite logit emits nothing
@@ -238,7 +264,8 @@ def sample(logits, temperature, top_k, top_p, seed, offset):
     probs, argmax = _target_probs(clean, temperature, top_k.to(dev), top_p.double().to(dev))
     probs = torch.where(greedy[:, None], torch.nn.functional.one_hot(argmax, V).double(), probs)
     zero = torch.zeros(B, dtype=torch.int64, device=dev)
-    token = _race(probs, seed.to(dev, torch.int64), offset.to(dev, torch.int64), STREAM_SAMPLE, zero)
+    token = _race(probs, seed.to(dev, torch.int64), offset.to(dev, torch.int64), STREAM_SAMPLE,
+                  STREAM_SAMPLE_BLOCK, zero)
     token = torch.where(greedy, argmax, token)
     row_ok = torch.isfinite(logits).any(-1)
     token = torch.where(row_ok, token, torch.full_like(token, -1))

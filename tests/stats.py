@@ -37,3 +37,10 @@ def biased(probs: torch.Tensor, shift: float = 0.01) -> torch.Tensor:
     out[hi] -= shift
     out[lo] += shift
     return out
+
+
+def block_masses(probs: torch.Tensor, block: int = 256) -> torch.Tensor:
+    """probs [V] summed over consecutive blocks of ``block`` ids (the two-level race's blocks)."""
+    V = probs.shape[-1]
+    nb = -(-V // block)
+    return torch.nn.functional.pad(probs.double(), (0, nb * block - V)).view(nb, block).sum(-1)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from specdec import ops, reference
-from stats import ALPHA, chi2_pvalue
+from stats import ALPHA, block_masses, chi2_pvalue
 from conftest import device_for
 from test_verify import target_probs
 
@@ -72,13 +72,19 @@ def test_seeding(backend):
     assert len(draws) > 1
 
 
-@pytest.mark.parametrize("V,temperature,top_k,top_p", [(16, 1.0, 0, 1.0), (40, 0.6, 10, 0.9)])
+# V = 700 spans three blocks of the two-level race, the last one short and holding most of the mass
+@pytest.mark.parametrize("V,temperature,top_k,top_p", [(16, 1.0, 0, 1.0), (40, 0.6, 10, 0.9),
+                                                       (700, 1.0, 0, 1.0)])
 def test_tokens_follow_probs(fast_backend, V, temperature, top_k, top_p):
     N = 40_000
     logits = torch.randn(V, generator=torch.Generator().manual_seed(V)) * 1.5
+    logits[512:] += 2.0
     tok, probs = run(fast_backend, logits.expand(N, V), temperature=temperature, top_k=top_k,
                      top_p=top_p, seed=torch.arange(N) * 3 + 5)
-    assert chi2_pvalue(tok, target_probs(logits[None], temperature, top_k, top_p)[0]) > ALPHA
+    p = target_probs(logits[None], temperature, top_k, top_p)[0]
+    assert chi2_pvalue(tok, p) > ALPHA
+    # per block of the two-level race too: a bias between blocks is diluted over many bins
+    assert chi2_pvalue(tok // reference.RACE_BLOCK, block_masses(p, reference.RACE_BLOCK)) > ALPHA
 
 
 def test_sample_then_verify_is_exact(fast_backend):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from specdec import ops, reference
-from stats import ALPHA, biased, chi2_pvalue
+from stats import ALPHA, biased, block_masses, chi2_pvalue
 from conftest import backend_available, device_for
 
 
@@ -318,6 +318,29 @@ def test_emitted_tokens_follow_target(fast_backend, K, temperature, top_k, top_p
         assert pv > ALPHA, f"position {i}: chi-square p-value {pv:.2e}"
 
 
+@pytest.mark.parametrize("with_q", [True, False])
+def test_emitted_tokens_follow_target_across_race_blocks(fast_backend, with_q):
+    """V = 700 spans three blocks of the two-level race (256, 256, 188 ids). The target puts most
+    of its mass in the short last block and the draft most of its mass in the first, so a wrong
+    block sum, block draw or tail handling shifts mass between blocks and fails the test."""
+    N, K, V = 40_000, 1, 700
+    g = torch.Generator().manual_seed(700 + with_q)
+    logits = torch.randn(K + 1, V, generator=g)
+    logits[:, 512:] += 2.5
+    p = target_probs(logits, 1.0, 0, 1.0)
+    q = torch.softmax(torch.randn(K, V, generator=g) + torch.where(torch.arange(V) < 256, 2.5, 0.0), -1)
+    drafts = torch.stack([torch.multinomial(q[i], N, replacement=True, generator=g) for i in range(K)], 1)
+    out, n = run(fast_backend, logits.expand(N, K + 1, V), drafts, q.expand(N, K, V) if with_q else None,
+                 temperature=1.0, seed=torch.arange(N) * 5 + 3)
+    for i in range(K + 1):
+        emitted = out[:, i][out[:, i] >= 0]
+        pv = chi2_pvalue(emitted, p[i])
+        assert pv > ALPHA, f"position {i}: chi-square p-value {pv:.2e}"
+        # per block as well: 1% of mass moved between blocks is invisible spread over 700 bins
+        pv = chi2_pvalue(emitted // reference.RACE_BLOCK, block_masses(p[i], reference.RACE_BLOCK))
+        assert pv > ALPHA, f"position {i}: chi-square p-value of the blocks {pv:.2e}"
+
+
 def test_small_vocabulary_deterministic_draft_distribution(fast_backend):
     # draft_probs=None (n-gram drafter), drafts drawn from a distribution far from the target
     N, K, V = 40_000, 2, 16
@@ -340,6 +363,16 @@ def test_chi2_has_power():
     unfair = torch.multinomial(biased(p, 0.01).float(), 12_000, replacement=True, generator=g)
     assert chi2_pvalue(fair, p) > ALPHA
     assert chi2_pvalue(unfair, p) < ALPHA
+
+
+def test_block_chi2_has_power():
+    """The per-block check above fails a two-level race that moves 1% of the mass between blocks."""
+    g = torch.Generator().manual_seed(1)
+    blocks = torch.tensor([0.15, 0.1, 0.75], dtype=torch.float64)
+    fair = torch.multinomial(blocks, 40_000, replacement=True, generator=g)
+    unfair = torch.multinomial(blocks + torch.tensor([0.0, -0.01, 0.01]), 40_000, replacement=True, generator=g)
+    assert chi2_pvalue(fair, blocks) > ALPHA
+    assert chi2_pvalue(unfair, blocks) < ALPHA
 
 
 # ---------------------------------------------------------------- bad input

@@ -12,7 +12,9 @@ Providers (all on the same inputs, in the same process):
 
 Every row has the bytes the op must move (target logits + draft probs + ids read, outputs written)
 and the achieved GB/s next to the machine's measured copy bandwidth (``copy_gb_per_s``), the floor
-for this memory-bound op. Modes: ``sampled`` (temperature 1, draft_probs given: a model drafter),
+for this memory-bound op. A chain stops at its first rejection, so an op need not read the later
+positions: ``chain_bytes`` / ``chain_gb_per_s`` count only what these inputs' chains need (the
+stricter measure; ``bytes`` can exceed what was read). Modes: ``sampled`` (temperature 1, draft_probs given: a model drafter),
 ``ngram`` (temperature 1, draft_probs None: one-hot q), ``greedy`` (temperature 0, no probs).
 
     python benchmarks/bench_verify.py                 # default sweep, a few minutes on a small CPU
@@ -155,6 +157,21 @@ def bytes_moved(target_logits, draft_token_ids, draft_probs):
     return n + B * K1 * 8 + B * 4
 
 
+def chain_bytes(target_logits, draft_token_ids, draft_probs, num_accepted):
+    """Bytes a chain-aware op must read for these inputs and outcomes: a row's target logits up to
+    its stop position s = num_accepted (later positions do not matter), the draft_probs row at s
+    when the draft there was rejected (the residual), and the ids and outputs. ``bytes_moved``
+    counts every input instead; an op that stops early can beat copy bandwidth on that measure,
+    never on this one."""
+    B, K1, V = target_logits.shape
+    K = K1 - 1
+    n = num_accepted.long().cpu()
+    total = int((n + 1).sum()) * V * target_logits.element_size()
+    if draft_probs is not None:
+        total += int((n < K).sum()) * draft_probs.shape[-1] * draft_probs.element_size()
+    return total + draft_token_ids.numel() * 8 + B * K1 * 8 + B * 4
+
+
 def make_call(name, target_logits, draft_token_ids, draft_logits, draft_probs, temperature):
     """A no-argument callable running ``name`` once on these inputs (None when the mode does not
     apply to the provider), and a note for the CSV."""
@@ -251,7 +268,8 @@ def main(argv=None) -> int:
     path = H.csv_path(args, "verify")
     configs = list(itertools.product(modes, dtypes, Vs, Ks, Bs))
     with H.CsvWriter(path, env, extra_columns=["mode", "B", "K", "V", "speedup_vs_reference",
-                                               "speedup_vs_torch_fp32"]) as out:
+                                               "speedup_vs_torch_fp32", "chain_bytes", "chain_gb_per_s",
+                                               "chain_frac_of_copy"]) as out:
         bar = H.progress(configs, desc="verify", total=len(configs))
         for mode, dtype, V, K, B in bar:
             temperature = 0.0 if mode == "greedy" else 1.0
@@ -261,6 +279,13 @@ def main(argv=None) -> int:
             shape = H.shape_str(B=B, K=K, V=V)
             base = dict(op="verify", shape=shape, dtype=H.dtype_str(dtype), bytes=nbytes,
                         copy_gb_per_s=copy_gbps, mode=mode, B=B, K=K, V=V)
+            # the chain's stop positions, from the first specdec backend that runs here
+            from specdec import ops
+            chk = "cpp" if device.type == "cpu" and ops.backends()["cpp"][0] else (
+                "triton" if device.type == "cuda" and ops.backends()["triton"][0] else "reference")
+            _, n_acc = ops.verify(target_logits, draft_token_ids, draft_probs, temperature=temperature,
+                                  seed=1234, backend=chk)
+            base["chain_bytes"] = chain_bytes(target_logits, draft_token_ids, draft_probs, n_acc)
             times = {}
             for name in providers:
                 if hasattr(bar, "set_postfix_str"):
@@ -286,6 +311,8 @@ def main(argv=None) -> int:
                     row["speedup_vs_reference"] = times["reference"] / t.median_ms
                 if "torch_fp32" in times and name != "torch_fp32":
                     row["speedup_vs_torch_fp32"] = times["torch_fp32"] / t.median_ms
+                row["chain_gb_per_s"] = row["chain_bytes"] / (t.median_ms * 1e6)
+                row["chain_frac_of_copy"] = row["chain_gb_per_s"] / copy_gbps
                 out.add(provider=name, timing=t, note=why, **row)
             del inputs, target_logits, draft_token_ids, draft_logits, draft_probs
     rows = out.rows
@@ -316,13 +343,15 @@ def _plots(args, rows, copy_gbps):
 
 def _summary(rows):
     """Print the rows that the targets are checked on (and a short table)."""
-    print(f"{'mode':8} {'dtype':5} {'shape':22} {'provider':11} {'median ms':>10} {'GB/s':>8} {'x copy':>7}")
+    print(f"{'mode':8} {'dtype':5} {'shape':22} {'provider':11} {'median ms':>10} {'GB/s':>8} {'x copy':>7}"
+          f" {'chain GB/s':>11} {'x copy':>7}")
     for r in rows:
         if not r["median_ms"]:
             continue
         print(f"{r['mode']:8} {r['dtype']:5} {r['shape']:22} {r['provider']:11} "
               f"{float(r['median_ms']):10.3f} {float(r['gb_per_s'] or 'nan'):8.2f} "
-              f"{float(r['frac_of_copy'] or 'nan'):7.2f}")
+              f"{float(r['frac_of_copy'] or 'nan'):7.2f} {float(r['chain_gb_per_s'] or 'nan'):11.2f} "
+              f"{float(r['chain_frac_of_copy'] or 'nan'):7.2f}")
 
 
 if __name__ == "__main__":

@@ -75,7 +75,7 @@ std::tuple<at::Tensor, at::Tensor> sample_cpu(const at::Tensor& logits_in, const
       double* p_sum = &block_sums[b * nblock];
       exec(nchunk, [&](int64_t c) {
         const int64_t j0 = c * kChunk, j1 = std::min(V, j0 + kChunk);
-        race_block_sums<T, float>(x, j0, j1, w, false, nullptr, 0, -1, pr, p_sum, nullptr);
+        race_block_sums<T, float>(x, j0, j1, w, false, nullptr, 0, -1, pr, p_sum);
       });
       const int64_t k = race_blocks(p_sum, nblock, PhiloxKey(rp.seed[b], rp.offset[b], kStreamSampleBlock, 0));
       const int64_t t = k < 0 ? -1 : race_in_block<T, float>(x, V, k, w, false, nullptr, 0, -1,

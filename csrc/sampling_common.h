@@ -159,21 +159,51 @@ struct ChunkStats {
   double z;
 };
 
-// Max/argmax over x[0, n) (ids base + i), then, if want_sum, sum exp((x - max) * inv_t) over the
-// chunk, re-reading it from cache. inv_t is float: the reference divides in double, the
-// difference is a relative 1e-7 on each probability.
+// Max/argmax over x[0, n) (ids base + i) and, if want_sum, sum exp((x - max) * inv_t), one race
+// block (kRaceBlock ids, see below) at a time: the block's max on the way, then its sum of exps
+// re-reading the block from L1. Each block's (max, sum relative to it) goes to bmax/bsum (block
+// number within the chunk) when given: they are the block weights of the two-level race, so a
+// race at this position needs no second sweep. Floats are summed per lane within a block, blocks
+// in double. inv_t is float: the reference divides in double, a relative 1e-7 on each probability.
+constexpr int64_t kRaceBlock = 256;
+static_assert(kChunk % kRaceBlock == 0, "chunks must hold whole race blocks");
+
 template <typename T>
-inline ChunkStats chunk_stats(const T* x, int64_t n, int64_t base, float inv_t, bool want_sum) {
+inline ChunkStats chunk_stats(const T* x, int64_t n, int64_t base, float inv_t, bool want_sum,
+                              float* bmax = nullptr, double* bsum = nullptr) {
+  float bm_local[kChunk / kRaceBlock];
+  double bs_local[kChunk / kRaceBlock];
+  if (bmax == nullptr) bmax = bm_local, bsum = bs_local;
   __m256 vmax = _mm256_set1_ps(kNegInf);
   __m256i vidx = _mm256_set1_epi32(-1);
   __m256i cur = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   const __m256i step = _mm256_set1_epi32(8);
-  for (int64_t i = 0; i < n; i += 8) {
-    const __m256 v = clean8(load_any(x + i, n - i, kNegInf));
-    const __m256 gt = _mm256_cmp_ps(v, vmax, _CMP_GT_OQ);  // strict: each lane keeps its first max
-    vmax = _mm256_max_ps(vmax, v);
-    vidx = _mm256_blendv_epi8(vidx, cur, _mm256_castps_si256(gt));
-    cur = _mm256_add_epi32(cur, step);
+  const __m256 it = _mm256_set1_ps(inv_t);
+  alignas(32) float lanes[8];
+  const int64_t nblock = (n + kRaceBlock - 1) / kRaceBlock;
+  for (int64_t k = 0; k < nblock; ++k) {
+    const int64_t g0 = k * kRaceBlock, g1 = std::min(n, g0 + kRaceBlock);
+    __m256 bm = _mm256_set1_ps(kNegInf);
+    for (int64_t i = g0; i < g1; i += 8) {
+      const __m256 v = clean8(load_any(x + i, g1 - i, kNegInf));
+      const __m256 gt = _mm256_cmp_ps(v, vmax, _CMP_GT_OQ);  // strict: each lane keeps its first max
+      vmax = _mm256_max_ps(vmax, v);
+      vidx = _mm256_blendv_epi8(vidx, cur, _mm256_castps_si256(gt));
+      cur = _mm256_add_epi32(cur, step);
+      bm = _mm256_max_ps(bm, v);
+    }
+    if (!want_sum) continue;
+    bmax[k] = hmax8(bm);
+    bsum[k] = 0.0;
+    if (!(bmax[k] > kNegInf)) continue;
+    const __m256 m = _mm256_set1_ps(bmax[k]);
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t i = g0; i < g1; i += 8) {
+      const __m256 v = clean8(load_any(x + i, g1 - i, kNegInf));
+      acc = _mm256_add_ps(acc, exp8(_mm256_mul_ps(_mm256_sub_ps(v, m), it)));
+    }
+    _mm256_store_ps(lanes, acc);
+    for (int l = 0; l < 8; ++l) bsum[k] += double(lanes[l]);
   }
   ChunkStats out{hmax8(vmax), 0, 0.0};
   if (!(out.max > kNegInf)) return out;
@@ -185,17 +215,9 @@ inline ChunkStats chunk_stats(const T* x, int64_t n, int64_t base, float inv_t, 
   for (int l = 0; l < 8; ++l)
     if (mv[l] == out.max && iv[l] >= 0) best = std::min<int64_t>(best, iv[l]);  // lowest id on ties
   out.argmax = base + best;
-  if (want_sum) {
-    const __m256 m = _mm256_set1_ps(out.max), it = _mm256_set1_ps(inv_t);
-    __m256d acc0 = _mm256_setzero_pd(), acc1 = _mm256_setzero_pd();
-    for (int64_t i = 0; i < n; i += 8) {
-      const __m256 v = clean8(load_any(x + i, n - i, kNegInf));
-      const __m256 w = exp8(_mm256_mul_ps(_mm256_sub_ps(v, m), it));
-      acc0 = _mm256_add_pd(acc0, _mm256_cvtps_pd(_mm256_castps256_ps128(w)));
-      acc1 = _mm256_add_pd(acc1, _mm256_cvtps_pd(_mm256_extractf128_ps(w, 1)));
-    }
-    out.z = hsum4d(_mm256_add_pd(acc0, acc1));
-  }
+  if (want_sum)
+    for (int64_t k = 0; k < nblock; ++k)
+      if (bsum[k] > 0.0) out.z += bsum[k] * std::exp((double(bmax[k]) - double(out.max)) * double(inv_t));
   return out;
 }
 
@@ -322,10 +344,7 @@ inline void for_rows(int64_t rows, int64_t row_len, int64_t grain_chunks, F&& fn
 // the block stream, index b). Level 2: inside block b, argmax_j w_j / e_j (index j). Ties go to
 // the lowest index at both levels. A one-level race would need a Philox draw and a log per
 // vocabulary entry, several times the cost of the exp; this needs one sweep of exps (the block
-// sums) plus V / kRaceBlock + kRaceBlock draws.
-constexpr int64_t kRaceBlock = 256;
-static_assert(kChunk % kRaceBlock == 0, "chunks must hold whole race blocks");
-
+// sums) plus V / kRaceBlock + kRaceBlock draws. kRaceBlock is defined with chunk_stats above.
 // e = -log(v), v = (2 * (bits >> 9) + 1) * 2^-24 in (0, 1) (exact in float), for 8 draws.
 inline __m256 exponential8(__m256i bits) {
   const __m256i k = _mm256_or_si256(_mm256_slli_epi32(_mm256_srli_epi32(bits, 9), 1), _mm256_set1_epi32(1));
@@ -375,28 +394,27 @@ inline void store_row(float* out, int64_t j, int64_t n, __m256 v) {
   for (int64_t l = 0; l < n; ++l) out[j + l] = b[l];
 }
 
-// Level-1 weights of the race blocks inside [j0, j1) (j0 a multiple of kRaceBlock): p_sum[k] and,
-// if `resid`, r_sum[k] for block k = j / kRaceBlock (floats summed in double). If probs_out is
-// given, also writes p_j there (the sample op's output distribution).
+// Level-1 weights of the race blocks inside [j0, j1) (j0 a multiple of kRaceBlock): out[k] for
+// block k = j / kRaceBlock, the sum of the residual's weights if `resid`, else of p's (floats
+// summed per lane in float within the block, then in double). If probs_out is given, also
+// writes p_j there (the sample op's output distribution).
 template <typename T, typename Q>
 inline void race_block_sums(const T* x, int64_t j0, int64_t j1, const Weights& w, bool resid, const Q* q,
-                            int64_t vq, int64_t onehot, float* probs_out, double* p_sum, double* r_sum) {
+                            int64_t vq, int64_t onehot, float* probs_out, double* out) {
+  alignas(32) float lanes[8];
   for (int64_t b0 = j0; b0 < j1; b0 += kRaceBlock) {
     const int64_t b1 = std::min(j1, b0 + kRaceBlock);
-    __m256d p_lo = _mm256_setzero_pd(), p_hi = p_lo, r_lo = p_lo, r_hi = p_lo;
+    __m256 acc = _mm256_setzero_ps();
     for (int64_t j = b0; j < b1; j += 8) {
-      const __m256 p = w.p(x, j, b1 - j);
-      if (probs_out) store_row(probs_out, j, b1 - j, p);
-      p_lo = _mm256_add_pd(p_lo, _mm256_cvtps_pd(_mm256_castps256_ps128(p)));
-      p_hi = _mm256_add_pd(p_hi, _mm256_cvtps_pd(_mm256_extractf128_ps(p, 1)));
-      if (resid) {
-        const __m256 r = Weights::residual(p, q, vq, onehot, j);
-        r_lo = _mm256_add_pd(r_lo, _mm256_cvtps_pd(_mm256_castps256_ps128(r)));
-        r_hi = _mm256_add_pd(r_hi, _mm256_cvtps_pd(_mm256_extractf128_ps(r, 1)));
-      }
+      __m256 wt = w.p(x, j, b1 - j);
+      if (probs_out) store_row(probs_out, j, b1 - j, wt);
+      if (resid) wt = Weights::residual(wt, q, vq, onehot, j);
+      acc = _mm256_add_ps(acc, wt);
     }
-    p_sum[b0 / kRaceBlock] = hsum4d(_mm256_add_pd(p_lo, p_hi));
-    if (resid) r_sum[b0 / kRaceBlock] = hsum4d(_mm256_add_pd(r_lo, r_hi));
+    _mm256_store_ps(lanes, acc);
+    double sum = 0.0;
+    for (int l = 0; l < 8; ++l) sum += double(lanes[l]);
+    out[b0 / kRaceBlock] = sum;
   }
 }
 

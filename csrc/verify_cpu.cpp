@@ -7,8 +7,8 @@
 //  2. the acceptance test: a few scalars (the draft's logit, its draft probability, one Philox
 //     uniform). A rejection or the bonus position stops the row: later positions are not read;
 //  3. at the stop position, one pass over the vocabulary: the block sums of the two-level
-//     exponential race for the residual (after a rejection) and for p (bonus token / zero
-//     residual) at once, then the race over blocks and the race inside the winning block.
+//     exponential race for the residual (after a rejection) or for p (bonus token; also the
+//     rare residual without mass), then the race over blocks and inside the winning block.
 // Rows are the parallel unit when there are enough of them (one parallel region per call, rows
 // handed out dynamically since their chains differ in length); otherwise vocabulary chunks are.
 // Nothing of size [B, K+1, V] is allocated; logits are read as they are (fp32/fp16/bf16).
@@ -75,7 +75,9 @@ std::tuple<at::Tensor, at::Tensor> verify_cpu(const at::Tensor& target_logits_in
   std::vector<PosStats> stats(B * K1);
   std::vector<ChunkStats> parts(B * nchunk);
   const int64_t nblock = (Vt + kRaceBlock - 1) / kRaceBlock;
-  std::vector<double> block_sums(2 * B * nblock);  // per row: p's block sums, then the residual's
+  std::vector<double> block_sums(B * nblock);  // per row: the race's block sums (residual's or p's)
+  std::vector<float> bmax(B * nblock);          // per row, latest position: each block's max logit
+  std::vector<double> bsum(B * nblock);         // ... and its sum of exp((x - block max) / t)
   const int64_t grain_chunks = std::max<int64_t>(1, 32768 / std::min(Vt, kChunk));  // tiny inputs: one thread
   int64_t* out = out_ids.data_ptr<int64_t>();
   int32_t* na = num_acc.data_ptr<int32_t>();
@@ -99,11 +101,13 @@ std::tuple<at::Tensor, at::Tensor> verify_cpu(const at::Tensor& target_logits_in
         // rejection, or the bonus position, stops the row; later positions are never read.
         for (int64_t pos = 0; pos <= r.n_drafts; ++pos) {
           const T* x = L + (b * K1 + pos) * Vt;
-          // the softmax denominator is needed to test a draft; the bonus race is scale-free
-          const bool want_sum = !r.greedy && !r.filtered && pos < r.n_drafts;
+          // sampled rows: the softmax denominator (to test a draft) and the block sums that the
+          // race needs if this position turns out to be the stop (filtered rows: filter_stats)
+          const bool want_sum = !r.greedy && !r.filtered;
           exec(nchunk, [&](int64_t c) {
-            const int64_t j0 = c * kChunk;
-            cs[c] = chunk_stats(x + j0, std::min(kChunk, Vt - j0), j0, r.inv_t_f, want_sum);
+            const int64_t j0 = c * kChunk, nb0 = j0 / kRaceBlock;
+            cs[c] = chunk_stats(x + j0, std::min(kChunk, Vt - j0), j0, r.inv_t_f, want_sum,
+                                &bmax[b * nblock + nb0], &bsum[b * nblock + nb0]);
           });
           PosStats& st = stats[b * K1 + pos];
           st = merge_chunks(cs, nchunk, r.inv_t);
@@ -150,23 +154,40 @@ std::tuple<at::Tensor, at::Tensor> verify_cpu(const at::Tensor& target_logits_in
           out[b * K1 + s] = st.argmax;
           return;
         }
-        // The two-level race at the stop position, for the residual and for p at once: block
-        // sums in one sweep (chunks in parallel), then the block race and the race inside the
-        // winning block (a few hundred draws, serial).
+        // The two-level race at the stop position: block sums of the residual (after a
+        // rejection) or of p, then the block race and the race inside the winning block (a few
+        // hundred draws, serial). Unfiltered rows have p's block sums from the statistics pass;
+        // only a residual against draft_probs (or a top-k/top-p row) needs a sweep over the row.
         const T* x = L + (b * K1 + s) * Vt;
         const Q* q = (resid && Qp) ? Qp + (b * K + s) * Vd : nullptr;
         const int64_t d = resid ? dr[b * K + s] : -1;
         const Weights w(st, r.inv_t_f);
-        double* p_sum = &block_sums[(2 * b) * nblock];
-        double* r_sum = &block_sums[(2 * b + 1) * nblock];
-        exec(nchunk, [&](int64_t c) {
-          const int64_t j0 = c * kChunk, j1 = std::min(Vt, j0 + kChunk);
-          race_block_sums<T, Q>(x, j0, j1, w, resid, q, Vd, d, nullptr, p_sum, r_sum);
-        });
-        // residual mass 0 (p == q up to rounding): sample from p, as the reference does
-        const bool use_r = resid && std::any_of(r_sum, r_sum + nblock, [](double v) { return v > 0.0; });
-        const int64_t k = race_blocks(use_r ? r_sum : p_sum, nblock,
-                                      PhiloxKey(rp.seed[b], rp.offset[b], kStreamResampleBlock, s));
+        double* sums = &block_sums[b * nblock];
+        auto sweep = [&](bool of_resid) {  // block sums of the residual or of p, chunks in parallel
+          exec(nchunk, [&](int64_t c) {
+            const int64_t j0 = c * kChunk, j1 = std::min(Vt, j0 + kChunk);
+            race_block_sums<T, Q>(x, j0, j1, w, of_resid, q, Vd, d, nullptr, sums);
+          });
+        };
+        auto block_of_d = [&](bool of_resid) {  // one block: d's, as the residual or as p
+          const int64_t j0 = d / kRaceBlock * kRaceBlock;
+          race_block_sums<T, Q>(x, j0, std::min(Vt, j0 + kRaceBlock), w, of_resid, q, Vd, d, nullptr, sums);
+        };
+        const bool reuse = !r.filtered && q == nullptr;
+        if (reuse) {
+          for (int64_t k = 0; k < nblock; ++k)  // p's block sums, normalised like Weights
+            sums[k] = bsum[b * nblock + k] > 0.0
+                          ? bsum[b * nblock + k] *
+                                std::exp((double(bmax[b * nblock + k]) - double(st.max)) * r.inv_t) / st.z
+                          : 0.0;
+          if (resid) block_of_d(true);  // one-hot q: the residual is p without d
+        } else {
+          sweep(resid);
+        }
+        // residual mass 0 (p == q up to rounding): sample from p, as the reference does (rare)
+        const bool use_r = resid && std::any_of(sums, sums + nblock, [](double v) { return v > 0.0; });
+        if (resid && !use_r) reuse ? block_of_d(false) : sweep(false);
+        const int64_t k = race_blocks(sums, nblock, PhiloxKey(rp.seed[b], rp.offset[b], kStreamResampleBlock, s));
         const int64_t tok = k < 0 ? -1 : race_in_block<T, Q>(x, Vt, k, w, use_r, q, Vd, d,
                                                              PhiloxKey(rp.seed[b], rp.offset[b], kStreamResample, s));
         out[b * K1 + s] = tok >= 0 ? tok : st.argmax;  // tok < 0 only if rounding zeroed every weight

@@ -3,12 +3,15 @@
 // Per row the work is a chain: position i only matters if drafts 0..i-1 were accepted. So each
 // row walks its positions in order:
 //  1. statistics of (row, pos): max / argmax / softmax denominator in one streaming pass over
-//     vocabulary chunks (rows with top-k/top-p also get their kept threshold from a scratch copy);
+//     vocabulary chunks, kept per 256-id block too (rows with top-k/top-p also get their kept
+//     threshold from a scratch copy);
 //  2. the acceptance test: a few scalars (the draft's logit, its draft probability, one Philox
 //     uniform). A rejection or the bonus position stops the row: later positions are not read;
-//  3. at the stop position, one pass over the vocabulary: the block sums of the two-level
-//     exponential race for the residual (after a rejection) or for p (bonus token; also the
-//     rare residual without mass), then the race over blocks and inside the winning block.
+//  3. at the stop position, the two-level exponential race (sampling_common.h) for the residual
+//     (after a rejection) or for p (bonus token; also the rare residual without mass): its block
+//     sums come from step 1's per-block statistics, except after rejecting a draft that has
+//     draft_probs (residual max(0, p - q): one more pass, reading q) and for top-k/top-p rows;
+//     then the race over blocks and the race inside the winning block.
 // Rows are the parallel unit when there are enough of them (one parallel region per call, rows
 // handed out dynamically since their chains differ in length); otherwise vocabulary chunks are.
 // Nothing of size [B, K+1, V] is allocated; logits are read as they are (fp32/fp16/bf16).

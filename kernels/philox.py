@@ -50,15 +50,15 @@ def philox_bits(seed, offset, stream: tl.constexpr, position, index):
 
     seed, offset: int64 scalars or blocks (any bit pattern); position, index: integer scalars or
     blocks (position keeps its low 16 bits, index its low 32 bits)."""
-    seed = tl.to_tensor(seed).to(tl.int64)
-    offset = tl.to_tensor(offset).to(tl.int64)
+    seed = tl.cast(seed, tl.int64)
+    offset = tl.cast(offset, tl.int64)
     # int64 -> uint32 truncates, so (x >> 32) keeps bits 32..63 whatever the sign of x.
     k0 = seed.to(tl.uint32)
     k1 = (seed >> 32).to(tl.uint32)
     c2 = offset.to(tl.uint32)
     c3 = (offset >> 32).to(tl.uint32)
-    c1 = ((tl.to_tensor(position).to(tl.int32) & 0xFFFF) | (stream << 16)).to(tl.uint32)
-    c0 = tl.to_tensor(index).to(tl.int64).to(tl.uint32)
+    c1 = ((tl.cast(position, tl.int32) & 0xFFFF) | (stream << 16)).to(tl.uint32)
+    c0 = tl.cast(index, tl.int64).to(tl.uint32)
     # broadcast the counter words to a common shape before the rounds
     zero = c0 ^ c0
     r0, _, _, _ = philox4x32_10(c0, c1 ^ zero, c2 ^ zero, c3 ^ zero, k0 ^ zero, k1 ^ zero)

@@ -415,3 +415,50 @@ def test_sample_large_vocab():
     logits = torch.randn(2, 32003, generator=g).to(DEV)
     params = [p.to(DEV) for p in _params(2, g, top_k=[0, 50])]
     _check_sample(logits, params)
+
+
+@pytest.mark.skipif(DEV == "cuda", reason="on a GPU every other test compiles the kernels already")
+def test_triton_compiles_for_sm90(tmp_path):
+    """The interpreter accepts code that the compiler rejects: record the launches of a few calls
+    (every kernel; fp32 and bf16 logits; with and without draft_probs and top-k/top-p) and compile
+    each for sm_90 in a child process with the interpreter off (tests/triton_compile.py)."""
+    import json
+    import subprocess
+    import sys
+
+    from triton.runtime import interpreter
+
+    from triton_compile import describe_launch
+
+    launches = {}
+    run = interpreter.InterpretedFunction.run
+
+    def recording_run(self, *args, **kwargs):
+        launches[json.dumps(describe_launch(self.fn, args, kwargs), sort_keys=True, default=str)] = 1
+        return run(self, *args, **kwargs)
+
+    g = torch.Generator().manual_seed(5)
+    B, K, V = 2, 2, 600
+    params = _params(B, g, greedy=(0,))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(interpreter.InterpretedFunction, "run", recording_run)
+        for dtype in (torch.float32, torch.bfloat16):
+            logits = torch.randn(B, K + 1, V, generator=g).to(dtype)
+            q = torch.softmax(torch.randn(B, K, V, generator=g), -1)
+            drafts = torch.randint(0, V, (B, K), generator=g)
+            t, _, _, seed, offset = params
+            for draft_probs in (q, None):
+                for top_k, top_p in ((None, None), (torch.tensor([0, 5]), torch.tensor([1.0, 0.9]))):
+                    kverify.verify(logits, drafts, draft_probs, t, top_k, top_p, seed, offset)
+            ksample.sample(logits[:, 0], t, None, None, seed, offset)
+            ksample.sample(logits[:, 0], t, torch.tensor([0, 5]), torch.tensor([1.0, 0.9]), seed, offset)
+    assert len(launches) >= 6  # every kernel at least once
+    path = tmp_path / "launches.json"
+    path.write_text(json.dumps([json.loads(k) for k in launches]))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")  # compile for real, not from a cache
+    here = os.path.dirname(os.path.abspath(__file__))
+    proc = subprocess.run([sys.executable, os.path.join(here, "triton_compile.py"), str(path)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert f"{len(launches)} compiled, 0 failed" in proc.stdout

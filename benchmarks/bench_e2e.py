@@ -171,15 +171,17 @@ def run_hf(model, prompts, *, batch, max_new, sampled, temperature, seed, kwargs
                 out = model.generate(input_ids=ids, attention_mask=mask, **gen)
             times.append(time.perf_counter() - t0)
             if counter:
-                steps += counter.n - n0 - 1  # minus the prefill
+                steps += counter.n - n0  # every forward, the prefill included (it emits a token too)
             tokens += sum(_count_new(r[L:].tolist(), eos) for r in out)
     finally:
         if counter:
             counter.close()
     stats = {}
-    if count_steps and steps > 0:
-        # rows of a batch step together: tokens per row-step
-        stats["tokens_per_step"] = tokens / (steps * batch) if batch == 1 else None
+    if count_steps and steps > 0 and batch == 1:
+        # tokens per target forward, the prefill included: plain decoding emits one token per forward
+        # (the prefill's included), and prompt lookup's first forward verifies candidates too. Same
+        # count as specdec's GenerationStats.tokens_per_step.
+        stats["tokens_per_step"] = tokens / steps
     return tokens, times, stats
 
 
@@ -268,7 +270,9 @@ def build_parser():
     p.add_argument("--model-draft-tokens", type=int, default=4, help="K for early-exit / model drafters")
     p.add_argument("--early-exit-layers", type=int, default=None, help="default: a quarter of the target's")
     p.add_argument("--temperature", type=float, default=0.7, help="for sampled mode (default 0.7)")
-    p.add_argument("--repeats", type=int, default=1, help="passes over the prompt set per configuration")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="passes over the prompt set per configuration; pass r uses seed + 1000 r, so sampled "
+                        "rows average over r draws (default 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backend", default="auto",
                    help="specdec ops backend (auto, cpp, triton, reference); auto falls back to the reference "
@@ -438,8 +442,6 @@ def _jobs(providers, batches, modes, dt, args, L):
                     continue
                 if batch > 1 and name in HF_BATCH1_ONLY:
                     continue
-                if name == "specdec-ngram-adaptive" and (batch > 1 and mode == "sampled"):
-                    continue
                 if "early-exit" in name and mode == "sampled" and not args.quick:
                     continue  # greedy already shows its acceptance; it is the slowest provider here
                 K = args.draft_tokens if ("ngram" in name or "prompt-lookup" in name) else \
@@ -464,8 +466,9 @@ def _run(name, model, assistant, prompts, batch, sampled, K, L, args):
                      "hf-assistant": {"assistant_model": assistant, "num_assistant_tokens": K,
                                       "num_assistant_tokens_schedule": "constant"}}[name]
         run_hf(model, prompts[:1], **{**kw, "max_new": 4, "batch": 1}, kwargs=hf_kwargs, count_steps=False)
-        res = [run_hf(model, prompts, **kw, kwargs=hf_kwargs, count_steps=name in ("hf", "hf-prompt-lookup"))
-               for _ in range(reps)]
+        res = [run_hf(model, prompts, **{**kw, "seed": args.seed + 1000 * rep}, kwargs=hf_kwargs,
+                      count_steps=name in ("hf", "hf-prompt-lookup"))
+               for rep in range(reps)]
     else:
         drafter = {"specdec-none": "none", "specdec-ngram": "ngram", "specdec-ngram-adaptive": "ngram",
                    "specdec-early-exit": "early-exit", "specdec-model": assistant}[name]
@@ -474,11 +477,24 @@ def _run(name, model, assistant, prompts, batch, sampled, K, L, args):
         if name == "specdec-early-exit":
             from specdec.generator import SpeculativeGenerator  # noqa: F401
         run_specdec(model, prompts[:1], **{**kw, "max_new": 4, "batch": 1}, **skw)
-        res = [run_specdec(model, prompts, **kw, **skw) for _ in range(reps)]
+        res = [run_specdec(model, prompts, **{**kw, "seed": args.seed + 1000 * rep}, **skw) for rep in range(reps)]
     tokens = sum(r[0] for r in res)
     times = [t for r in res for t in r[1]]
-    stats = res[-1][2]
+    stats = _merge_stats(res)
     return tokens, times, stats
+
+
+def _merge_stats(res):
+    """Token-weighted means of the per-pass stats (passes differ in seeds when sampling)."""
+    out = {}
+    for key in ("acceptance_rate", "tokens_per_step"):
+        vals = [(r[2].get(key), r[0]) for r in res if r[2].get(key) is not None]
+        if vals:
+            if key == "tokens_per_step":  # tokens / steps: weight the steps, i.e. tokens / value
+                out[key] = sum(n for _, n in vals) / sum(n / v for v, n in vals)
+            else:
+                out[key] = sum(v * n for v, n in vals) / sum(n for _, n in vals)
+    return out
 
 
 def _load(args, dt, device):

@@ -48,8 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=0, help="0 = off")
     gen.add_argument("--top-p", type=float, default=1.0, help="1.0 = off")
     gen.add_argument("--num-draft-tokens", "-k", type=int, default=None,
-                     help="initial draft length K (default 10 for n-gram, 4 for model drafters)")
-    gen.add_argument("--no-adaptive", action="store_true", help="keep K fixed instead of adapting it per row")
+                     help="K, the most drafts per row and step (default 10 for n-gram, 4 for model drafters)")
+    gen.add_argument("--no-adaptive", action="store_true",
+                     help="draft K tokens every step instead of choosing the width per step from the measured "
+                          "forward cost and acceptance")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--raw", action="store_true", help="do not wrap prompts in the model's chat template")
     gen.add_argument("--show-acceptance", action="store_true",

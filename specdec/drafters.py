@@ -9,8 +9,9 @@ The generator owns the token history and calls, once per speculative step:
 plus ``start(state)`` once after the target's prefill and ``select_rows(index)`` when rows leave.
 ``state`` is a :class:`DraftState` view of the generator's batch.
 
-* :class:`NGramDrafter` - prompt lookup: copies the continuation of the latest earlier occurrence of
-  the last n tokens (prompt and generated text). No model; ``probs`` is None (deterministic drafts).
+* :class:`NGramDrafter` - prompt lookup: copies the continuation of an earlier occurrence of the last
+  n tokens (prompt and generated text; the longest continuation, then the most recent). No model;
+  ``probs`` is None (deterministic drafts).
 * :class:`ModelDrafter` - a smaller HF model with its own ragged KV cache and O(1) per-row rollback.
 * :class:`EarlyExitDrafter` - the target's first N layers plus its final norm and head, sharing the
   target's weights (a view, no copy) and its KV cache (``DraftState.cache``), so it needs no prefill.
@@ -62,6 +63,17 @@ class Draft(NamedTuple):
     token_ids: torch.Tensor  # [B, K] int64 on the target device; -1 after each row's last draft
     probs: torch.Tensor | None  # [B, K, Vd] fp32: the distribution each draft was sampled from; None = one-hot
     num_drafted: np.ndarray  # [B] int64 host: real drafts per row (<= K)
+    # [B] int64 host, optional: a small class describing how each row's drafts were found (n-gram
+    # drafter: the matched n-gram's length, 0 = no match). The generator's draft-length policy keeps
+    # acceptance statistics per class; None = one class.
+    match: np.ndarray | None = None
+
+    def truncate(self, width: int) -> "Draft":
+        """The first ``width`` drafts of every row (``width <= K``)."""
+        if width >= self.token_ids.shape[1]:
+            return self
+        probs = None if self.probs is None else self.probs[:, :width]
+        return Draft(self.token_ids[:, :width], probs, np.minimum(self.num_drafted, width), self.match)
 
 
 def _empty_draft(batch: int, device) -> Draft:
@@ -73,6 +85,13 @@ class Drafter:
 
     #: True when ``propose`` can return draft probabilities (model drafters when sampling).
     stochastic = False
+    #: True when proposing costs next to nothing whatever the length (no model runs): the generator
+    #: then asks for the longest drafts and cuts them to the width its policy picks, knowing each
+    #: row's available draft length. False: the generator picks the width first and asks for that.
+    cheap = False
+    #: True when ``propose`` reads the target's KV cache (``DraftState.cache``): the first proposal
+    #: then waits for the target's prefill, and ``start`` is called after it.
+    needs_target_cache = False
 
     def start(self, state: DraftState) -> None:
         """Called once per batch, after the target's prefill, with the prompts in ``state``."""
@@ -91,23 +110,36 @@ class Drafter:
 
 
 class NGramDrafter(Drafter):
-    """Prompt-lookup drafting: find the latest earlier occurrence of the row's last ``n`` tokens
-    (``n`` from ``max_ngram`` down to ``min_ngram``) and propose the tokens that followed it.
+    """Prompt-lookup drafting: find an earlier occurrence of the row's last ``n`` tokens (``n`` from
+    ``max_ngram`` down to ``min_ngram``; the longest ``n`` that occurs wins) and propose the tokens that
+    followed it.
+
+    Among the occurrences of that n-gram, the one with the longest continuation (up to the draft
+    length) wins, and among those the most recent (``prefer="recent"``, default) or the earliest
+    (``prefer="earliest"``, Hugging Face's choice). An occurrence close to the end of the text has a
+    short continuation (it stops at the pending token); Hugging Face's prompt lookup takes the
+    earliest occurrence with any continuation. On input-grounded prompts (the e2e benchmark), the
+    longest-then-most-recent rule gains more tokens per target step than either earliest or latest.
 
     Works on the host copy of the tokens the generator already keeps, so it costs no device work
     and no synchronisation; rows without a match draft nothing (their step is a plain decode step).
     """
 
-    def __init__(self, max_ngram: int = 3, min_ngram: int = 1):
+    cheap = True
+
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 1, prefer: str = "recent"):
         if not 1 <= min_ngram <= max_ngram:
             raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
-        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+        if prefer not in ("recent", "earliest"):
+            raise ValueError(f"prefer must be 'recent' or 'earliest', got {prefer!r}")
+        self.max_ngram, self.min_ngram, self.prefer = max_ngram, min_ngram, prefer
 
-    def lookup(self, tokens: np.ndarray, max_tokens: int) -> np.ndarray:
-        """Continuation (up to ``max_tokens`` ids, possibly empty) for one row's ``tokens`` [L] int64."""
+    def match(self, tokens: np.ndarray, max_tokens: int) -> tuple[int, int]:
+        """``(start, n)``: where the chosen continuation starts in ``tokens`` [L] and the length of the
+        matched n-gram; ``(-1, 0)`` when nothing matches (or ``max_tokens <= 0``)."""
         length = tokens.shape[0]
         if max_tokens <= 0:
-            return tokens[:0]
+            return -1, 0
         for n in range(min(self.max_ngram, length - 1), self.min_ngram - 1, -1):
             suffix = tokens[length - n:]
             # windows start at p = 0 .. L-1-n, so the match is followed by at least one token and is
@@ -115,21 +147,36 @@ class NGramDrafter(Drafter):
             windows = np.lib.stride_tricks.sliding_window_view(tokens[: length - 1], n)
             hits = np.flatnonzero((windows == suffix).all(axis=1))
             if hits.size:
-                start = int(hits[-1]) + n
-                return tokens[start: min(start + max_tokens, length)]
-        return tokens[:0]
+                starts = hits + n
+                cont = np.minimum(length - starts, max_tokens)
+                best = np.flatnonzero(cont == cont.max())
+                return int(starts[best[-1] if self.prefer == "recent" else best[0]]), n
+        return -1, 0
+
+    def lookup(self, tokens: np.ndarray, max_tokens: int) -> np.ndarray:
+        """Continuation (up to ``max_tokens`` ids, possibly empty) for one row's ``tokens`` [L] int64."""
+        start, _ = self.match(tokens, max_tokens)
+        if start < 0:
+            return tokens[:0]
+        return tokens[start: min(start + max_tokens, tokens.shape[0])]
 
     def propose(self, state: DraftState) -> Draft:
         batch = state.lengths.shape[0]
-        conts = [self.lookup(state.tokens[b, : state.lengths[b]], int(state.max_drafts[b])) for b in range(batch)]
-        num = np.array([c.shape[0] for c in conts], dtype=np.int64)
+        num = np.zeros(batch, dtype=np.int64)
+        match = np.zeros(batch, dtype=np.int64)
+        starts = np.full(batch, -1, dtype=np.int64)
+        for b in range(batch):
+            length, k = int(state.lengths[b]), int(state.max_drafts[b])
+            start, n = self.match(state.tokens[b, :length], k)
+            if start >= 0:
+                starts[b], match[b], num[b] = start, n, min(k, length - start)
         width = int(num.max()) if batch else 0
         if width == 0:
-            return _empty_draft(batch, state.device)
+            return _empty_draft(batch, state.device)._replace(match=match)
         host = np.full((batch, width), -1, dtype=np.int64)
-        for b, c in enumerate(conts):
-            host[b, : c.shape[0]] = c
-        return Draft(torch.from_numpy(host).to(state.device, non_blocking=True), None, num)
+        for b in np.flatnonzero(num):
+            host[b, : num[b]] = state.tokens[b, starts[b]: starts[b] + num[b]]
+        return Draft(torch.from_numpy(host).to(state.device, non_blocking=True), None, num, match)
 
 
 def _forward(model, cache, input_ids: torch.Tensor) -> torch.Tensor:
@@ -296,6 +343,8 @@ class EarlyExitDrafter(ModelDrafter):
     target's verification forward overwrites the drafted slots. ``accept``/``select_rows`` have
     nothing to do: the generator rolls back and selects rows of its own cache.
     """
+
+    needs_target_cache = True
 
     def __init__(self, target, num_layers: int | None = None, vocab_size: int | None = None):
         total = len(target.model.layers)

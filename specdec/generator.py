@@ -8,10 +8,33 @@ One step for B live rows (each row's last token, the *pending* one, is not in th
     cache.rollback(kept prefix per row)                # O(1), no re-prefill
     one host copy of (out, n)                          # the only synchronisation per step
 
+The first step is the prefill: the prompts (left padded to a common width) and the drafts proposed
+from them go through one forward, so the prefill already emits tokens (like Hugging Face's assisted
+generation, whose first forward verifies candidates too). Drafters that read the target's cache
+(early exit) start drafting at the second step.
+
 Rows that hit EOS or their token budget leave the batch (``select_rows``) without stalling the
-others. The draft length adapts per row (grow by 2 after a fully accepted draft, shrink by 1 after
-a rejection), so a row's tokens never depend on the other rows of its batch: with the per-row seeds
-of :func:`specdec.ops.row_seeds`, a prompt gives the same tokens in a batch of 1 and of 8.
+others.
+
+Draft length. A forward over q positions of B rows costs more than one over 1 position, by a factor
+that depends on the device and the batch (on a 2-core CPU, q=11 costs ~2x q=1 at B=1 but ~3.6x
+at B=8), so no fixed K is right everywhere. With ``adaptive=True`` (default) a
+:class:`DraftLengthPolicy` picks each step's width w <= K (the forward's q = w + 1) maximising
+
+    expected tokens emitted by the batch / predicted cost of the forward
+
+from two online estimates: :class:`AcceptanceModel` (per class of row: the drafter's match class and
+the row's previous outcome, the probability that draft i is accepted) and :class:`ForwardCostModel`
+(measured forward times against the tokens processed, B * q). Every row drafts up to w tokens
+(padding positions of a narrower row cost the same). ``adaptive=False`` drafts K every step (a row
+with a shorter proposal drafts fewer).
+
+Exactness does not depend on the draft lengths: the drafts are chosen before the step's random
+numbers are drawn, so greedy rows emit the target's greedy tokens and sampled rows the target's
+distribution whatever the policy. With a fixed K a row's drafts depend only on its own tokens, so
+with the per-row seeds of :func:`specdec.ops.row_seeds` a sampled prompt gives the same tokens in a
+batch of 1 and of 8; with the adaptive width (shared by the batch) it gives tokens from the same
+distribution, not the same tokens.
 """
 from __future__ import annotations
 
@@ -26,7 +49,151 @@ from specdec.drafters import Draft, Drafter, DraftState, make_drafter
 from specdec.models import check_compatible, model_vocab_size
 
 _DRAFTER_NAMES = ("ngram", "n-gram", "prompt-lookup", "early-exit", "earlyexit", "self", "none")
-MAX_DRAFT_TOKENS = 32  # cap for adaptive growth (drafters derive sampling offsets with K < 64)
+MAX_DRAFT_TOKENS = 32  # cap for K (drafters derive sampling offsets with K < 64)
+
+
+class ForwardCostModel:
+    """Online estimate of one target forward's wall time against the tokens it processes, N = B * q.
+
+    Keeps an exponential moving average of the measured seconds for every N seen. ``predict(N)``
+    multiplies a prior shape, ``1 + N / knee`` (the fixed cost of reading the weights plus a per-token
+    cost; ``knee`` = 16 tokens on CPU, 256 on GPU), by the measured/prior ratio interpolated between
+    the nearest measured N below and above (or taken from the nearest one outside that range). Only
+    ratios of predictions matter to the policy, so the unit is irrelevant before any measurement.
+    """
+
+    def __init__(self, device_type: str = "cpu", *, knee: float | None = None, alpha: float = 0.3):
+        self.knee = float(knee if knee is not None else (16.0 if device_type == "cpu" else 256.0))
+        self.alpha = alpha
+        self.seconds: dict[int, float] = {}
+        self._keys: list[int] = []
+
+    def prior(self, n: int) -> float:
+        return 1.0 + n / self.knee
+
+    def observe(self, n: int, seconds: float) -> None:
+        old = self.seconds.get(n)
+        if old is None:
+            import bisect
+
+            bisect.insort(self._keys, n)
+            self.seconds[n] = seconds
+        else:
+            self.seconds[n] = old + self.alpha * (seconds - old)
+
+    def predict(self, n: int) -> float:
+        keys = self._keys
+        if not keys:
+            return self.prior(n)
+        import bisect
+
+        i = bisect.bisect_left(keys, n)
+        ratio = lambda k: self.seconds[k] / self.prior(k)  # noqa: E731
+        if i < len(keys) and keys[i] == n:
+            return self.seconds[n]
+        if i == 0:
+            r = ratio(keys[0])
+        elif i == len(keys):
+            r = ratio(keys[-1])
+        else:
+            lo, hi = keys[i - 1], keys[i]
+            r = ratio(lo) + (ratio(hi) - ratio(lo)) * (n - lo) / (hi - lo)
+        return r * self.prior(n)
+
+
+class AcceptanceModel:
+    """Online estimate of how many drafts a row accepts, per class of row.
+
+    For each class key and draft position i it counts how often position i was reached (drafted,
+    with every draft before it accepted) and accepted there. The conditional acceptance rate at i is
+    ``(accepted_i + weight * rate_{i-1}) / (reached_i + weight)``, with ``rate_{-1} = prior``: a
+    position seldom reached borrows the rate of the one before it, so a class that accepts its first
+    drafts keeps a hopeful estimate of the deeper ones until they are tried. ``survival(key)[i]``, the
+    probability of accepting more than i drafts, is the running product of the rates.
+    """
+
+    def __init__(self, max_drafts: int = MAX_DRAFT_TOKENS, *, prior: float = 0.5, weight: float = 2.0):
+        self.max_drafts, self.prior, self.weight = max_drafts, prior, weight
+        self.counts: dict = {}  # key -> [accepted [K], reached [K]] float64
+        self._cache: dict = {}
+
+    def survival(self, key) -> np.ndarray:
+        out = self._cache.get(key)
+        if out is None:
+            t = self.counts.get(key)
+            rates = np.empty(self.max_drafts)
+            rate, w = self.prior, self.weight
+            for i in range(self.max_drafts):
+                if t is not None:
+                    rate = (t[0][i] + w * rate) / (t[1][i] + w)
+                rates[i] = rate
+            out = self._cache[key] = np.cumprod(rates)
+        return out
+
+    def observe(self, key, drafted: int, accepted: int) -> None:
+        """One row's step: ``drafted`` drafts, the first ``accepted`` of them accepted."""
+        if drafted <= 0:
+            return
+        t = self.counts.get(key)
+        if t is None:
+            t = self.counts[key] = [np.zeros(self.max_drafts), np.zeros(self.max_drafts)]
+        reached = min(accepted + 1, drafted)  # positions 0..accepted were tried (the last one failed)
+        t[1][:reached] += 1
+        t[0][:accepted] += 1
+        self._cache.pop(key, None)
+
+
+class DraftLengthPolicy:
+    """Chooses each step's draft width w (the forward's q = w + 1) for the whole batch: the w in
+    ``0..max(available)`` maximising ``sum_b E_b(w) / (cost(B * (w + 1)) + w * draft_cost)``.
+
+    ``E_b(w) = 1 + sum_{i < min(w, available_b)} survival_b[i]`` is row b's expected emitted tokens
+    (:class:`AcceptanceModel`, keyed by the row's class), ``cost`` the :class:`ForwardCostModel`
+    prediction, ``draft_cost`` the measured seconds per draft position of a drafter that runs a model
+    (0 for the n-gram drafter). Row classes: ``(sampled, match class, previous outcome)`` with the
+    previous outcome 0 = no drafts last step, 1 = none accepted, 2 = some, 3 = all.
+    """
+
+    NO_DRAFT, REJECTED, PARTIAL, ALL = 0, 1, 2, 3
+
+    def __init__(self, device_type: str = "cpu"):
+        self.cost = ForwardCostModel(device_type)
+        self.acceptance = AcceptanceModel()
+        self.draft_cost = 0.0  # seconds per draft position (EMA), model drafters only
+
+    @staticmethod
+    def keys(sampled: bool, match: np.ndarray | None, previous: np.ndarray) -> np.ndarray:
+        m = np.zeros_like(previous) if match is None else np.minimum(match, 9)
+        return int(sampled) * 100 + m * 10 + previous
+
+    def width(self, available: np.ndarray, keys: np.ndarray) -> int:
+        """The width for rows with ``available[b]`` possible drafts and class ``keys[b]``."""
+        batch = available.shape[0]
+        top = int(min(available.max(initial=0), self.acceptance.max_drafts))
+        if batch == 0 or top == 0:
+            return 0
+        ws = np.arange(top + 1)
+        expected = np.full(top + 1, float(batch))
+        for key in np.unique(keys):
+            cum = np.concatenate([[0.0], np.cumsum(self.acceptance.survival(int(key))[:top])])
+            avail = np.minimum(available[keys == key], top)
+            expected += cum[np.minimum(ws[None, :], avail[:, None])].sum(axis=0)
+        cost = np.array([self.cost.predict(batch * (w + 1)) for w in ws]) + ws * self.draft_cost
+        return int(np.argmax(expected / cost))
+
+    def observe(self, keys: np.ndarray, drafted: np.ndarray, accepted: np.ndarray) -> np.ndarray:
+        """Count one step's outcomes; returns each row's previous-outcome code for the next step."""
+        previous = np.full(drafted.shape[0], self.NO_DRAFT, dtype=np.int64)
+        for b in np.flatnonzero(drafted):
+            d, a = int(drafted[b]), int(min(accepted[b], drafted[b]))
+            self.acceptance.observe(int(keys[b]), d, a)
+            previous[b] = self.ALL if a == d else (self.REJECTED if a == 0 else self.PARTIAL)
+        return previous
+
+    def observe_draft_time(self, width: int, seconds: float) -> None:
+        if width > 0:
+            per = seconds / width
+            self.draft_cost = per if self.draft_cost == 0 else self.draft_cost + 0.3 * (per - self.draft_cost)
 
 
 class Chunk(NamedTuple):
@@ -54,14 +221,14 @@ class GenerationStats:
 
     num_sequences: int = 0
     generated_tokens: int = 0  # tokens emitted (EOS included), not characters
-    target_steps: int = 0  # batched target forwards after the prefill
+    target_steps: int = 0  # batched target forwards, the prefill included (it verifies drafts and emits too)
     row_steps: int = 0  # sum over target steps of the live rows
     drafted_tokens: int = 0
     accepted_tokens: int = 0
     drafted_per_position: list = field(default_factory=list)  # [i]: drafts at position i
     accepted_per_position: list = field(default_factory=list)  # [i]: of those, accepted
-    prefill_time: float = 0.0
-    target_time: float = 0.0  # target forwards + verification
+    prefill_time: float = 0.0  # the first forward (prompts + drafts from them) and its verification
+    target_time: float = 0.0  # the later target forwards + verification
     drafter_time: float = 0.0  # drafter prefill + proposals + rollbacks
     total_time: float = 0.0
     drafter: str = ""
@@ -72,7 +239,7 @@ class GenerationStats:
 
     @property
     def tokens_per_step(self) -> float:
-        """Mean tokens a row gains per target forward (1.0 = plain decoding)."""
+        """Mean tokens a row gains per target forward, the prefill included (1.0 = plain decoding)."""
         return self.generated_tokens / self.row_steps if self.row_steps else 0.0
 
     @property
@@ -160,8 +327,10 @@ class SpeculativeGenerator:
             decoding through the same loop).
         tokenizer: target tokenizer; needed for string prompts and decoded texts.
         drafter_tokenizer: when given, checked against ``tokenizer`` (IncompatibleModelsError).
-        num_draft_tokens: initial draft length K (default 10 for n-gram, 4 for model drafters).
-        adaptive: adapt K per row (default on).
+        num_draft_tokens: K, the most drafts per row and step (default 10 for n-gram, 4 for model
+            drafters).
+        adaptive: pick each step's draft width in 0..K with :class:`DraftLengthPolicy` (default on);
+            False: draft K every step.
         early_exit_layers: layers of the early-exit drafter (default a quarter of the target's).
         backend: implementation of the ops (``specdec.ops.verify``/``sample``): "auto", "cpp",
             "triton" or "reference".
@@ -184,6 +353,8 @@ class SpeculativeGenerator:
         self.adaptive = adaptive
         self.device = _model_device(target)
         self.backend = backend
+        # acceptance and forward-cost estimates, kept across generate calls
+        self.policy = DraftLengthPolicy(self.device.type)
 
     @classmethod
     def from_pretrained(cls, target: str | None = None, drafter="ngram", *, quantization: str = "auto",
@@ -331,15 +502,18 @@ class SpeculativeGenerator:
         from specdec import ops
         from specdec.cache import RaggedCache
 
-        device, target, drafter = self.device, self.target, self.drafter
+        device, target, drafter, policy = self.device, self.target, self.drafter, self.policy
         stats = GenerationStats(drafter=self.drafter_name, num_sequences=len(rows))
         _sync(device)
         t_start = time.perf_counter()
         batch = len(rows)
         lengths = np.array([len(r) for r in rows], dtype=np.int64)
-        max_new, eos = opts["max_new_tokens"], set(opts["eos"])
-        capacity = int(lengths.max()) + max_new + MAX_DRAFT_TOKENS + 2
-        tokens = np.zeros((batch, capacity), dtype=np.int64)  # host copy: prompts + generated
+        max_new, eos, k_max = opts["max_new_tokens"], set(opts["eos"]), opts["k0"]
+        temperature, top_k, top_p = opts["temperature"], opts["top_k"], opts["top_p"]
+        adaptive, sampled = opts["adaptive"], temperature > 0
+        width0 = int(lengths.max())  # the prompts, left padded to a common width, form the first step
+        capacity = width0 + max_new + MAX_DRAFT_TOKENS + 2
+        tokens = np.zeros((batch, capacity), dtype=np.int64)  # host copy: prompts + generated (not padded)
         for b, r in enumerate(rows):
             tokens[b, : len(r)] = r
         prompt_lengths = lengths.copy()
@@ -347,48 +521,61 @@ class SpeculativeGenerator:
         out_tokens = [[] for _ in range(batch)]
         reasons = ["length"] * batch
         seeds = seeds.to(device)
+        previous = np.zeros(batch, dtype=np.int64)  # the policy's previous-outcome code per row
 
-        # prefill: everything but each row's last prompt token (that one starts the first step)
         cache = RaggedCache.from_model(target, batch_size=batch, max_length=capacity)
-        width = int(lengths.max()) - 1
-        if width > 0:
-            ids = torch.from_numpy(np.ascontiguousarray(tokens[:, :width])).to(device)
-            target(input_ids=ids, position_ids=cache.position_ids(width), attention_mask=cache.attention_mask(width),
-                   past_key_values=cache, use_cache=True, logits_to_keep=1)
-        cache.rollback(torch.from_numpy(lengths - 1).to(cache.lengths))
-        pending = torch.from_numpy(tokens[np.arange(batch), lengths - 1]).to(device)
-        _sync(device)
-        t_prefill = time.perf_counter()
-        stats.prefill_time = t_prefill - t_start
-
-        k_row = np.full(batch, opts["k0"], dtype=np.int64)
-        temperature, top_k, top_p = opts["temperature"], opts["top_k"], opts["top_p"]
-        if drafter is not None:
-            state = DraftState(tokens, lengths, k_row, temperature, top_k, top_p, seeds, 0, device, capacity, self.backend,
-                               cache)
-            drafter.start(state)
-        _sync(device)
-        stats.drafter_time += time.perf_counter() - t_prefill
+        if (lengths < width0).any():
+            cache.set_left_padding(torch.from_numpy(width0 - lengths))
+        started = False  # drafter.start() runs before its first proposal
+        pending = None
         step = 0
         try:
             while live:
+                first = step == 0
                 remaining = max_new - (lengths - prompt_lengths)
-                budget = np.minimum(k_row, remaining - 1)  # never draft past the length limit
+                budget = np.minimum(k_max, remaining - 1)  # never draft past the length limit
                 t0 = time.perf_counter()
-                if drafter is not None and budget.max() > 0:
-                    state = DraftState(tokens, lengths, budget, temperature, top_k, top_p, seeds, step, device, capacity,
-                                       self.backend, cache)
-                    draft = drafter.propose(state)
+                draft, width = None, 0
+                if drafter is not None and budget.max() > 0 and not (first and drafter.needs_target_cache):
+                    state = DraftState(tokens, lengths, budget, temperature, top_k, top_p, seeds, step, device,
+                                       capacity, self.backend, cache)
+                    if not started:
+                        drafter.start(state)
+                        started = True
+                        t0 = time.perf_counter()
+                    if not adaptive:
+                        draft = drafter.propose(state)
+                    elif drafter.cheap:  # propose the longest drafts, then cut them to the policy's width
+                        draft = drafter.propose(state)
+                        keys = policy.keys(sampled, draft.match, previous)
+                        draft = draft.truncate(policy.width(draft.num_drafted, keys))
+                    else:  # pick the width first: proposing runs the drafter model once per position
+                        width = policy.width(budget, policy.keys(sampled, None, previous))
+                        if width > 0:
+                            state.max_drafts = np.minimum(budget, width)
+                            draft = drafter.propose(state)
                     _sync(device)
-                else:
+                if draft is None:
                     draft = Draft(torch.empty(len(live), 0, dtype=torch.int64, device=device), None,
                                   np.zeros(len(live), dtype=np.int64))
                 t1 = time.perf_counter()
                 k = draft.token_ids.shape[1]
-                ids = torch.cat([pending[:, None], draft.token_ids.clamp_min(0)], dim=1)
-                logits = target(input_ids=ids, position_ids=cache.position_ids(k + 1),
-                                attention_mask=cache.attention_mask(k + 1), past_key_values=cache, use_cache=True).logits
-                probs = draft.probs if temperature > 0 else None
+                drafts = draft.token_ids.clamp_min(0)
+                if first:  # prefill: every row's prompt (left padded), then its drafts
+                    ids = np.zeros((batch, width0), dtype=np.int64)
+                    for b in range(batch):
+                        ids[b, width0 - lengths[b]:] = tokens[b, : lengths[b]]
+                    ids = torch.cat([torch.from_numpy(ids).to(device), drafts], dim=1)
+                    q = width0 + k
+                    logits = target(input_ids=ids, position_ids=cache.position_ids(q).clamp_min(0),
+                                    attention_mask=cache.attention_mask(q), past_key_values=cache, use_cache=True,
+                                    logits_to_keep=k + 1).logits
+                else:
+                    ids = torch.cat([pending[:, None], drafts], dim=1)
+                    logits = target(input_ids=ids, position_ids=cache.position_ids(k + 1),
+                                    attention_mask=cache.attention_mask(k + 1), past_key_values=cache,
+                                    use_cache=True).logits
+                probs = draft.probs if sampled else None
                 out_ids, num_acc = ops.verify(logits, draft.token_ids, probs, temperature=temperature,
                                               top_k=top_k, top_p=top_p, seed=seeds, offset=step,
                                               backend=self.backend)
@@ -399,11 +586,20 @@ class SpeculativeGenerator:
                 cache.rollback(cache.lengths - k + num_acc)
                 t2 = time.perf_counter()
                 accepted = host[:, -1]
-                if drafter is not None and k > 0:
+                if k > 0:
                     drafter.accept(accepted)
                 t3 = time.perf_counter()
                 stats.drafter_time += (t1 - t0) + (t3 - t2)
-                stats.target_time += t2 - t1
+                if first:
+                    stats.prefill_time = t2 - t_start
+                else:
+                    stats.target_time += t2 - t1
+                    policy.cost.observe(len(live) * (k + 1), t2 - t1)
+                    if adaptive and drafter is not None and not drafter.cheap:
+                        policy.observe_draft_time(width, t1 - t0)
+                if adaptive and drafter is not None:
+                    keys = policy.keys(sampled, draft.match, previous)
+                    previous = policy.observe(keys, draft.num_drafted, accepted)
                 stats.target_steps += 1
                 stats.row_steps += len(live)
                 stats.drafted_tokens += int(draft.num_drafted.sum())
@@ -434,11 +630,6 @@ class SpeculativeGenerator:
                                                int(draft.num_drafted[b]), finished))
                     if not finished:
                         keep.append(b)
-                    if opts["adaptive"] and draft.num_drafted[b] > 0:
-                        if n == draft.num_drafted[b] == k_row[b]:
-                            k_row[b] = min(k_row[b] + 2, MAX_DRAFT_TOKENS)
-                        elif n < draft.num_drafted[b]:
-                            k_row[b] = max(k_row[b] - 1, 1)
                 stats.generated_tokens += emitted_total
                 if bar is not None:
                     bar.update(emitted_total)
@@ -449,11 +640,11 @@ class SpeculativeGenerator:
                         break
                     index = torch.tensor(keep, dtype=torch.int64)
                     cache.select_rows(index.to(device))
-                    if drafter is not None:
+                    if drafter is not None and started:
                         drafter.select_rows(index)
                     index_np = np.asarray(keep)
                     tokens, lengths, prompt_lengths = tokens[index_np], lengths[index_np], prompt_lengths[index_np]
-                    k_row = k_row[index_np]
+                    previous = previous[index_np]
                     seeds = seeds[index.to(device)]
                     pending = pending[index.to(device)]
         finally:

@@ -1,0 +1,227 @@
+"""The draft-length policy (acceptance and forward-cost estimates, the width it picks) and the
+generator's behaviour under any width schedule: greedy stays the target's greedy output, sampled
+stays the target's distribution, the prefill verifies drafts from the prompt."""
+import numpy as np
+import pytest
+import torch
+
+from specdec.generator import AcceptanceModel, DraftLengthPolicy, ForwardCostModel, SpeculativeGenerator
+from _tiny_models import PROMPTS, hf_greedy, min_greedy_margin, tiny_model
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+# -- acceptance model --------------------------------------------------------------------------------
+
+def test_acceptance_prior_and_counts():
+    m = AcceptanceModel(max_drafts=6, prior=0.5, weight=2.0)
+    assert np.allclose(m.survival("a"), 0.5 ** np.arange(1, 7))  # nothing seen: prior rate per position
+    m.observe("a", drafted=4, accepted=2)  # positions 0, 1 accepted, 2 tried and rejected, 3 never reached
+    acc, reached = m.counts["a"]
+    assert acc.tolist() == [1, 1, 0, 0, 0, 0] and reached.tolist() == [1, 1, 1, 0, 0, 0]
+    m.observe("a", drafted=3, accepted=3)  # all accepted: positions 0..2 reached and accepted
+    assert m.counts["a"][0].tolist() == [2, 2, 1, 0, 0, 0] and m.counts["a"][1].tolist() == [2, 2, 2, 0, 0, 0]
+    m.observe("a", drafted=0, accepted=0)  # no drafts: nothing to count
+    assert m.counts["a"][1].tolist() == [2, 2, 2, 0, 0, 0]
+    # the estimate follows the counts: rate_0 = (2 + 2 * 0.5) / (2 + 2)
+    assert m.survival("a")[0] == pytest.approx(0.75)
+
+
+def test_acceptance_learns_classes_and_borrows_depth():
+    m = AcceptanceModel(max_drafts=10)
+    for _ in range(50):
+        m.observe("copy", drafted=3, accepted=3)
+        m.observe("miss", drafted=3, accepted=0)
+    good, bad = m.survival("copy"), m.survival("miss")
+    assert good[2] > 0.9 and bad[0] < 0.05
+    # positions 3.. were never reached: they borrow the rate of position 2, not the 0.5 prior
+    assert good[3] / good[2] > 0.9 and good[9] > 0.5
+    assert np.all(np.diff(good) <= 0) and np.all(np.diff(bad) <= 0)
+
+
+# -- forward cost model ------------------------------------------------------------------------------
+
+def test_cost_model_prior_interpolation_and_extrapolation():
+    c = ForwardCostModel("cpu", knee=10.0, alpha=0.5)
+    assert c.predict(10) / c.predict(0) == pytest.approx(2.0)  # the prior shape before any measurement
+    c.observe(10, 1.0)  # prior(10) = 2
+    c.observe(30, 3.0)  # prior(30) = 4
+    assert c.predict(10) == 1.0 and c.predict(30) == 3.0
+    # between: the measured/prior ratio interpolated (0.5 -> 0.75), times the prior
+    assert c.predict(20) == pytest.approx((0.5 + 0.5 * (0.75 - 0.5)) * 3.0)
+    assert c.predict(50) == pytest.approx(0.75 * 6.0)  # above: the last ratio with the prior's slope
+    assert c.predict(1) == pytest.approx(0.5 * 1.1)  # below: the first ratio
+    c.observe(10, 2.0)  # a moving average
+    assert c.predict(10) == pytest.approx(1.5)
+    assert ForwardCostModel("cuda").knee > ForwardCostModel("cpu").knee
+
+
+# -- the width --------------------------------------------------------------------------------------
+
+def _policy(cost_fn, ns=range(1, 100)):
+    p = DraftLengthPolicy("cpu")
+    for n in ns:
+        p.cost.observe(n, cost_fn(n))
+    return p
+
+
+def _brute_force(policy, available, keys):
+    """The objective written out row by row (no vectorisation)."""
+    best, best_w = -1.0, 0
+    for w in range(int(available.max()) + 1):
+        expected = 0.0
+        for a, k in zip(available, keys):
+            expected += 1 + policy.acceptance.survival(int(k))[: min(w, a)].sum()
+        value = expected / (policy.cost.predict(len(available) * (w + 1)) + w * policy.draft_cost)
+        if value > best + 1e-12:
+            best, best_w = value, w
+    return best_w
+
+
+def test_width_follows_costs_and_acceptance():
+    cpu_like = lambda n: 0.1 if n == 1 else 0.15 + 0.006 * n  # noqa: E731  (2-core CPU: ~2x for q=11 at B=1)
+    p = _policy(cpu_like)
+    for _ in range(30):
+        p.acceptance.observe(33, 10, 10)  # a row that copies: accepts everything
+        p.acceptance.observe(11, 10, 0)  # a row whose drafts always fail
+    # flat costs: draft all the available tokens of a confident row
+    flat = _policy(lambda n: 1.0)
+    flat.acceptance = p.acceptance
+    assert flat.width(np.array([7]), np.array([33])) == 7
+    # batch 1 on the CPU: confident row -> long draft; hopeless row -> none (q=1 is much cheaper)
+    assert p.width(np.array([10]), np.array([33])) == 10
+    assert p.width(np.array([10]), np.array([11])) == 0
+    assert p.width(np.array([0]), np.array([33])) == 0
+    # batch 8 where one row copies and seven fail: each drafted position costs 8 tokens, for one row's gain
+    wide = p.width(np.array([10] * 8), np.array([33] + [11] * 7))
+    assert wide < p.width(np.array([10]), np.array([33]))
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        batch = int(rng.integers(1, 9))
+        avail = rng.integers(0, 11, batch)
+        keys = rng.choice([33, 11, 10], batch)
+        assert p.width(avail, keys) == _brute_force(p, avail, keys)
+
+
+def test_width_charges_model_drafter_time():
+    p = _policy(lambda n: 1.0)
+    for _ in range(30):
+        p.acceptance.observe(0, 4, 2)
+    assert p.width(np.array([4]), np.array([0])) > 0
+    p.observe_draft_time(2, 4.0)  # 2 s per drafted position against a 1 s forward: never worth it
+    assert p.draft_cost == 2.0
+    assert p.width(np.array([4]), np.array([0])) == 0
+
+
+def test_observe_returns_previous_outcomes():
+    p = DraftLengthPolicy()
+    prev = p.observe(np.array([1, 2, 3, 4]), np.array([0, 3, 3, 3]), np.array([0, 0, 1, 3]))
+    assert prev.tolist() == [p.NO_DRAFT, p.REJECTED, p.PARTIAL, p.ALL]
+    keys = p.keys(True, np.array([0, 2, 5]), np.array([0, 1, 3]))
+    assert keys.tolist() == [100, 121, 153]
+
+
+# -- the generator under any width schedule ----------------------------------------------------------
+
+class RandomWidths(DraftLengthPolicy):
+    """Picks a random width in 0..max(available) every step (and records it)."""
+
+    def __init__(self, seed=0):
+        super().__init__("cpu")
+        self.rng = np.random.default_rng(seed)
+        self.widths = []
+
+    def width(self, available, keys):
+        w = int(self.rng.integers(0, int(available.max(initial=0)) + 1))
+        self.widths.append(w)
+        return w
+
+
+@pytest.fixture(scope="module")
+def llama():
+    for seed in range(10):
+        target = tiny_model("llama", seed=seed, layers=2)
+        prompts = _ragged_prompts()
+        refs = [hf_greedy(target, p, 24) for p in prompts]
+        if min_greedy_margin(target, prompts, refs) > 1e-3:
+            return target, prompts, refs
+    pytest.fail("no seed without greedy near-ties")
+
+
+def _ragged_prompts():
+    """Eight prompts of different lengths, with repeats for the n-gram drafter."""
+    out = []
+    for i in range(8):
+        base = [(7 * i + 3 * j) % 90 + 3 for j in range(3 + i)]
+        out.append([1] + base + base[: 2 + i % 3] + base)
+    return out
+
+
+@pytest.mark.parametrize("drafter", ["ngram", "model"])
+def test_greedy_exact_under_any_width_schedule_batch8(llama, drafter):
+    target, prompts, refs = llama
+    small = tiny_model("llama", seed=50, layers=1, hidden_size=32) if drafter == "model" else "ngram"
+    gen = SpeculativeGenerator(target, small, num_draft_tokens=6)
+    gen.policy = RandomWidths(seed=1)
+    eos = refs[2][9]  # some rows stop early at this id
+    result = gen.generate(prompts, max_new_tokens=24, eos_token_id=eos)
+    for row, ref in enumerate(refs):
+        expected = ref[: ref.index(eos) + 1] if eos in ref else ref
+        assert result.sequences[row] == expected
+    widths = gen.policy.widths
+    assert len(set(widths)) >= 3 and 0 in widths and result.stats.drafted_tokens > 0
+    # the default policy: same tokens
+    gen.policy = DraftLengthPolicy("cpu")
+    assert gen.generate(prompts, max_new_tokens=24, eos_token_id=eos).sequences == result.sequences
+
+
+def test_prefill_verifies_drafts_from_the_prompt(llama):
+    target, prompts, refs = llama
+    gen = SpeculativeGenerator(target, "ngram", num_draft_tokens=4, adaptive=False)
+    chunks = []
+    result = gen.generate(prompts, max_new_tokens=24, eos_token_id=None, callback=chunks.append)
+    assert result.sequences == refs
+    first = chunks[: len(prompts)]  # the first step's chunks, one per row
+    assert sorted(c.row for c in first) == list(range(len(prompts)))
+    assert any(c.num_drafted > 0 for c in first)  # the prompts repeat themselves: drafts at the prefill
+    # every forward is counted, the prefill included: plain decoding gains exactly one token per step
+    plain = SpeculativeGenerator(target, "none").generate(prompts[:1], max_new_tokens=5, eos_token_id=None)
+    assert plain.stats.target_steps == 5 and plain.stats.tokens_per_step == 1.0
+    assert plain.sequences[0] == refs[0][:5]
+
+
+def test_sampled_distribution_under_random_widths():
+    scipy_stats = pytest.importorskip("scipy.stats")
+    V = 12
+    target = tiny_model("llama", seed=0, layers=2, vocab_size=V, initializer_range=0.1)
+    prompt = [1, 5, 6, 7, 5, 6, 7, 5, 6]
+    temperature, n = 0.9, 6000
+    with torch.no_grad():
+        first = target(torch.tensor([prompt])).logits[0, -1].double()
+        p1 = torch.softmax(first / temperature, -1)
+        p2 = torch.softmax(target(torch.tensor([prompt + [v] for v in range(V)])).logits[:, -1].double()
+                           / temperature, -1)
+    joint = (p1[:, None] * p2).flatten().numpy()
+    counts = np.zeros(V * V)
+    drafted = 0
+    for seed in range(3):  # three width schedules, 2000 rows each
+        gen = SpeculativeGenerator(target, "ngram", num_draft_tokens=2)
+        gen.policy = RandomWidths(seed=seed)
+        result = gen.generate([prompt] * (n // 3), max_new_tokens=2, temperature=temperature, seed=11 + seed,
+                              eos_token_id=None)
+        drafted += result.stats.drafted_tokens
+        for a, b in result.sequences:
+            counts[a * V + b] += 1
+    assert drafted > 0
+    expected = joint * n
+    big = expected >= 5
+    obs = np.append(counts[big], counts[~big].sum())
+    exp = np.append(expected[big], expected[~big].sum())
+    _, pvalue = scipy_stats.chisquare(obs, exp)
+    assert pvalue > 1e-3, pvalue

@@ -67,7 +67,7 @@ std::tuple<at::Tensor, at::Tensor> sample_cpu(const at::Tensor& logits_in, const
         return;
       }
       if (filtered[b]) {
-        thread_local std::vector<float> buf;  // scratch row for top-k/top-p
+        thread_local FilterScratch buf;  // scratch of the top-k/top-p threshold
         filter_stats(x, V, inv_t[b], rp.top_k[b], double(rp.top_p[b]), s, buf);
       }
       // probs and the race's block sums in one sweep, then the two-level race

@@ -19,6 +19,7 @@
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <functional>
 #include <limits>
 #include <vector>
@@ -65,6 +66,17 @@ inline __m256 load_partial(const T* p, int64_t n, float fill) {
 template <typename T>
 inline __m256 load_any(const T* p, int64_t n, float fill) {
   return n >= 8 ? load8(p) : load_partial(p, n, fill);
+}
+
+// Store the first n (<= 8: all 8) of v at out[j ..].
+inline void store_row(float* out, int64_t j, int64_t n, __m256 v) {
+  if (n >= 8) {
+    _mm256_storeu_ps(out + j, v);
+    return;
+  }
+  alignas(32) float b[8];
+  _mm256_store_ps(b, v);
+  for (int64_t l = 0; l < n; ++l) out[j + l] = b[l];
 }
 
 // Non-finite logits (NaN, +-inf) count as -inf, as in the reference's _clean.
@@ -256,56 +268,108 @@ inline double sum_exp_kept(const float* buf, int64_t n, float max, float inv_t, 
   return hsum4d(_mm256_add_pd(acc0, acc1));
 }
 
+// Order-preserving map of a float to 32 bits (a larger float has a larger key), for bucketing.
+inline uint32_t float_key(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof u);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+// Per-thread scratch of filter_stats (never a [B, K+1, V] buffer).
+struct FilterScratch {
+  static constexpr int kBinShift = 20;  // bucket = top 12 bits of the key: sign, exponent, 3 bits
+  static constexpr int kBins = 1 << (32 - kBinShift);
+  std::vector<float> vals;       // the row's finite logits
+  std::vector<float> weights;    // exp((v - max) * inv_t) of each
+  std::vector<float> bucket;     // the values of one bucket
+  std::vector<int64_t> count;    // per bucket
+  std::vector<double> mass;      // per bucket: the kept weights
+};
+
 // Top-k then top-p for one (row, position) whose max/argmax are already in `s`; sets s.thr and
 // s.z (sum over what is kept). Semantics of reference._keep_mask: top-k keeps x >= the k-th
 // largest value (all ties; off when k <= 0 or k >= V; the k-th largest is -inf when fewer than k
-// are finite, i.e. everything finite is kept). Top-p then sorts what is kept in descending order,
-// takes the smallest prefix whose probability mass reaches top_p (cumulative sums in double) and
-// keeps x >= the last value of that prefix (ties again kept). Only as much of the row is sorted
-// as the prefix needs: nth_element brings the next batch of largest values forward, doubling.
-// `buf` is per-thread scratch of V floats (never a [B, K+1, V] buffer).
+// are finite, i.e. everything finite is kept). Top-p then takes, in descending order of what is
+// kept, the smallest prefix whose probability mass reaches top_p (cumulative sums in double) and
+// keeps x >= the last value of that prefix (ties again kept); if rounding keeps every prefix
+// below top_p, everything kept stays. Nothing is sorted but one bucket: the values are bucketed
+// by the top 12 bits of their order-preserving key, a walk down the bucket counts (top-k) or
+// masses (top-p) finds the bucket where the k-th value or the top_p mass lies, and only that
+// bucket's values are selected (nth_element) or sorted.
 template <typename T>
 inline void filter_stats(const T* x, int64_t V, double inv_t_d, int64_t top_k, double top_p,
-                         PosStats& s, std::vector<float>& buf) {
+                         PosStats& s, FilterScratch& sc) {
   if (!s.finite()) return;
+  using S = FilterScratch;
   const float inv_t = float(std::min(inv_t_d, double(FLT_MAX)));
-  buf.resize(V);
+  sc.vals.resize(V);
+  sc.count.assign(S::kBins, 0);
   int64_t n = 0;
   for (int64_t j = 0; j < V; ++j) {
     const float v = static_cast<float>(x[j]);
-    if (std::isfinite(v)) buf[n++] = v;
+    if (!std::isfinite(v)) continue;
+    sc.vals[n++] = v;
+    ++sc.count[float_key(v) >> S::kBinShift];
   }
+  const float* vals = sc.vals.data();
+  // the values of bucket b that are >= floor, into sc.bucket
+  auto collect = [&](int64_t b, float floor) {
+    sc.bucket.clear();
+    for (int64_t i = 0; i < n; ++i)
+      if ((float_key(vals[i]) >> S::kBinShift) == uint32_t(b) && vals[i] >= floor) sc.bucket.push_back(vals[i]);
+  };
   float thr = kNegInf;
   if (top_k > 0 && top_k < V && top_k <= n) {
-    std::nth_element(buf.begin(), buf.begin() + (top_k - 1), buf.begin() + n, std::greater<float>());
-    thr = buf[top_k - 1];
-    n = std::partition(buf.begin(), buf.begin() + n, [thr](float v) { return v >= thr; }) - buf.begin();
+    int64_t above = 0, b = S::kBins - 1;
+    while (above + sc.count[b] < top_k) above += sc.count[b--];
+    collect(b, kNegInf);
+    const int64_t r = top_k - above - 1;  // rank of the k-th largest inside its bucket
+    std::nth_element(sc.bucket.begin(), sc.bucket.begin() + r, sc.bucket.end(), std::greater<float>());
+    thr = sc.bucket[r];
   }
   if (top_p < 1.0) {
-    const double zk = sum_exp_kept(buf.data(), n, s.max, inv_t, kNegInf);
-    const double target = top_p;
+    sc.weights.resize(n);
+    const __m256 m = _mm256_set1_ps(s.max), it = _mm256_set1_ps(inv_t);
+    for (int64_t i = 0; i < n; i += 8) {
+      const __m256 w = exp8(_mm256_mul_ps(_mm256_sub_ps(load_any(vals + i, n - i, kNegInf), m), it));
+      store_row(sc.weights.data(), i, n - i, w);
+    }
+    sc.mass.assign(S::kBins, 0.0);
+    double zk = 0.0;
+    float lowest = std::numeric_limits<float>::infinity();  // smallest kept value
+    for (int64_t i = 0; i < n; ++i) {
+      if (!(vals[i] >= thr)) continue;
+      sc.mass[float_key(vals[i]) >> S::kBinShift] += sc.weights[i];
+      zk += sc.weights[i];
+      lowest = std::min(lowest, vals[i]);
+    }
+    // Down the buckets: whole buckets while the mass stays below top_p, then value by value
+    // (sorted) inside the bucket where it gets there. Rounding may push the crossing into a later
+    // bucket, hence the loop; if no prefix reaches top_p everything kept stays.
     double cum = 0.0;
-    int64_t m = n;  // if rounding keeps the sum below top_p, everything kept stays (m clamps to n)
-    int64_t lo = 0, hi = std::min<int64_t>(n, 64);
+    float pthr = lowest;
     bool found = false;
-    while (!found && lo < n) {
-      std::nth_element(buf.begin() + lo, buf.begin() + (hi - 1), buf.begin() + n, std::greater<float>());
-      std::sort(buf.begin() + lo, buf.begin() + hi, std::greater<float>());
-      for (int64_t i = lo; i < hi; ++i) {
-        cum += std::exp((double(buf[i]) - double(s.max)) * inv_t_d) / zk;
-        if (!(cum < target)) {  // first prefix whose mass is not below top_p
-          m = i + 1;
+    for (int64_t b = S::kBins - 1; b >= 0 && !found; --b) {
+      if (sc.mass[b] == 0.0) continue;
+      if (cum + sc.mass[b] / zk < top_p) {
+        cum += sc.mass[b] / zk;
+        continue;
+      }
+      collect(b, thr);
+      std::sort(sc.bucket.begin(), sc.bucket.end(), std::greater<float>());
+      for (const float v : sc.bucket) {
+        cum += std::exp((double(v) - double(s.max)) * inv_t_d) / zk;
+        if (!(cum < top_p)) {  // first prefix whose mass is not below top_p
+          pthr = v;
           found = true;
           break;
         }
       }
-      lo = hi;
-      hi = std::min<int64_t>(n, hi * 4);
     }
-    thr = buf[m - 1];
+    thr = pthr;
   }
   s.thr = thr;
-  s.z = sum_exp_kept(buf.data(), n, s.max, inv_t, thr);
+  s.z = sum_exp_kept(vals, n, s.max, inv_t, thr);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -384,15 +448,6 @@ struct Weights {
   }
 };
 
-inline void store_row(float* out, int64_t j, int64_t n, __m256 v) {
-  if (n >= 8) {
-    _mm256_storeu_ps(out + j, v);
-    return;
-  }
-  alignas(32) float b[8];
-  _mm256_store_ps(b, v);
-  for (int64_t l = 0; l < n; ++l) out[j + l] = b[l];
-}
 
 // Level-1 weights of the race blocks inside [j0, j1) (j0 a multiple of kRaceBlock): out[k] for
 // block k = j / kRaceBlock, the sum of the residual's weights if `resid`, else of p's (floats

@@ -116,7 +116,7 @@ std::tuple<at::Tensor, at::Tensor> verify_cpu(const at::Tensor& target_logits_in
           st = merge_chunks(cs, nchunk, r.inv_t);
           if (!st.finite()) return;  // a live position without a finite logit: the row emits nothing
           if (r.filtered) {
-            thread_local std::vector<float> buf;  // scratch row for top-k/top-p
+            thread_local FilterScratch buf;  // scratch of the top-k/top-p threshold
             filter_stats(x, Vt, r.inv_t, rp.top_k[b], double(rp.top_p[b]), st, buf);
           }
           if (pos == r.n_drafts) {  // every draft accepted: the bonus token comes from here

@@ -62,6 +62,33 @@ def test_matches_reference(backend):
         torch.testing.assert_close(probs, want[1], atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("case", ["ties", "half_minus_inf", "spread"])
+def test_top_k_top_p_kept_sets_match_reference(backend, case):
+    """The kept set of top-k / top-p (nonzero probs) equals the reference's, for logits with many
+    ties at the boundaries (integer logits, signed zeros), rows half -inf and wide spreads, with
+    k = 1, k = V - 1, k beyond the finite count, small and large top_p."""
+    if backend == "reference":
+        pytest.skip("the reference is what the others are compared with")
+    g = torch.Generator().manual_seed(11)
+    B, V = 8, 1500
+    logits = torch.randn(B, V, generator=g) * 3
+    if case == "ties":
+        logits = logits.round()
+        logits[0, ::3] = -0.0
+    elif case == "half_minus_inf":
+        logits[:, : V // 2] = float("-inf")
+    else:
+        logits = logits * 10
+    top_k = torch.tensor([0, 1, V - 1, 20, 900, 0, 5, 0])
+    top_p = torch.tensor([0.5, 1.0, 0.95, 1.0, 0.3, 0.01, 0.999, 0.9])
+    kw = dict(temperature=torch.full((B,), 0.8), top_k=top_k, top_p=top_p, seed=torch.arange(B),
+              offset=torch.zeros(B, dtype=torch.int64))
+    want_tok, want_probs = reference.sample(logits, *kw.values())
+    tok, probs = run(backend, logits, **kw)
+    assert torch.equal(probs > 0, want_probs > 0)
+    assert torch.equal(tok, want_tok)
+
+
 def test_seeding(backend):
     logits = torch.randn(4, 111, generator=torch.Generator().manual_seed(6))
     a, _ = run(backend, logits, seed=torch.tensor([1, 2, 3, 4]), offset=2)

@@ -19,13 +19,11 @@ others.
 Draft length. A forward over q positions of B rows costs more than one over 1 position, by a factor
 that depends on the device and the batch (on a 2-core CPU, q=11 costs ~2x q=1 at B=1 but ~3.6x
 at B=8), so no fixed K is right everywhere. With ``adaptive=True`` (default) a
-:class:`DraftLengthPolicy` picks each step's width w <= K (the forward's q = w + 1) maximising
-
-    expected tokens emitted by the batch / predicted cost of the forward
-
-from two online estimates: :class:`AcceptanceModel` (per class of row: the drafter's match class and
-the row's previous outcome, the probability that draft i is accepted) and :class:`ForwardCostModel`
-(measured forward times against the tokens processed, B * q). Every row drafts up to w tokens
+:class:`DraftLengthPolicy` picks each step's width w <= K (the forward's q = w + 1) that minimises
+the projected time to finish the batch (at batch 1: the most tokens per second), from two online
+estimates: :class:`AcceptanceModel` (per class of row: the drafter's match class and the row's
+previous outcome, the probability that draft i is accepted) and :class:`ForwardCostModel` (measured
+forward times against the tokens processed, B * q). Every row drafts up to w tokens
 (padding positions of a narrower row cost the same). ``adaptive=False`` drafts K every step (a row
 with a shorter proposal drafts fewer).
 
@@ -58,8 +56,9 @@ class ForwardCostModel:
     Keeps an exponential moving average of the measured seconds for every N seen. ``predict(N)``
     multiplies a prior shape, ``1 + N / knee`` (the fixed cost of reading the weights plus a per-token
     cost; ``knee`` = 16 tokens on CPU, 256 on GPU), by the measured/prior ratio interpolated between
-    the nearest measured N below and above (or taken from the nearest one outside that range). Only
-    ratios of predictions matter to the policy, so the unit is irrelevant before any measurement.
+    the nearest measured N below and above (or taken from the nearest one outside that range): a
+    measured N predicts its own average. Only ratios of predictions matter to the policy, so the unit
+    is irrelevant before any measurement.
     """
 
     def __init__(self, device_type: str = "cpu", *, knee: float | None = None, alpha: float = 0.3):
@@ -67,6 +66,7 @@ class ForwardCostModel:
         self.alpha = alpha
         self.seconds: dict[int, float] = {}
         self._keys: list[int] = []
+        self._ratios = np.empty(0)
 
     def prior(self, n: int) -> float:
         return 1.0 + n / self.knee
@@ -74,31 +74,20 @@ class ForwardCostModel:
     def observe(self, n: int, seconds: float) -> None:
         old = self.seconds.get(n)
         if old is None:
-            import bisect
-
-            bisect.insort(self._keys, n)
+            self._keys = sorted([*self.seconds, n])
             self.seconds[n] = seconds
         else:
             self.seconds[n] = old + self.alpha * (seconds - old)
+        self._ratios = np.array([self.seconds[k] / self.prior(k) for k in self._keys])
 
-    def predict(self, n: int) -> float:
-        keys = self._keys
-        if not keys:
-            return self.prior(n)
-        import bisect
-
-        i = bisect.bisect_left(keys, n)
-        ratio = lambda k: self.seconds[k] / self.prior(k)  # noqa: E731
-        if i < len(keys) and keys[i] == n:
-            return self.seconds[n]
-        if i == 0:
-            r = ratio(keys[0])
-        elif i == len(keys):
-            r = ratio(keys[-1])
-        else:
-            lo, hi = keys[i - 1], keys[i]
-            r = ratio(lo) + (ratio(hi) - ratio(lo)) * (n - lo) / (hi - lo)
-        return r * self.prior(n)
+    def predict(self, n):
+        """Predicted seconds (arbitrary units before any measurement) for ``n`` tokens: int or array."""
+        n = np.asarray(n, dtype=np.float64)
+        if not self._keys:
+            out = self.prior(n)
+        else:  # np.interp holds the end ratios outside the measured range
+            out = np.interp(n, self._keys, self._ratios) * self.prior(n)
+        return float(out) if out.ndim == 0 else out
 
 
 class AcceptanceModel:
@@ -144,14 +133,24 @@ class AcceptanceModel:
 
 
 class DraftLengthPolicy:
-    """Chooses each step's draft width w (the forward's q = w + 1) for the whole batch: the w in
-    ``0..max(available)`` maximising ``sum_b E_b(w) / (cost(B * (w + 1)) + w * draft_cost)``.
+    """Chooses each step's draft width w (the forward's q = w + 1) for the whole batch.
 
-    ``E_b(w) = 1 + sum_{i < min(w, available_b)} survival_b[i]`` is row b's expected emitted tokens
-    (:class:`AcceptanceModel`, keyed by the row's class), ``cost`` the :class:`ForwardCostModel`
-    prediction, ``draft_cost`` the measured seconds per draft position of a drafter that runs a model
-    (0 for the n-gram drafter). Row classes: ``(sampled, match class, previous outcome)`` with the
-    previous outcome 0 = no drafts last step, 1 = none accepted, 2 = some, 3 = all.
+    Row b is expected to emit ``E_b(w) = 1 + sum_{i < min(w, available_b)} survival_b[i]`` tokens
+    (:class:`AcceptanceModel`, keyed by the row's class), so at width w it needs about
+    ``S_b(w) = remaining_b / E_b(w)`` more steps. Holding w, the batch shrinks as rows finish: after
+    the i-th shortest ``S`` only ``B - i`` rows remain. The policy picks the w in
+    ``0..max(available)`` that minimises the projected time to finish the batch,
+
+        sum over those intervals of  (interval steps) * (cost((rows left) * (w + 1)) + w * draft_cost)
+
+    with ``cost`` the :class:`ForwardCostModel` prediction and ``draft_cost`` the measured seconds per
+    draft position of a drafter that runs a model (0 for the n-gram drafter), and decides again at
+    the next step. At batch 1 this is the most tokens per second; at larger batches it does not pay
+    for long drafts of rows that will finish first anyway while the others still need their steps
+    (on a CPU, where every drafted position costs B tokens of compute).
+
+    Row classes: ``(sampled, match class, previous outcome)`` with the previous outcome 0 = no drafts
+    last step, 1 = none accepted, 2 = some, 3 = all.
     """
 
     NO_DRAFT, REJECTED, PARTIAL, ALL = 0, 1, 2, 3
@@ -166,20 +165,32 @@ class DraftLengthPolicy:
         m = np.zeros_like(previous) if match is None else np.minimum(match, 9)
         return int(sampled) * 100 + m * 10 + previous
 
-    def width(self, available: np.ndarray, keys: np.ndarray) -> int:
-        """The width for rows with ``available[b]`` possible drafts and class ``keys[b]``."""
+    def expected_tokens(self, available: np.ndarray, keys: np.ndarray, top: int) -> np.ndarray:
+        """``[B, top + 1]``: row b's expected emitted tokens at widths ``0..top``."""
+        ws = np.arange(top + 1)
+        out = np.empty((available.shape[0], top + 1))
+        for key in np.unique(keys):
+            cum = np.concatenate([[0.0], np.cumsum(self.acceptance.survival(int(key))[:top])])
+            rows = keys == key
+            out[rows] = 1.0 + cum[np.minimum(ws[None, :], np.minimum(available[rows], top)[:, None])]
+        return out
+
+    def width(self, available: np.ndarray, keys: np.ndarray, remaining: np.ndarray | None = None) -> int:
+        """The width for rows with ``available[b]`` possible drafts, class ``keys[b]`` and ``remaining[b]``
+        tokens still to generate (default: the same for every row)."""
         batch = available.shape[0]
         top = int(min(available.max(initial=0), self.acceptance.max_drafts))
         if batch == 0 or top == 0:
             return 0
+        if remaining is None:
+            remaining = np.ones(batch)
+        steps = np.maximum(remaining, 1)[:, None] / self.expected_tokens(available, keys, top)  # [B, W+1]
+        steps = np.sort(steps, axis=0)
+        intervals = np.diff(steps, axis=0, prepend=0.0)  # steps during which B - i rows remain
         ws = np.arange(top + 1)
-        expected = np.full(top + 1, float(batch))
-        for key in np.unique(keys):
-            cum = np.concatenate([[0.0], np.cumsum(self.acceptance.survival(int(key))[:top])])
-            avail = np.minimum(available[keys == key], top)
-            expected += cum[np.minimum(ws[None, :], avail[:, None])].sum(axis=0)
-        cost = np.array([self.cost.predict(batch * (w + 1)) for w in ws]) + ws * self.draft_cost
-        return int(np.argmax(expected / cost))
+        rows_left = batch - np.arange(batch)
+        step_cost = self.cost.predict(rows_left[:, None] * (ws[None, :] + 1)) + ws[None, :] * self.draft_cost
+        return int(np.argmin((intervals * step_cost).sum(axis=0)))
 
     def observe(self, keys: np.ndarray, drafted: np.ndarray, accepted: np.ndarray) -> np.ndarray:
         """Count one step's outcomes; returns each row's previous-outcome code for the next step."""
@@ -194,6 +205,66 @@ class DraftLengthPolicy:
         if width > 0:
             per = seconds / width
             self.draft_cost = per if self.draft_cost == 0 else self.draft_cost + 0.3 * (per - self.draft_cost)
+
+
+MIN_SHARED_PREFIX = 8  # tokens: a shorter common prefix of a batch's prompts is prefilled per row
+
+
+class _PaddedLayout:
+    """Target-cache layout of a batch: prompts left padded (``RaggedCache.set_left_padding``)."""
+
+    prefix = 0
+
+    def position_ids(self, cache, q: int) -> torch.Tensor:
+        return cache.position_ids(q).clamp_min(0)  # padding slots of the prefill: any position, masked
+
+    def attention_mask(self, cache, q: int) -> torch.Tensor:
+        return cache.attention_mask(q)
+
+    def select(self, index: torch.Tensor) -> None:
+        pass
+
+
+class _SharedPrefixLayout:
+    """Target-cache layout of a batch whose prompts share their first ``prefix`` tokens.
+
+    The prefix is prefilled once (batch 1) and copied to every row (``select_rows``); row b then holds
+    ``[prefix][hole of holes[b] slots][rest of its prompt][generated]``, with the holes sized so that
+    every prompt ends in the same slot (the first forward keeps the last K+1 logits of every row).
+    Position ids skip the hole, and no query attends a hole slot (but its own: a hole query attends
+    the prefix and itself).
+    """
+
+    def __init__(self, prefix: int, holes: np.ndarray, device):
+        self.prefix = prefix
+        self.holes = torch.from_numpy(holes).to(device=device, dtype=torch.int64)
+
+    def position_ids(self, cache, q: int) -> torch.Tensor:
+        return (cache.position_ids(q) - self.holes[:, None]).clamp_min(0)
+
+    def attention_mask(self, cache, q: int) -> torch.Tensor:
+        mask = cache.attention_mask(q)  # [B, 1, q, kv]
+        dev = mask.device
+        slot = torch.arange(mask.shape[-1], device=dev)
+        hole = (slot[None, :] >= self.prefix) & (slot[None, :] < self.prefix + self.holes[:, None])  # [B, kv]
+        qpos = cache.lengths.long()[:, None] + torch.arange(q, device=dev)  # [B, q]
+        drop = hole[:, None, None, :] & (slot[None, None, None, :] != qpos[:, None, :, None])
+        if mask.dtype == torch.bool:
+            return mask & ~drop
+        return mask.masked_fill(drop, torch.finfo(mask.dtype).min)
+
+    def select(self, index: torch.Tensor) -> None:
+        self.holes = self.holes[index.to(self.holes.device)]
+
+
+def _common_prefix(rows) -> int:
+    """Length of the longest common prefix of the rows, leaving every row at least one token."""
+    limit = min(len(r) for r in rows) - 1
+    n = 0
+    first = rows[0]
+    while n < limit and all(r[n] == first[n] for r in rows):
+        n += 1
+    return n
 
 
 class Chunk(NamedTuple):
@@ -332,13 +403,16 @@ class SpeculativeGenerator:
         adaptive: pick each step's draft width in 0..K with :class:`DraftLengthPolicy` (default on);
             False: draft K every step.
         early_exit_layers: layers of the early-exit drafter (default a quarter of the target's).
+        share_prefix: when a batch's prompts share their first tokens (a system prompt), prefill them
+            once and copy their keys and values to every row (default on; not with drafters that read
+            the target's cache, nor sliding-window attention).
         backend: implementation of the ops (``specdec.ops.verify``/``sample``): "auto", "cpp",
             "triton" or "reference".
     """
 
     def __init__(self, target, drafter="ngram", tokenizer=None, *, drafter_tokenizer=None,
                  num_draft_tokens: int | None = None, adaptive: bool = True, early_exit_layers: int | None = None,
-                 backend: str = "auto"):
+                 share_prefix: bool = True, backend: str = "auto"):
         self.target = target
         self.tokenizer = tokenizer
         self.vocab_size = model_vocab_size(target)
@@ -351,6 +425,7 @@ class SpeculativeGenerator:
             raise ValueError(f"num_draft_tokens must be in 0..{MAX_DRAFT_TOKENS}, got {num_draft_tokens}")
         self.num_draft_tokens = num_draft_tokens
         self.adaptive = adaptive
+        self.share_prefix = share_prefix
         self.device = _model_device(target)
         self.backend = backend
         # acceptance and forward-cost estimates, kept across generate calls
@@ -523,9 +598,24 @@ class SpeculativeGenerator:
         seeds = seeds.to(device)
         previous = np.zeros(batch, dtype=np.int64)  # the policy's previous-outcome code per row
 
-        cache = RaggedCache.from_model(target, batch_size=batch, max_length=capacity)
-        if (lengths < width0).any():
-            cache.set_left_padding(torch.from_numpy(width0 - lengths))
+        cache, layout = None, _PaddedLayout()
+        prefix = _common_prefix(rows) if batch > 1 and self.share_prefix else 0
+        if prefix >= MIN_SHARED_PREFIX and not (drafter is not None and drafter.needs_target_cache):
+            cache = RaggedCache.from_model(target, batch_size=1, max_length=capacity)
+            if cache.sliding_window is None:  # the holes would shift the window
+                ids = torch.tensor([rows[0][:prefix]], dtype=torch.int64, device=device)
+                target(input_ids=ids, position_ids=cache.position_ids(prefix),
+                       attention_mask=cache.attention_mask(prefix), past_key_values=cache, use_cache=True,
+                       logits_to_keep=1)
+                cache.select_rows(torch.zeros(batch, dtype=torch.int64, device=device))
+                layout = _SharedPrefixLayout(prefix, width0 - lengths, device)
+            else:
+                cache = None
+        if cache is None:
+            cache = RaggedCache.from_model(target, batch_size=batch, max_length=capacity)
+            if (lengths < width0).any():
+                cache.set_left_padding(torch.from_numpy(width0 - lengths))
+        prefix = layout.prefix
         started = False  # drafter.start() runs before its first proposal
         pending = None
         step = 0
@@ -548,9 +638,9 @@ class SpeculativeGenerator:
                     elif drafter.cheap:  # propose the longest drafts, then cut them to the policy's width
                         draft = drafter.propose(state)
                         keys = policy.keys(sampled, draft.match, previous)
-                        draft = draft.truncate(policy.width(draft.num_drafted, keys))
+                        draft = draft.truncate(policy.width(draft.num_drafted, keys, remaining))
                     else:  # pick the width first: proposing runs the drafter model once per position
-                        width = policy.width(budget, policy.keys(sampled, None, previous))
+                        width = policy.width(budget, policy.keys(sampled, None, previous), remaining)
                         if width > 0:
                             state.max_drafts = np.minimum(budget, width)
                             draft = drafter.propose(state)
@@ -561,19 +651,19 @@ class SpeculativeGenerator:
                 t1 = time.perf_counter()
                 k = draft.token_ids.shape[1]
                 drafts = draft.token_ids.clamp_min(0)
-                if first:  # prefill: every row's prompt (left padded), then its drafts
-                    ids = np.zeros((batch, width0), dtype=np.int64)
+                if first:  # prefill: every row's prompt (after a shared prefix; left padded), then its drafts
+                    ids = np.zeros((batch, width0 - prefix), dtype=np.int64)
                     for b in range(batch):
-                        ids[b, width0 - lengths[b]:] = tokens[b, : lengths[b]]
+                        ids[b, width0 - lengths[b]:] = tokens[b, prefix: lengths[b]]
                     ids = torch.cat([torch.from_numpy(ids).to(device), drafts], dim=1)
-                    q = width0 + k
-                    logits = target(input_ids=ids, position_ids=cache.position_ids(q).clamp_min(0),
-                                    attention_mask=cache.attention_mask(q), past_key_values=cache, use_cache=True,
-                                    logits_to_keep=k + 1).logits
+                    q = width0 - prefix + k
+                    logits = target(input_ids=ids, position_ids=layout.position_ids(cache, q),
+                                    attention_mask=layout.attention_mask(cache, q), past_key_values=cache,
+                                    use_cache=True, logits_to_keep=k + 1).logits
                 else:
                     ids = torch.cat([pending[:, None], drafts], dim=1)
-                    logits = target(input_ids=ids, position_ids=cache.position_ids(k + 1),
-                                    attention_mask=cache.attention_mask(k + 1), past_key_values=cache,
+                    logits = target(input_ids=ids, position_ids=layout.position_ids(cache, k + 1),
+                                    attention_mask=layout.attention_mask(cache, k + 1), past_key_values=cache,
                                     use_cache=True).logits
                 probs = draft.probs if sampled else None
                 out_ids, num_acc = ops.verify(logits, draft.token_ids, probs, temperature=temperature,
@@ -640,6 +730,7 @@ class SpeculativeGenerator:
                         break
                     index = torch.tensor(keep, dtype=torch.int64)
                     cache.select_rows(index.to(device))
+                    layout.select(index)
                     if drafter is not None and started:
                         drafter.select_rows(index)
                     index_np = np.asarray(keep)

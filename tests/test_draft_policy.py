@@ -71,16 +71,22 @@ def _policy(cost_fn, ns=range(1, 100)):
     return p
 
 
-def _brute_force(policy, available, keys):
-    """The objective written out row by row (no vectorisation)."""
-    best, best_w = -1.0, 0
+def _brute_force(policy, available, keys, remaining):
+    """The objective written out row by row and step by step (no vectorisation): the projected time to
+    finish every row, holding the width, as rows leave the batch."""
+    best, best_w = None, 0
     for w in range(int(available.max()) + 1):
-        expected = 0.0
-        for a, k in zip(available, keys):
-            expected += 1 + policy.acceptance.survival(int(k))[: min(w, a)].sum()
-        value = expected / (policy.cost.predict(len(available) * (w + 1)) + w * policy.draft_cost)
-        if value > best + 1e-12:
-            best, best_w = value, w
+        steps = []
+        for a, k, r in zip(available, keys, remaining):
+            expected = 1 + policy.acceptance.survival(int(k))[: min(w, a)].sum()
+            steps.append(r / expected)
+        total, done = 0.0, 0.0
+        for i, s in enumerate(sorted(steps)):
+            rows_left = len(steps) - i
+            total += (s - done) * (policy.cost.predict(rows_left * (w + 1)) + w * policy.draft_cost)
+            done = s
+        if best is None or total < best - 1e-12:
+            best, best_w = total, w
     return best_w
 
 
@@ -106,7 +112,8 @@ def test_width_follows_costs_and_acceptance():
         batch = int(rng.integers(1, 9))
         avail = rng.integers(0, 11, batch)
         keys = rng.choice([33, 11, 10], batch)
-        assert p.width(avail, keys) == _brute_force(p, avail, keys)
+        remaining = rng.integers(1, 65, batch)
+        assert p.width(avail, keys, remaining) == _brute_force(p, avail, keys, remaining)
 
 
 def test_width_charges_model_drafter_time():
@@ -137,7 +144,7 @@ class RandomWidths(DraftLengthPolicy):
         self.rng = np.random.default_rng(seed)
         self.widths = []
 
-    def width(self, available, keys):
+    def width(self, available, keys, remaining=None):
         w = int(self.rng.integers(0, int(available.max(initial=0)) + 1))
         self.widths.append(w)
         return w
@@ -225,3 +232,57 @@ def test_sampled_distribution_under_random_widths():
     exp = np.append(expected[big], expected[~big].sum())
     _, pvalue = scipy_stats.chisquare(obs, exp)
     assert pvalue > 1e-3, pvalue
+
+
+# -- a batch whose prompts share a prefix ------------------------------------------------------------
+
+SYSTEM = [1, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50]  # 12 shared tokens, like a chat template's system prompt
+
+
+def _shared_prefix_prompts():
+    return [SYSTEM + p[1:] for p in _ragged_prompts()]
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_shared_prefix_greedy_exact(monkeypatch, attn):
+    from specdec.cache import RaggedCache
+
+    for seed in range(10):
+        target = tiny_model("llama", seed=seed, layers=2)
+        target.set_attn_implementation(attn)
+        prompts = _shared_prefix_prompts()
+        refs = [hf_greedy(target, p, 20) for p in prompts]
+        if min_greedy_margin(target, prompts, refs) > 1e-3:
+            break
+    sizes, make = [], RaggedCache.from_model.__func__
+
+    def spy(cls, model, batch_size, *args, **kwargs):
+        sizes.append(batch_size)
+        return make(cls, model, batch_size, *args, **kwargs)
+
+    monkeypatch.setattr(RaggedCache, "from_model", classmethod(spy))
+    gen = SpeculativeGenerator(target, "ngram", num_draft_tokens=5)
+    gen.policy = RandomWidths(seed=3)
+    eos = refs[5][7]
+    result = gen.generate(prompts, max_new_tokens=20, eos_token_id=eos)
+    assert sizes == [1]  # the prefix was prefilled once, then copied to the 8 rows
+    for row, ref in enumerate(refs):
+        assert result.sequences[row] == (ref[: ref.index(eos) + 1] if eos in ref else ref)
+    assert result.stats.drafted_tokens > 0 and "eos" in result.finish_reasons
+    sizes.clear()
+    off = SpeculativeGenerator(target, "ngram", num_draft_tokens=5, share_prefix=False)
+    assert off.generate(prompts, max_new_tokens=20, eos_token_id=eos).sequences == result.sequences
+    assert sizes == [8]
+
+
+def test_shared_prefix_sampled_rows_match_batch_of_one():
+    """Sampling is sensitive to every logit, not only the argmax: with a fixed K, each row of a batch
+    with a shared prefix (holes in its cache) gives the tokens it gives alone (no sharing)."""
+    target = tiny_model("qwen3", seed=0, layers=2)
+    prompts = _shared_prefix_prompts()
+    gen = SpeculativeGenerator(target, "ngram", num_draft_tokens=3, adaptive=False)
+    opts = dict(max_new_tokens=12, temperature=1.0, seed=5, eos_token_id=None)
+    together = gen.generate(prompts, **opts)
+    alone = gen.generate(prompts, batch_size=1, **opts)
+    assert together.sequences == alone.sequences
+    assert together.stats.drafted_tokens > 0

@@ -48,8 +48,8 @@ def test_greedy_equals_target_generate(family_setup, kind, adaptive):
     assert stats.generated_tokens == N_NEW * len(PROMPTS)
     if kind == "self":  # the target drafting for itself: every draft accepted
         assert stats.acceptance_rate == 1.0
-    if kind != "none":
-        assert stats.drafted_tokens > 0
+    if kind != "none" and not adaptive:  # (the adaptive policy may rightly draft nothing for a tiny model;
+        assert stats.drafted_tokens > 0  # tests/test_draft_policy.py forces widths)
 
 
 def test_no_adaptive_keeps_k(family_setup):

@@ -13,14 +13,18 @@ skipped with a note, or is an error when named explicitly in ``--providers``):
   hf-assistant    HF assisted generation with ``--assistant MODEL`` (batch 1; only when given)
   specdec-none    specdec's loop without a drafter (plain decoding through the ragged cache)
   specdec-ngram   specdec, n-gram (prompt lookup) drafter, fixed K (like for like with HF) ...
-  specdec-ngram-adaptive  ... and with the default adaptive draft length
+  specdec-ngram-adaptive  ... and with the default adaptive draft length (width <= K chosen per step
+                  from the measured forward cost and acceptance)
   specdec-early-exit      specdec, the target's first L layers as drafter
   specdec-model   specdec with ``--assistant MODEL`` as drafter (only when given)
 
 For each: tokens/s (generated tokens / wall time of the generate calls), acceptance rate and mean
-tokens per target step (from specdec's stats; for HF from a count of the target's forward calls
-where that is meaningful), at batch 1 and 8, greedy and sampled, fp32 and int8 (bitsandbytes; a
-subset, it is slow on CPU). Plus ``op=target_forward`` rows: the measured time of one cached target
+tokens per target forward, the prefill's forward included (from specdec's stats; for HF at batch 1
+from a count of the target's forward calls: plain decoding gives 1.00, and prompt lookup's first
+forward verifies candidates like specdec's), at batch 1 and 8, greedy and sampled, fp32 and int8
+(bitsandbytes; a subset, it is slow on CPU). Sampled rows run ``--sampled-repeats`` passes with
+different seeds (one pass is too noisy to compare: on the 8 prompts, HF prompt lookup's tokens per
+step ranged 1.72-2.01 over 3 seeds). Plus ``op=target_forward`` rows: the measured time of one cached target
 forward over q = K+1 tokens against q = 1 (``cost_ratio``), which bounds the speedup: a step that
 emits T tokens on average costs ``cost_ratio(K+1)`` plain steps, so speedup <= T / cost_ratio.
 
@@ -181,7 +185,7 @@ def run_hf(model, prompts, *, batch, max_new, sampled, temperature, seed, kwargs
         # tokens per target forward, the prefill included: plain decoding emits one token per forward
         # (the prefill's included), and prompt lookup's first forward verifies candidates too. Same
         # count as specdec's GenerationStats.tokens_per_step.
-        stats["tokens_per_step"] = tokens / steps
+        stats.update(tokens_per_step=tokens / steps, steps=steps)
     return tokens, times, stats
 
 
@@ -203,10 +207,11 @@ def run_specdec(model, prompts, *, drafter, batch, max_new, sampled, temperature
         else:
             agg.merge(res.stats)
     stats = {}
-    if agg is not None and drafter not in (None, "none"):
-        stats = {"acceptance_rate": agg.acceptance_rate, "tokens_per_step": agg.tokens_per_step}
-    elif agg is not None:
-        stats = {"tokens_per_step": agg.tokens_per_step}
+    if agg is not None:
+        stats = {"tokens_per_step": agg.tokens_per_step, "steps": agg.row_steps}
+        if drafter not in (None, "none"):
+            stats.update(acceptance_rate=agg.acceptance_rate, drafted=agg.drafted_tokens,
+                         accepted=agg.accepted_tokens)
     return tokens, times, stats
 
 
@@ -270,6 +275,8 @@ def build_parser():
     p.add_argument("--model-draft-tokens", type=int, default=4, help="K for early-exit / model drafters")
     p.add_argument("--early-exit-layers", type=int, default=None, help="default: a quarter of the target's")
     p.add_argument("--temperature", type=float, default=0.7, help="for sampled mode (default 0.7)")
+    p.add_argument("--sampled-repeats", type=int, default=3,
+                   help="passes (seeds) for sampled rows (default 3); greedy rows use --repeats")
     p.add_argument("--repeats", type=int, default=1,
                    help="passes over the prompt set per configuration; pass r uses seed + 1000 r, so sampled "
                         "rows average over r draws (default 1)")
@@ -457,7 +464,7 @@ def _run(name, model, assistant, prompts, batch, sampled, K, L, args):
         prompts = prompts[:max(batch, args.early_exit_prompts)]
     kw = dict(batch=batch, max_new=args.max_new_tokens, sampled=sampled, temperature=args.temperature,
               seed=args.seed)
-    reps = max(1, args.repeats)
+    reps = max(1, args.sampled_repeats if sampled else args.repeats)
     # warm-up: one short call on the first prompt
     if name.startswith("hf"):
         hf_kwargs = {"hf": {}, "hf-prompt-lookup": {"prompt_lookup_num_tokens": K},
@@ -485,15 +492,14 @@ def _run(name, model, assistant, prompts, batch, sampled, K, L, args):
 
 
 def _merge_stats(res):
-    """Token-weighted means of the per-pass stats (passes differ in seeds when sampling)."""
+    """Stats of several passes (seeds) pooled: tokens / steps and accepted / drafted over all of them."""
     out = {}
-    for key in ("acceptance_rate", "tokens_per_step"):
-        vals = [(r[2].get(key), r[0]) for r in res if r[2].get(key) is not None]
-        if vals:
-            if key == "tokens_per_step":  # tokens / steps: weight the steps, i.e. tokens / value
-                out[key] = sum(n for _, n in vals) / sum(n / v for v, n in vals)
-            else:
-                out[key] = sum(v * n for v, n in vals) / sum(n for _, n in vals)
+    stats = [r[2] for r in res]
+    if stats and all("steps" in st for st in stats):
+        out["tokens_per_step"] = sum(r[0] for r in res) / sum(st["steps"] for st in stats)
+    if stats and all("drafted" in st for st in stats):
+        drafted = sum(st["drafted"] for st in stats)
+        out["acceptance_rate"] = sum(st["accepted"] for st in stats) / drafted if drafted else 0.0
     return out
 
 

@@ -42,7 +42,9 @@ class DraftState:
     backend:     implementation for specdec.ops.sample ("auto", "cpp", "triton", "reference")
     cache:       the target's RaggedCache (row b holds the row's tokens but the pending one), or None;
                  drafters may run forwards over it inside ``cache.partial_depth`` but must leave its
-                 lengths as they found them
+                 lengths as they found them. Only drafters with ``needs_target_cache`` may read it:
+                 the generator proposes their first drafts after the prefill (the first step's
+                 forward) and keeps the batch in the plain left-padded layout for them
     """
 
     tokens: np.ndarray

@@ -632,7 +632,9 @@ class SpeculativeGenerator:
                     if not started:
                         drafter.start(state)
                         started = True
-                        t0 = time.perf_counter()
+                        t_started = time.perf_counter()
+                        stats.drafter_time += t_started - t0
+                        t0 = t_started  # the step's drafting time (observe_draft_time) excludes the start
                     if not adaptive:
                         draft = drafter.propose(state)
                     elif drafter.cheap:  # propose the longest drafts, then cut them to the policy's width

@@ -293,8 +293,6 @@ def _available(name, args, has_generator):
         return False, has_generator[1]
     if name in ("hf-assistant", "specdec-model") and not args.assistant:
         return False, "needs --assistant MODEL (no smaller model sharing the target's tokenizer is embedded)"
-    if name == "specdec-early-exit" and args.quick is False:
-        pass
     return True, ""
 
 
@@ -327,18 +325,8 @@ def main(argv=None) -> int:
     except Exception as exc:  # noqa: BLE001
         has_generator = (False, f"specdec's generation layer is not importable: {type(exc).__name__}: {exc}")
     explicit = args.providers is not None
-    wanted = [p for p in (args.providers.split(",") if explicit else ALL_PROVIDERS) if p]
-    providers = []
-    for name in wanted:
-        if name not in ALL_PROVIDERS:
-            H.fail(f"unknown provider {name!r}; use {', '.join(ALL_PROVIDERS)}")
-        ok, why = _available(name, args, has_generator)
-        if ok:
-            providers.append(name)
-        elif explicit:
-            H.fail(f"provider {name!r} was asked for but is unavailable: {why}")
-        else:
-            H.note(f"skipping provider {name}: {why}")
+    providers = H.select_providers(args.providers, ALL_PROVIDERS, ALL_PROVIDERS,
+                                   lambda name: _available(name, args, has_generator))
 
     args.backend = _resolve_backend(args.backend, device)
     env = H.env_info(device)

@@ -66,21 +66,10 @@ def _flashinfer():
 
 
 def provider_status(name, device):
-    from specdec import ops
-
     if name in ("reference", "torch_fp32"):
         return True, ""
-    if name == "cpp":
-        if device.type != "cpu":
-            return False, "the C++ kernel runs on CPU tensors"
-        ok, why = ops.backends()["cpp"]
-        if ok and not hasattr(torch.ops.specdec_cpp, "sample"):
-            return False, "specdec._C loaded but has no sample kernel (torch.ops.specdec_cpp.sample)"
-        return ok, why
-    if name == "triton":
-        if device.type != "cuda":
-            return False, "the Triton kernels need a CUDA device"
-        return ops.backends()["triton"]
+    if name in ("cpp", "triton"):
+        return H.specdec_status(name, device, "sample")
     if name == "flashinfer":
         if device.type != "cuda":
             return False, "FlashInfer needs a CUDA device"
@@ -141,21 +130,8 @@ def main(argv=None) -> int:
     for m in modes:
         if m not in MODES:
             H.fail(f"unknown mode {m!r}; use {', '.join(MODES)}")
-    explicit = args.providers is not None
-    providers = []
-    for name in [p for p in (args.providers.split(",") if explicit else
-                             (CPU_PROVIDERS if device.type == "cpu" else GPU_PROVIDERS)) if p]:
-        if name not in ALL_PROVIDERS:
-            H.fail(f"unknown provider {name!r}; use {', '.join(ALL_PROVIDERS)}")
-        ok, why = provider_status(name, device)
-        if ok:
-            providers.append(name)
-        elif explicit:
-            H.fail(f"provider {name!r} was asked for but is unavailable on {device}: {why}")
-        else:
-            H.note(f"skipping provider {name}: {why}")
-    if not providers:
-        H.fail("no provider can run")
+    providers = H.select_providers(args.providers, CPU_PROVIDERS if device.type == "cpu" else GPU_PROVIDERS,
+                                   ALL_PROVIDERS, lambda name: provider_status(name, device), f" on {device}")
 
     env = H.env_info(device)
     copy_gbps = H.copy_bandwidth(device)

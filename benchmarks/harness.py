@@ -488,6 +488,49 @@ def progress(iterable: Iterable, desc: str = "", total: Optional[int] = None, di
     return tqdm(iterable, desc=desc, total=total, disable=disable, dynamic_ncols=True, leave=False)
 
 
+def select_providers(requested: Optional[str], default: Sequence[str], known: Sequence[str],
+                     status: Callable[[str], tuple], where: str = "") -> list:
+    """The providers to run: ``requested`` (a comma list from ``--providers``) or ``default``.
+
+    ``status(name) -> (ok, why)``. A provider the user asked for by name that cannot run here is an
+    error (exit 2); one from the defaults is skipped with a note. No runnable provider is an error.
+    """
+    explicit = requested is not None
+    out = []
+    for name in [p for p in (requested.split(",") if explicit else default) if p]:
+        if name not in known:
+            fail(f"unknown provider {name!r}; use {', '.join(known)}")
+        ok, why = status(name)
+        if ok:
+            out.append(name)
+        elif explicit:
+            fail(f"provider {name!r} was asked for but is unavailable{where}: {why}")
+        else:
+            note(f"skipping provider {name}: {why}")
+    if not out:
+        fail("no provider can run")
+    return out
+
+
+def specdec_status(backend: str, device, op: str) -> tuple:
+    """(available, reason) of specdec's ``cpp`` or ``triton`` backend for ``op`` on ``device``."""
+    from specdec import ops
+
+    device = torch.device(device)
+    if backend == "cpp":
+        if device.type != "cpu":
+            return False, "the C++ kernels run on CPU tensors"
+        ok, why = ops.backends()["cpp"]
+        if ok and not hasattr(torch.ops.specdec_cpp, op):
+            return False, f"specdec._C loaded but has no {op} kernel (torch.ops.specdec_cpp.{op})"
+        return ok, why
+    if backend == "triton":
+        if device.type != "cuda":
+            return False, "the Triton kernels need a CUDA device (interpreter timings are meaningless)"
+        return ops.backends()["triton"]
+    return False, f"unknown specdec backend {backend!r}"
+
+
 def make_parser(prog: str, description: str) -> argparse.ArgumentParser:
     """An argument parser with the options every benchmark script shares:
     ``--out DIR`` (default benchmarks/results), ``--quick`` (a small subset: seconds),

@@ -47,6 +47,17 @@ def fast_backend(request):
     return name
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a test module: with tiny models, thread start-up and contention on a
+    shared 2-core machine cost more than they give. Opt in with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 def pytest_report_header(config):
     return ["specdec backends: " + ", ".join(
         f"{k}={'yes' if v[0] else 'no'} ({v[1]})" for k, v in specdec.ops.backends().items())]

@@ -82,6 +82,19 @@ def test_unavailable_explicit_provider_exits_nonzero(tmp_path):
     assert exc.value.code != 0
 
 
+def test_select_providers(capsys):
+    status = {"a": (True, ""), "b": (False, "no GPU")}.get
+    assert H.select_providers(None, ["a", "b"], ["a", "b"], status) == ["a"]  # default: b skipped
+    assert "skipping provider b: no GPU" in capsys.readouterr().err
+    assert H.select_providers("a", ["b"], ["a", "b"], status) == ["a"]
+    for requested in ("b", "a,zzz"):  # asked for but unavailable; unknown name
+        with pytest.raises(SystemExit) as exc:
+            H.select_providers(requested, ["a"], ["a", "b"], status)
+        assert exc.value.code == 2
+    with pytest.raises(SystemExit):  # nothing can run
+        H.select_providers(None, ["b"], ["a", "b"], status)
+
+
 def test_bench_sample_smoke(tmp_path):
     rc = bench_sample.main(["--quick", "--out", str(tmp_path), "--B", "1,2", "--V", "1000", "--runs", "3",
                             "--max-time", "0.2", "--modes", "plain,top_p,greedy", "--no-plot"])

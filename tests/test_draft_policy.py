@@ -9,12 +9,7 @@ from specdec.generator import AcceptanceModel, DraftLengthPolicy, ForwardCostMod
 from _tiny_models import PROMPTS, hf_greedy, min_greedy_margin, tiny_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- acceptance model --------------------------------------------------------------------------------

@@ -11,13 +11,7 @@ from _tiny_models import PROMPTS, hf_greedy, min_greedy_margin, tiny_model
 N_NEW = 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models: thread start-up and contention on a shared 2-core machine cost more than they give
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2", "qwen3"])

@@ -8,12 +8,7 @@ from specdec.models import (IncompatibleModelsError, ModelLoadError, cache_dir, 
 from _tiny_models import PROMPTS, hf_greedy, tiny_model, word_tokenizer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_resolve_quantization():

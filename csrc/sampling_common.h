@@ -448,7 +448,6 @@ struct Weights {
   }
 };
 
-
 // Level-1 weights of the race blocks inside [j0, j1) (j0 a multiple of kRaceBlock): out[k] for
 // block k = j / kRaceBlock, the sum of the residual's weights if `resid`, else of p's (floats
 // summed per lane in float within the block, then in double). If probs_out is given, also

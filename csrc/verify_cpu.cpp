@@ -145,11 +145,8 @@ std::tuple<at::Tensor, at::Tensor> verify_cpu(const at::Tensor& target_logits_in
             break;
           }
         }
-        // The reference also voids a row when a live position after its stop has no finite
-        // logit; that needs only the first finite value of each (usually the first entry).
-        for (int64_t pos = s + 1; pos <= r.n_drafts; ++pos)
-          if (!has_finite(L + (b * K1 + pos) * Vt, Vt)) return;
-
+        // Positions after the stop are never looked at: one without a finite logit there (a
+        // grammar mask past a rejection) does not void the row.
         for (int64_t i = 0; i < s; ++i) out[b * K1 + i] = dr[b * K + i];
         na[b] = int32_t(s);
         const PosStats& st = stats[b * K1 + s];

@@ -149,13 +149,12 @@ def _verify_accept_race_kernel(
     # e^-745); q(x) = 0 < p(x) accepts since u * 0 <= p.
     accept_sampled = kept & (u * q_draft <= p_draft)
     accept_greedy = drafts == argmax.to(tl.int64)
-    accept = tl.where(greedy, accept_greedy, accept_sampled) & in_range & (pos < n_drafts)
+    accept = tl.where(greedy, accept_greedy, accept_sampled) & in_range & (pos < n_drafts) & finite
     s = tl.min(tl.where(accept | ~is_draft, K, pos), 0)  # first rejection: the emit position
     rejected = s < n_drafts
-    live = (pos <= n_drafts) & (pos < K1)
-    row_ok = tl.sum(tl.where(live & ~finite, 1, 0), 0) == 0  # every live position has a logit
-
     at_s = pos == s
+    # the emit position has a finite logit (positions after s are never looked at)
+    row_ok = tl.sum(tl.where(at_s & finite, 1, 0), 0) > 0
     argmax_s = tl.min(tl.where(at_s, argmax, _BIG_ID), 0)
     max_s = tl.max(tl.where(at_s, row_max, float("-inf")), 0)
     sum_s = tl.sum(tl.where(at_s, row_sum, 0.0), 0)
@@ -270,10 +269,12 @@ def verify(target_logits, draft_token_ids, draft_probs, temperature, top_k, top_
     B, K1, Vt = target_logits.shape
     K = K1 - 1
     dev = target_logits.device
-    out = torch.full((B, K1), -1, dtype=torch.int64, device=dev)
-    num_acc = torch.zeros((B,), dtype=torch.int32, device=dev)
     if B == 0 or Vt == 0:
-        return out, num_acc
+        return (torch.full((B, K1), -1, dtype=torch.int64, device=dev),
+                torch.zeros((B,), dtype=torch.int32, device=dev))
+    # every entry is written by the accept kernel's split-0 program (and the finish kernel)
+    out = torch.empty((B, K1), dtype=torch.int64, device=dev)
+    num_acc = torch.empty((B,), dtype=torch.int32, device=dev)
     logits = target_logits.contiguous()
     drafts = draft_token_ids.to(torch.int64).contiguous()
     temperature = temperature.to(torch.float32).contiguous()
@@ -285,10 +286,12 @@ def verify(target_logits, draft_token_ids, draft_probs, temperature, top_k, top_
     q = draft_probs.contiguous() if has_q and draft_probs.numel() > 0 else logits
 
     rows = B * K1
-    thr = filter_thresholds(
-        logits.view(rows, Vt), temperature.repeat_interleave(K1),
-        None if top_k is None else top_k.repeat_interleave(K1),
-        None if top_p is None else top_p.repeat_interleave(K1))
+    thr = None  # filtering off: no per-position copies of the parameters, no threshold pass
+    if top_k is not None or top_p is not None:
+        thr = filter_thresholds(
+            logits.view(rows, Vt), temperature.repeat_interleave(K1),
+            None if top_k is None else top_k.repeat_interleave(K1),
+            None if top_p is None else top_p.repeat_interleave(K1))
     thr_arg = thr if thr is not None else temperature  # placeholder pointer, never read
     drafts_arg = drafts if K > 0 else seed  # K = 0: never read, but a valid pointer
 

@@ -111,15 +111,20 @@ def _verify_op(
     backend: str,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     impl = _pick(backend, target_logits.device)
+    if impl == "reference":
+        top_k, top_p = _materialise(top_k, top_p, temperature)
+        return reference.verify(target_logits, draft_token_ids, draft_probs, temperature, top_k, top_p,
+                                seed, offset)
+    t_ok = torch.nan_to_num(temperature, nan=1.0, posinf=1.0)  # the kernels never see NaN / inf
     if impl == "triton":  # None = filter off everywhere: the kernels then skip the threshold pass
         from specdec.kernels import verify as tv
 
-        return tv.verify(target_logits, draft_token_ids, draft_probs, temperature, top_k, top_p, seed, offset)
-    top_k, top_p = _materialise(top_k, top_p, temperature)
-    args = (target_logits, draft_token_ids, draft_probs, temperature, top_k, top_p, seed, offset)
-    if impl == "cpp":
-        return torch.ops.specdec_cpp.verify(*args)
-    return reference.verify(*args)
+        out = tv.verify(target_logits, draft_token_ids, draft_probs, t_ok, top_k, top_p, seed, offset)
+    else:
+        top_k, top_p = _materialise(top_k, top_p, temperature)
+        out = torch.ops.specdec_cpp.verify(target_logits, draft_token_ids, draft_probs, t_ok, top_k, top_p,
+                                           seed, offset)
+    return _void_bad_temperature(temperature, *out)
 
 
 @_verify_op.register_fake
@@ -140,15 +145,18 @@ def _sample_op(
     backend: str,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     impl = _pick(backend, logits.device)
+    if impl == "reference":
+        top_k, top_p = _materialise(top_k, top_p, temperature)
+        return reference.sample(logits, temperature, top_k, top_p, seed, offset)
+    t_ok = torch.nan_to_num(temperature, nan=1.0, posinf=1.0)
     if impl == "triton":
         from specdec.kernels import sample as ts
 
-        return ts.sample(logits, temperature, top_k, top_p, seed, offset)
-    top_k, top_p = _materialise(top_k, top_p, temperature)
-    args = (logits, temperature, top_k, top_p, seed, offset)
-    if impl == "cpp":
-        return torch.ops.specdec_cpp.sample(*args)
-    return reference.sample(*args)
+        out = ts.sample(logits, t_ok, top_k, top_p, seed, offset)
+    else:
+        top_k, top_p = _materialise(top_k, top_p, temperature)
+        out = torch.ops.specdec_cpp.sample(logits, t_ok, top_k, top_p, seed, offset)
+    return _void_bad_temperature(temperature, *out)
 
 
 @_sample_op.register_fake
@@ -199,6 +207,8 @@ def row_seeds(seed: int, batch_size: int, first_row: int = 0) -> torch.Tensor:
 
 def _per_row(value, B: int, dtype: torch.dtype, device, name: str) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
+        if value.is_floating_point() and not dtype.is_floating_point:
+            raise TypeError(f"{name} must be an integer tensor, got {value.dtype}")
         if value.dim() == 0:
             value = value.reshape(1)
         if value.dim() != 1 or value.shape[0] not in (1, B):
@@ -207,9 +217,21 @@ def _per_row(value, B: int, dtype: torch.dtype, device, name: str) -> torch.Tens
     if isinstance(value, (list, tuple)):
         if len(value) != B:
             raise ValueError(f"{name} has {len(value)} entries, expected B={B}")
+        if not dtype.is_floating_point:
+            for v in value:
+                if isinstance(v, bool) or not isinstance(v, int):
+                    raise TypeError(f"{name} entries must be ints, got {type(v).__name__} {v!r}")
+                if not -(2**63) <= v < 2**63:
+                    raise ValueError(f"{name} entries must fit in int64, got {v}")
+        # a host-to-device copy: pass a device tensor on the hot path
         return torch.tensor(value, dtype=dtype, device=device)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, a sequence or a tensor, got {type(value).__name__}")
+    if not dtype.is_floating_point:
+        if not isinstance(value, int):  # silently truncating 2.7 to 2 would hide a caller's bug
+            raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+        if not -(2**63) <= value < 2**63:
+            raise ValueError(f"{name} must fit in int64, got {value}")
     return torch.full((B,), value, dtype=dtype, device=device)
 
 
@@ -217,23 +239,55 @@ def _seeds(seed, B: int, device) -> torch.Tensor:
     if seed is None:
         seed = int(torch.randint(0, 2**62, (1,)))  # torch's CPU generator: honours manual_seed
     if isinstance(seed, int) and not isinstance(seed, bool):
-        return row_seeds(seed, B).to(device)
+        # row_seeds computed on the device (int64 arithmetic wraps mod 2^64, as _to_int64 does):
+        # an int seed costs no host-to-device copy, so the call stays free of host syncs
+        stride = _to_int64(_SEED_STRIDE)
+        return torch.arange(B, dtype=torch.int64, device=device) * stride + _to_int64(seed)
     return _per_row(seed, B, torch.int64, device, "seed")
 
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
+def _same_device(first: torch.Tensor, first_name: str, **others):
+    """Tensors on different devices raise (a device comparison costs no sync): a kernel given a
+    pointer from another device would read memory that is not its input."""
+    if not isinstance(first, torch.Tensor):
+        raise TypeError(f"{first_name} must be a torch.Tensor, got {type(first).__name__}")
+    for name, t in others.items():
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.device != first.device:
+            raise ValueError(f"{name} is on {t.device}, {first_name} on {first.device}: "
+                             "all tensor inputs must be on one device")
+
+
+def _as_kernel_float(t: torch.Tensor) -> torch.Tensor:
+    """float64 inputs are accepted and computed in float32, like every kernel does (one copy)."""
+    return t.float() if t.dtype == torch.float64 else t
+
+
+def _void_bad_temperature(temperature, out_ids, second):
+    """Rows whose temperature is NaN or +inf emit nothing (ids -1; num_accepted 0 / probs 0), on
+    every backend: the same rule as ``reference._bad_temperature``. Device ops, no sync."""
+    bad = torch.isnan(temperature) | (temperature == float("inf"))
+    out_ids = out_ids.masked_fill(bad.view(-1, *([1] * (out_ids.dim() - 1))), -1)
+    second = second.masked_fill(bad.view(-1, *([1] * (second.dim() - 1))), 0)
+    return out_ids, second
+
+
 def _check_float(t: torch.Tensor, name: str):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32/float16/bfloat16, got {t.dtype}")
+        raise TypeError(f"{name} must be float32/float16/bfloat16/float64, got {t.dtype}")
 
 
 def _check_params(B, device, temperature, top_k, top_p):
-    if bool((temperature < 0).any()) or not bool(torch.isfinite(temperature).all()):
-        raise ValueError(f"temperature must be finite and >= 0 (0 = greedy), got {temperature.tolist()}")
+    if not bool(torch.isfinite(temperature).all()):
+        raise ValueError(f"temperature must be finite (<= 0 = greedy), got {temperature.tolist()}")
     if bool((top_k < 0).any()):
         raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k.tolist()}")
     if bool(((top_p <= 0) | (top_p > 1) | torch.isnan(top_p)).any()):
@@ -280,12 +334,8 @@ def _check_verify(target_logits, draft_token_ids, draft_probs, temperature, top_
         b, i = (int(x) for x in oob.nonzero()[0])
         raise ValueError(f"draft_token_ids[{b}, {i}] = {int(ids[b, i])} is outside the draft vocabulary [0, {Vd})")
     _check_params(B, target_logits.device, temperature, top_k, top_p)
-    n = (~is_end).long().cumprod(1).sum(1)
-    live = torch.arange(K1, device=ids.device)[None] <= n[:, None]
-    dead = ~torch.isfinite(target_logits).any(-1) & live
-    if bool(dead.any()):
-        b, i = (int(x) for x in dead.nonzero()[0])
-        raise ValueError(f"target_logits row {b}, position {i} has no finite logit")
+    # a position without a finite logit is valid input (a grammar mask past a rejection): only
+    # the position where a row's token is drawn matters, which the op tells (verify's check)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,9 +363,11 @@ def verify(
         draft_token_ids: [B, K] int32/int64; -1 marks "no draft" (ragged rows: drafts, then -1s).
         draft_probs: [B, K, Vd] float, Vd <= Vt: the distribution each draft was sampled from;
             None for deterministic drafters (n-gram, argmax): q is one-hot at the draft.
-        temperature: float or [B]; 0 makes a row greedy (rows may mix greedy and sampled).
+        temperature: float or [B]; <= 0 makes a row greedy (0, or vLLM's -1; rows may mix greedy
+            and sampled). A NaN or +inf temperature voids its row (all -1, num_accepted 0).
         top_k: int or [B] (0 = off); top_p: float or [B] (1.0 = off), applied to the target.
-        seed: int (expanded per row with ``row_seeds``), [B] int64 tensor, or None (drawn from
+        seed: int (expanded per row with ``row_seeds``, on the device), [B] int64 tensor (a list
+            costs a host-to-device copy), or None (drawn from
             torch's CPU generator); offset: int or [B] int64, the Philox counter offset: advance
             it between calls that share a seed.
         check: validate eagerly (host sync) and raise ValueError/TypeError naming the argument.
@@ -323,13 +375,18 @@ def verify(
 
     Returns:
         output_ids: [B, K+1] int64: accepted drafts, one recovered-or-bonus token, then -1.
-        num_accepted: [B] int32 in [0, K]; tokens emitted per row = num_accepted + 1 (a row whose
-            live positions have no finite logit emits nothing: all -1, num_accepted 0).
+        num_accepted: [B] int32 in [0, K]; tokens emitted per row = num_accepted + 1. A row
+            emits nothing (all -1, num_accepted 0) only when the position its token is drawn from
+            has no finite logit; positions after it are never looked at.
     """
     if check:
         _check_float(target_logits, "target_logits")
         if target_logits.dim() != 3:
             raise ValueError(f"target_logits must be [B, K+1, V], got shape {tuple(target_logits.shape)}")
+    _same_device(target_logits, "target_logits", draft_token_ids=draft_token_ids, draft_probs=draft_probs)
+    target_logits = _as_kernel_float(target_logits)
+    if draft_probs is not None:
+        draft_probs = _as_kernel_float(draft_probs)
     B = target_logits.shape[0]
     dev = target_logits.device
     temperature_t = _per_row(temperature, B, torch.float32, dev, "temperature")
@@ -341,10 +398,17 @@ def verify(
     offset_t = _per_row(offset, B, torch.int64, dev, "offset")
     if draft_probs is not None:
         draft_probs = draft_probs.contiguous()
-    return torch.ops.specdec.verify(
+    out, num_accepted = torch.ops.specdec.verify(
         target_logits.contiguous(), draft_token_ids.to(torch.int64).contiguous(), draft_probs,
         temperature_t, top_k_t, top_p_t, seed_t, offset_t, backend,
     )
+    if check:
+        void = out[:, 0] < 0
+        if bool(void.any()):
+            b = int(void.nonzero()[0])
+            raise ValueError(f"target_logits row {b}: the position its token is drawn from (after "
+                             "its accepted drafts) has no finite logit; the row emits nothing")
+    return out, num_accepted
 
 
 def sample(
@@ -373,6 +437,8 @@ def sample(
         _check_float(logits, "logits")
         if logits.dim() != 2 or logits.shape[0] < 1 or logits.shape[1] < 1:
             raise ValueError(f"logits must be [B, V] with B, V >= 1, got shape {tuple(logits.shape)}")
+    _same_device(logits, "logits")
+    logits = _as_kernel_float(logits)
     B = logits.shape[0]
     dev = logits.device
     temperature_t = _per_row(temperature, B, torch.float32, dev, "temperature")

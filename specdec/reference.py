@@ -34,7 +34,7 @@ Target distribution at each position (``_target_probs``): non-finite logits beco
 logits / temperature; top-k keeps scaled >= the k-th largest value (ties kept); top-p then keeps the
 smallest set of highest-probability tokens whose mass reaches top_p (ties at the boundary kept);
 p = softmax over what is kept. temperature <= 0 means greedy: only the argmax matters (lowest id
-on ties); top-k/top-p never remove the argmax.
+on ties); top-k/top-p never remove the argmax. A NaN or +inf temperature voids its row.
 """
 from __future__ import annotations
 
@@ -171,6 +171,13 @@ def _race(weights: torch.Tensor, seed, offset, stream: int, block_stream: int, p
     return block * RACE_BLOCK + _race_flat(inner, seed, offset, stream, position, ids)
 
 
+def _bad_temperature(temperature):
+    """Rows whose temperature is NaN or +inf have no defined distribution: they emit nothing
+    (token -1, num_accepted 0, zero probs), like a row without a finite logit. t <= 0 (vLLM's
+    -1 included) is greedy."""
+    return torch.isnan(temperature) | (temperature == float("inf"))
+
+
 def verify(target_logits, draft_token_ids, draft_probs, temperature, top_k, top_p, seed, offset):
     """Chain verification, reference implementation (float64 inside).
 
@@ -185,6 +192,8 @@ def verify(target_logits, draft_token_ids, draft_probs, temperature, top_k, top_
     dev = target_logits.device
     logits = _clean(target_logits)
     temperature = temperature.double().to(dev)
+    bad_t = _bad_temperature(temperature)
+    temperature = torch.where(bad_t, torch.ones_like(temperature), temperature)
     greedy = temperature <= 0
     rep = lambda x: x.to(dev).repeat_interleave(K1)  # noqa: E731  per row -> per (row, position)
     probs, argmax = _target_probs(
@@ -211,7 +220,8 @@ def verify(target_logits, draft_token_ids, draft_probs, temperature, top_k, top_
     accept_sampled = (p_draft > 0) & (u * q_draft <= p_draft)
     accept_greedy = drafts == argmax[:, :K]
     accept = torch.where(greedy[:, None], accept_greedy, accept_sampled)
-    accept &= in_range & (pos[None] < n_drafts[:, None])
+    finite = torch.isfinite(logits).any(-1)  # [B, K+1]: the position has a distribution
+    accept &= in_range & (pos[None] < n_drafts[:, None]) & finite[:, :K]
     num_accepted = accept.long().cumprod(1).sum(1)  # drafts before the first rejection
 
     # the one emitted token at position s = num_accepted: residual after a rejection, else bonus
@@ -234,10 +244,9 @@ def verify(target_logits, draft_token_ids, draft_probs, temperature, top_k, top_
     sampled = _race(weights, seed, offset, STREAM_RESAMPLE, STREAM_RESAMPLE_BLOCK, s)
     token = torch.where(greedy, argmax[rows, s], sampled)
 
-    # a row with a position (up to its last live one) that has no finite logit emits nothing
-    finite = torch.isfinite(logits).any(-1)  # [B, K+1]
-    live = torch.arange(K1, device=dev)[None] <= n_drafts[:, None]
-    row_ok = (finite | ~live).all(1)
+    # the sequential algorithm stops at s: a row emits nothing only when the position its token
+    # is drawn from has no finite logit; positions after s are never looked at
+    row_ok = finite[rows, s] & ~bad_t
 
     out = torch.full((B, K1), -1, dtype=torch.int64, device=dev)
     keep = torch.arange(K1, device=dev)[None] < num_accepted[:, None]
@@ -260,6 +269,8 @@ def sample(logits, temperature, top_k, top_p, seed, offset):
     dev = logits.device
     clean = _clean(logits)
     temperature = temperature.double().to(dev)
+    bad_t = _bad_temperature(temperature)
+    temperature = torch.where(bad_t, torch.ones_like(temperature), temperature)
     greedy = temperature <= 0
     probs, argmax = _target_probs(clean, temperature, top_k.to(dev), top_p.double().to(dev))
     probs = torch.where(greedy[:, None], torch.nn.functional.one_hot(argmax, V).double(), probs)
@@ -267,7 +278,7 @@ def sample(logits, temperature, top_k, top_p, seed, offset):
     token = _race(probs, seed.to(dev, torch.int64), offset.to(dev, torch.int64), STREAM_SAMPLE,
                   STREAM_SAMPLE_BLOCK, zero)
     token = torch.where(greedy, argmax, token)
-    row_ok = torch.isfinite(logits).any(-1)
+    row_ok = torch.isfinite(logits).any(-1) & ~bad_t
     token = torch.where(row_ok, token, torch.full_like(token, -1))
     probs = torch.where(row_ok[:, None], probs, torch.zeros_like(probs))
     return token, probs.float()

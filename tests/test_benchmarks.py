@@ -2,6 +2,8 @@
 well-formed CSV. Not timed tests: no number is checked against a target here."""
 import csv
 import importlib.util
+import os
+import sys
 
 import pytest
 import torch
@@ -117,3 +119,18 @@ def test_bench_e2e_smoke(tmp_path):
         assert "failed" not in r["note"], r["note"]
         assert float(r["tokens_per_s"]) > 0
     assert any(r["op"] == "target_forward" and float(r["cost_ratio"]) > 0 for r in rows)
+
+
+def test_gpu_check_dry_run(tmp_path):
+    """The GPU validation script's CPU dry run (tiny shapes, Triton interpreter), so it cannot rot
+    between GPU leases: Triton tokens equal the reference's and the chi-square part runs."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    out = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "gpu_check.py"), "--dry-run",
+                          "--out", str(tmp_path)], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    rows = list(csv.DictReader(open(tmp_path / "gpu_check.csv")))
+    assert {r["part"] for r in rows} == {"correct", "chi2"}
+    assert all(r["ok"] == "True" for r in rows), rows

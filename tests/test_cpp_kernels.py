@@ -135,7 +135,7 @@ def test_verify_non_finite():
     L, drafts, q = _verify_inputs(B, K, V, V, torch.float32, True, g)
     L[0, 1, ::3] = float("nan")
     L[1, 0, 5] = float("inf")  # +inf counts as -inf
-    L[1, 2, :] = float("-inf")  # a live position without a finite logit: the row emits nothing
+    L[1, 0, :] = float("-inf")  # the first position (always reached) has no finite logit: void
     L[2, 3, :] = float("nan")
     drafts[2, 1] = -1  # ... but here position 3 is not live: the row is fine
     L[3, :, :] = float("-inf")

@@ -278,7 +278,7 @@ def test_verify_non_finite_logits():
     logits[0, 0, :50] = float("nan")  # some non-finite values: they are -inf
     logits[0, 1, 3] = float("inf")
     logits[0, 2, 4] = float("-inf")
-    logits[1, 2] = float("nan")  # a whole live position: row 1 emits nothing
+    logits[1, 0] = float("nan")  # a whole first position (always reached): row 1 emits nothing
     drafts = args[1].clone()
     drafts[2, 1:] = -1
     logits[2, 3] = float("nan")  # a position after row 2's tail: irrelevant

@@ -186,7 +186,7 @@ def test_out_of_range_draft_ids_are_rejected(backend):
 
 def test_no_finite_logit_emits_nothing(backend):
     logits = torch.randn(3, 3, 111, generator=torch.Generator().manual_seed(9))
-    logits[1, 1] = float("nan")
+    logits[1, 0] = float("nan")  # the first position is always reached: row 1 emits nothing
     logits[2, 2] = -torch.inf  # position 2 is not live for row 2 (its drafts end at 1)
     drafts = torch.tensor([[1, 2], [1, 2], [3, -1]])
     for t in (0.0, 1.0):
@@ -195,6 +195,23 @@ def test_no_finite_logit_emits_nothing(backend):
         assert out[0, n[0]] >= 0 and out[2, n[2]] >= 0
     with pytest.raises(ValueError, match="row 1"):
         ops.verify(logits, drafts, check=True)
+
+
+def test_dead_position_after_the_stop_does_not_void_the_row(backend):
+    """A grammar mask that bans everything past a rejection: the sequential algorithm stops at the
+    rejection and emits its token; the all -inf positions after it are never looked at."""
+    logits = torch.randn(2, 4, 111, generator=torch.Generator().manual_seed(10))
+    drafts = torch.tensor([[5, 6, 7], [5, 6, 7]])
+    logits[:, 0, 5] = -torch.inf  # p(draft) = 0 at position 0: rejected (sampled and greedy)
+    logits[:, 1:] = -torch.inf
+    for t in (0.0, 1.0):
+        for q in (None, torch.softmax(torch.randn(2, 3, 111), -1)):
+            out, n = run(backend, logits, drafts, q, temperature=t, seed=4)
+            assert n.tolist() == [0, 0]
+            assert (out[:, 0] >= 0).all() and (out[:, 0] != 5).all() and (out[:, 1:] == -1).all()
+            ref = ops.verify(logits, drafts, q, temperature=t, seed=4, backend="reference")
+            assert torch.equal(out.cpu(), ref[0])
+    ops.verify(logits, drafts, temperature=1.0, seed=4, check=True)  # valid input: no error
 
 
 def test_no_drafts_gives_a_sample_from_p(backend):
@@ -392,7 +409,7 @@ def test_bad_input_raises_clear_errors():
         (dict(target_logits=L, draft_token_ids=d.to("meta")), ValueError, "is on meta"),
         (dict(target_logits=L, draft_token_ids=torch.tensor([[1, 50], [0, 0]])), ValueError, r"\[0, 50\)"),
         (dict(target_logits=L, draft_token_ids=torch.tensor([[-1, 3], [0, 0]])), ValueError, "follows a -1"),
-        (dict(target_logits=L, draft_token_ids=d, temperature=-1.0), ValueError, "temperature"),
+        (dict(target_logits=L, draft_token_ids=d, temperature=float("nan")), ValueError, "temperature"),
         (dict(target_logits=L, draft_token_ids=d, top_p=0.0), ValueError, "top_p"),
         (dict(target_logits=L, draft_token_ids=d, top_p=1.5), ValueError, "top_p"),
         (dict(target_logits=L, draft_token_ids=d, top_k=-2), ValueError, "top_k"),

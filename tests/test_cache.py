@@ -355,6 +355,21 @@ def test_raw_gather_rejects_hostile_indices(keep_index, keep_lengths, offset, ma
     assert untouched() and lens.tolist() == [3, 5]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backends_agree_on_corrupted_lengths(backend):
+    keys, values, lens, untouched = _guarded_store(lengths=(3, 5))
+    C.rollback_(lens, torch.tensor([-2, 9], dtype=torch.int32), False, backend=backend)  # stores garbage
+    new = torch.randn(2, 2, 2, 1, 4)
+    with pytest.raises(RuntimeError, match="append: row 0 length -2 is negative"):
+        C.append_(keys, values, lens, new, new, backend=backend)
+    with pytest.raises(RuntimeError, match=r"gather: row 0 length -2 outside \[0, 8\]"):
+        C.gather_(keys, values, lens, torch.tensor([[0], [0]]), torch.tensor([0, 0]), torch.tensor([0, 0]),
+                  backend=backend)
+    with pytest.raises(RuntimeError, match=r"select_rows: row 1 length 9 outside \[0, 8\]"):
+        C.select_rows(keys, values, lens, torch.tensor([1]), 16, backend=backend)
+    assert untouched() and lens.tolist() == [-2, 9]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_cuda_kernels_clamp_hostile_inputs_without_check():
     # On CUDA the unchecked paths do not synchronise; the kernels clamp instead, so nothing outside the

@@ -95,7 +95,8 @@ void cache_append_cuda(const at::Tensor& keys, const at::Tensor& values, const a
               "append: new keys/values dtype must match the store dtype ", keys.scalar_type());
   TORCH_CHECK(new_keys.device() == keys.device() && new_values.device() == keys.device(),
               "append: new keys/values on ", new_keys.device(), ", store on ", keys.device());
-  TORCH_CHECK(layer_start >= 0 && layer_start + new_keys.size(0) <= keys.size(0), "append: layers [", layer_start,
+  // written as a difference: layer_start + L' overflows (and wraps past the check) for a huge layer_start
+  TORCH_CHECK(layer_start >= 0 && layer_start <= keys.size(0) - new_keys.size(0), "append: layers [", layer_start,
               ", ", layer_start + new_keys.size(0), ") outside the store's ", keys.size(0), " layers");
   TORCH_CHECK(new_keys.size(1) == keys.size(1) && new_keys.size(2) == keys.size(2) &&
                   new_keys.size(4) == keys.size(4),

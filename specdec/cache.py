@@ -91,6 +91,10 @@ def _torch_append(keys, values, lengths, new_keys, new_values, layer_start, adva
     if new_keys.shape[1:3] != keys.shape[1:3] or new_keys.shape[4] != keys.shape[4] \
             or new_values.shape != new_keys.shape:
         raise RuntimeError(f"append: new_keys {tuple(new_keys.shape)} do not fit the store {tuple(keys.shape)}")
+    Lp = new_keys.shape[0]
+    if not 0 <= layer_start <= keys.shape[0] - Lp:
+        raise RuntimeError(f"append: layers [{layer_start}, {layer_start + Lp}) outside the store's {keys.shape[0]} "
+                           "layers")
     T = keys.shape[3]
     neg = (lengths < 0).nonzero()
     if neg.numel():

@@ -356,6 +356,16 @@ def test_raw_gather_rejects_hostile_indices(keep_index, keep_lengths, offset, ma
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layer_start", [-1, 1, 2**63 - 1, 2**63 - 2])
+def test_append_rejects_hostile_layer_start(backend, layer_start):
+    keys, values, lens, untouched = _guarded_store(lengths=(3, 5))
+    new = torch.randn(2, 2, 2, 1, 4)  # L' = 2 layers: only layer_start 0 fits
+    with pytest.raises(RuntimeError, match=r"append: layers \[.*outside the store's 2 layers"):
+        C.append_(keys, values, lens, new, new, layer_start, backend=backend)
+    assert untouched() and lens.tolist() == [3, 5]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_backends_agree_on_corrupted_lengths(backend):
     keys, values, lens, untouched = _guarded_store(lengths=(3, 5))
     C.rollback_(lens, torch.tensor([-2, 9], dtype=torch.int32), False, backend=backend)  # stores garbage

@@ -56,9 +56,10 @@ inline void check_index_tensor(const at::Tensor& t, const at::Tensor& keys, int6
 void check_rollback_values(const at::Tensor& lengths_cpu, const at::Tensor& new_lengths_cpu);
 void check_gather_values(const at::Tensor& lengths_cpu, const at::Tensor& keep_index_cpu,
                          const at::Tensor& keep_lengths_cpu, const at::Tensor& offset_cpu, int64_t max_len);
-// Returns max(lengths[row_index]) after checking that every index lies in [0, B).
-int64_t check_select_values(const at::Tensor& lengths_cpu, const at::Tensor& row_index_cpu);
-// Raises "capacity exceeded" (naming the row) when some lengths[b] + q > max_len.
+// Returns max(lengths[row_index]) after checking that every index lies in [0, B) and every selected
+// length in [0, max_len] (the old store's T_max).
+int64_t check_select_values(const at::Tensor& lengths_cpu, const at::Tensor& row_index_cpu, int64_t max_len);
+// Raises (naming the row) when some lengths[b] < 0, or "capacity exceeded" when lengths[b] + q > max_len.
 void check_capacity(const at::Tensor& lengths_cpu, int64_t q, int64_t max_len);
 
 // Shared, device-agnostic entry points (ATen only).

@@ -39,6 +39,9 @@ void check_gather_values(const at::Tensor& lengths_cpu, const at::Tensor& keep_i
   const int64_t n_max = idx.size(1);
   for (int64_t b = 0; b < len.numel(); ++b) {
     const int64_t L = len.data_ptr<int64_t>()[b], n = kl.data_ptr<int64_t>()[b], o = off.data_ptr<int64_t>()[b];
+    // keep_index and offset are bounded by the row length, so the length must be a valid slot count first
+    TORCH_CHECK(L >= 0 && L <= max_len, "gather: row ", b, " length ", L, " outside [0, ", max_len,
+                "] (lengths corrupted, e.g. by an unchecked rollback)");
     TORCH_CHECK(n >= 0 && n <= n_max, "gather: row ", b, " keep_length ", n, " outside [0, ", n_max, "]");
     TORCH_CHECK(o >= 0 && o <= L, "gather: row ", b, " offset ", o, " outside [0, current length ", L, "]");
     TORCH_CHECK(o + n <= max_len, "gather: row ", b, " would hold ", o + n, " positions, capacity is ", max_len);
@@ -50,7 +53,7 @@ void check_gather_values(const at::Tensor& lengths_cpu, const at::Tensor& keep_i
   }
 }
 
-int64_t check_select_values(const at::Tensor& lengths_cpu, const at::Tensor& row_index_cpu) {
+int64_t check_select_values(const at::Tensor& lengths_cpu, const at::Tensor& row_index_cpu, int64_t max_len) {
   auto len = lengths_cpu.to(at::kLong).contiguous();
   auto idx = row_index_cpu.to(at::kLong).contiguous();
   const int64_t B = len.numel();
@@ -58,7 +61,11 @@ int64_t check_select_values(const at::Tensor& lengths_cpu, const at::Tensor& row
   for (int64_t i = 0; i < idx.numel(); ++i) {
     const int64_t r = idx.data_ptr<int64_t>()[i];
     TORCH_CHECK(r >= 0 && r < B, "select_rows: row_index[", i, "] = ", r, " outside [0, ", B, ")");
-    longest = std::max(longest, len.data_ptr<int64_t>()[r]);
+    // the kernels copy lengths[r] slots of the old row: it must fit the old store, not just the new one
+    const int64_t L = len.data_ptr<int64_t>()[r];
+    TORCH_CHECK(L >= 0 && L <= max_len, "select_rows: row ", r, " length ", L, " outside [0, ", max_len,
+                "] (lengths corrupted, e.g. by an unchecked rollback)");
+    longest = std::max(longest, L);
   }
   return longest;
 }
@@ -67,6 +74,9 @@ void check_capacity(const at::Tensor& lengths_cpu, int64_t q, int64_t max_len) {
   auto len = lengths_cpu.to(at::kLong).contiguous();
   for (int64_t b = 0; b < len.numel(); ++b) {
     const int64_t L = len.data_ptr<int64_t>()[b];
+    // a negative length would write before the row (rollback with check=false can store one)
+    TORCH_CHECK(L >= 0, "append: row ", b, " length ", L,
+                " is negative (lengths corrupted, e.g. by an unchecked rollback); nothing was written");
     TORCH_CHECK(L + q <= max_len, "KV cache capacity exceeded: row ", b, " holds ", L, " positions, appending ", q,
                 " needs ", L + q, " but T_max is ", max_len, "; nothing was written (call grow() first)");
   }
@@ -102,7 +112,8 @@ void check_append_args(const at::Tensor& keys, const at::Tensor& values, const a
   TORCH_CHECK(new_keys.device() == keys.device() && new_values.device() == keys.device(),
               "append: new keys/values on ", new_keys.device(), "/", new_values.device(), ", store on ",
               keys.device());
-  TORCH_CHECK(layer_start >= 0 && layer_start + new_keys.size(0) <= keys.size(0), "append: layers [", layer_start,
+  // written as a difference: layer_start + L' overflows (and wraps past the check) for a huge layer_start
+  TORCH_CHECK(layer_start >= 0 && layer_start <= keys.size(0) - new_keys.size(0), "append: layers [", layer_start,
               ", ", layer_start + new_keys.size(0), ") outside the store's ", keys.size(0), " layers");
   TORCH_CHECK(new_keys.size(1) == keys.size(1) && new_keys.size(2) == keys.size(2) &&
                   new_keys.size(4) == keys.size(4),
@@ -218,7 +229,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cache_select_rows_cpu(const at::T
   check_store(keys, values, lengths, "select_rows");
   check_index_tensor(row_index, keys, 1, "select_rows", "row_index");
   TORCH_CHECK(max_length >= 0, "select_rows: max_length must be >= 0, got ", max_length);
-  const int64_t longest = check_select_values(lengths, row_index);
+  const int64_t longest = check_select_values(lengths, row_index, keys.size(3));
   TORCH_CHECK(longest <= max_length, "select_rows: a selected row holds ", longest,
               " positions, more than the new capacity max_length = ", max_length);
   const StoreGeometry g = geometry(keys);

@@ -55,6 +55,10 @@ void dispatch_unit(int unit, F&& f) {
   }
 }
 
+// Clamp used wherever a kernel reads an unchecked length or offset: checking on the host would cost a
+// synchronisation, so garbage values are clamped on the device instead (garbage out, but in bounds).
+__device__ __forceinline__ int64_t clamp_to(int64_t x, int64_t hi) { return x < 0 ? 0 : (x > hi ? hi : x); }
+
 int blocks_for(int64_t n) { return static_cast<int>(std::min<int64_t>((n + kThreads - 1) / kThreads, 65535 * 32)); }
 
 // ---------------------------------------------------------------------------------------------------
@@ -70,8 +74,10 @@ __global__ void append_kernel(U* __restrict__ kd, U* __restrict__ vd, const char
        idx += (int64_t)gridDim.x * blockDim.x) {
     const int64_t u = idx % upr, row = idx / upr;
     const int64_t t = row % q, h = (row / q) % H, b = (row / (q * H)) % B, l = row / (q * H * B);
-    const int64_t pos = len[b] + t;
-    if (pos >= T) continue;  // capacity was checked on the host; never write out of bounds regardless
+    // The host checked the capacity only against the caller's max_length hint: a length outside [0, T]
+    // (wrong hint, unchecked rollback) is clamped and slots past T are skipped, so no write leaves the row.
+    const int64_t pos = clamp_to(len[b], T) + t;
+    if (pos >= T) continue;
     const int64_t dst = ((((layer_start + l) * B + b) * H + h) * T + pos) * upr + u;
     kd[dst] = *reinterpret_cast<const U*>(ks + l * ks0 + b * ks1 + h * ks2 + t * ks3 + u * sizeof(U));
     vd[dst] = *reinterpret_cast<const U*>(vs + l * vs0 + b * vs1 + h * vs2 + t * vs3 + u * sizeof(U));
@@ -89,7 +95,8 @@ void cache_append_cuda(const at::Tensor& keys, const at::Tensor& values, const a
               "append: new keys/values dtype must match the store dtype ", keys.scalar_type());
   TORCH_CHECK(new_keys.device() == keys.device() && new_values.device() == keys.device(),
               "append: new keys/values on ", new_keys.device(), ", store on ", keys.device());
-  TORCH_CHECK(layer_start >= 0 && layer_start + new_keys.size(0) <= keys.size(0), "append: layers [", layer_start,
+  // written as a difference: layer_start + L' overflows (and wraps past the check) for a huge layer_start
+  TORCH_CHECK(layer_start >= 0 && layer_start <= keys.size(0) - new_keys.size(0), "append: layers [", layer_start,
               ", ", layer_start + new_keys.size(0), ") outside the store's ", keys.size(0), " layers");
   TORCH_CHECK(new_keys.size(1) == keys.size(1) && new_keys.size(2) == keys.size(2) &&
                   new_keys.size(4) == keys.size(4),
@@ -144,7 +151,9 @@ __global__ void gather_staged_kernel(U* __restrict__ kd, U* __restrict__ vd, con
   extern __shared__ __align__(16) unsigned char smem_raw[];
   U* stage = reinterpret_cast<U*>(smem_raw);
   const int64_t i = blockIdx.x;  // (l, b, h) in storage order
-  const int64_t b = (i / H) % B, n = keep_len[b], o = off[b];
+  const int64_t b = (i / H) % B;
+  // Unchecked (check=false) values are clamped: n bounds the idx row and the shared stage, o the destination.
+  const int64_t n = clamp_to(keep_len[b], n_max), o = clamp_to(off[b], T);
   U* bases[2] = {kd, vd};
   for (int k = 0; k < 2; ++k) {
     U* row = bases[k] + i * T * upr;
@@ -185,8 +194,9 @@ __global__ void scatter_from_scratch_kernel(U* __restrict__ dst_base, const U* _
   const int64_t total = rows * n_max * upr;
   for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < total; e += (int64_t)gridDim.x * blockDim.x) {
     const int64_t u = e % upr, j = (e / upr) % n_max, i = e / (upr * n_max), b = (i / H) % B;
-    if (j >= keep_len[b] || off[b] + j >= T) continue;
-    dst_base[(i * T + off[b] + j) * upr + u] = scratch[e];
+    const int64_t o = clamp_to(off[b], T);  // unchecked offsets clamped as in gather_staged_kernel
+    if (j >= keep_len[b] || o + j >= T) continue;
+    dst_base[(i * T + o + j) * upr + u] = scratch[e];
   }
 }
 
@@ -233,7 +243,12 @@ void cache_gather_cuda(const at::Tensor& keys, const at::Tensor& values, const a
       }
     });
   }
-  lengths.copy_(off + kl);  // new length = offset + kept count, on the device
+  // new length = offset + kept count, on the device; unchecked, the same clamps as the kernels keep it in [0, T]
+  if (check) {
+    lengths.copy_(off + kl);
+  } else {
+    lengths.copy_((off.clamp(0, T) + kl.clamp(0, n_max)).clamp_max_(T));
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -246,8 +261,11 @@ __global__ void select_rows_kernel(const U* __restrict__ ks, const U* __restrict
   const int64_t i = blockIdx.x;  // (l, r, h) in the new store's storage order
   const int64_t l = i / (Bn * H), r = (i / H) % Bn, h = i % H;
   const int64_t s = row_index[r];
-  const int64_t n = static_cast<int64_t>(len[s]) * upr, total = Tn * upr;
-  const int64_t src = ((l * B + s) * H + h) * T * upr, dst = i * Tn * upr;
+  // The host always validates row_index and lengths here; the device guards anyway (a bad row reads as
+  // zeros, a length is clamped to both capacities) so the kernel alone can never read out of bounds.
+  const bool ok = s >= 0 && s < B;
+  const int64_t n = ok ? clamp_to(len[s], T < Tn ? T : Tn) * upr : 0, total = Tn * upr;
+  const int64_t src = ((l * B + (ok ? s : 0)) * H + h) * T * upr, dst = i * Tn * upr;
   const U zero = U();
   for (int64_t e = threadIdx.x; e < total; e += blockDim.x) {
     kd[dst + e] = e < n ? ks[src + e] : zero;
@@ -264,7 +282,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cache_select_rows_cuda(const at::
   check_index_tensor(row_index, keys, 1, "select_rows", "row_index");
   TORCH_CHECK(max_length >= 0, "select_rows: max_length must be >= 0, got ", max_length);
   // Always checked (one synchronisation): selecting rows is rare and a bad index would read out of bounds.
-  const int64_t longest = check_select_values(lengths.cpu(), row_index.cpu());
+  const int64_t longest = check_select_values(lengths.cpu(), row_index.cpu(), keys.size(3));
   TORCH_CHECK(longest <= max_length, "select_rows: a selected row holds ", longest,
               " positions, more than the new capacity max_length = ", max_length);
   c10::cuda::CUDAGuard guard(keys.device());

@@ -91,7 +91,16 @@ def _torch_append(keys, values, lengths, new_keys, new_values, layer_start, adva
     if new_keys.shape[1:3] != keys.shape[1:3] or new_keys.shape[4] != keys.shape[4] \
             or new_values.shape != new_keys.shape:
         raise RuntimeError(f"append: new_keys {tuple(new_keys.shape)} do not fit the store {tuple(keys.shape)}")
+    Lp = new_keys.shape[0]
+    if not 0 <= layer_start <= keys.shape[0] - Lp:
+        raise RuntimeError(f"append: layers [{layer_start}, {layer_start + Lp}) outside the store's {keys.shape[0]} "
+                           "layers")
     T = keys.shape[3]
+    neg = (lengths < 0).nonzero()
+    if neg.numel():
+        b = int(neg[0, 0])
+        raise RuntimeError(f"append: row {b} length {int(lengths[b])} is negative (lengths corrupted, e.g. by an "
+                           "unchecked rollback); nothing was written")
     over = (lengths.long() + q > T).nonzero()
     if over.numel():
         b = int(over[0, 0])
@@ -125,6 +134,9 @@ def _torch_gather(keys, values, lengths, keep_index, keep_lengths, offset, check
         kl_h, off_h = keep_lengths.cpu().long(), offset.cpu().long()
         for b in range(B):
             n, o, L = int(kl_h[b]), int(off_h[b]), int(len_h[b])
+            if not 0 <= L <= keys.shape[3]:
+                raise RuntimeError(f"gather: row {b} length {L} outside [0, {keys.shape[3]}] (lengths corrupted, "
+                                   "e.g. by an unchecked rollback)")
             if not 0 <= n <= idx_h.shape[1]:
                 raise RuntimeError(f"gather: row {b} keep_length {n} outside [0, {idx_h.shape[1]}]")
             if not 0 <= o <= L:
@@ -150,6 +162,12 @@ def _torch_select_rows(keys, values, lengths, row_index, max_length):
         bad = int(((idx_h < 0) | (idx_h >= B)).nonzero()[0, 0])
         raise RuntimeError(f"select_rows: row_index[{bad}] = {int(idx_h[bad])} outside [0, {B})")
     new_lengths = lengths.index_select(0, row_index.long())
+    T = keys.shape[3]
+    bad = ((new_lengths < 0) | (new_lengths > T)).nonzero()
+    if bad.numel():
+        r = int(idx_h[int(bad[0, 0])])
+        raise RuntimeError(f"select_rows: row {r} length {int(lengths[r])} outside [0, {T}] (lengths corrupted, "
+                           "e.g. by an unchecked rollback)")
     longest = int(new_lengths.max()) if new_lengths.numel() else 0
     if longest > max_length:
         raise RuntimeError(f"select_rows: a selected row holds {longest} positions, more than the new capacity "
@@ -205,8 +223,12 @@ def append_(keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor, new
         max_length: ``max(lengths)`` if the caller knows it on the host (lets the CUDA path check the
             capacity without synchronising); ``-1`` = unknown.
     Raises:
-        RuntimeError: capacity exceeded (``lengths[b] + q > T_max``; nothing is written), or a
-            dtype/device/shape mismatch.
+        RuntimeError: a negative ``lengths[b]`` or capacity exceeded (``lengths[b] + q > T_max``; nothing
+            is written in either case), or a dtype/device/shape mismatch.
+
+    Memory safety: the CPU path always checks the exact lengths. The CUDA path with ``max_length >= 0``
+    trusts the hint on the host; if it is wrong the kernel clamps each length to ``[0, T_max]`` and skips
+    slots at or past ``T_max``, so it never writes outside the store (the result is then garbage).
     """
     if _use_ext(backend):
         torch.ops.specdec_cpp.cache_append(keys, values, lengths, new_keys, new_values, layer_start, advance,
@@ -220,7 +242,8 @@ def rollback_(lengths: torch.Tensor, new_lengths: torch.Tensor, check: bool = Tr
     """Set ``lengths`` (``[B]`` int32) to ``new_lengths`` (``[B]`` int32/int64, same device). O(1), no copy of K/V.
 
     With ``check`` every ``new_lengths[b]`` must lie in ``[0, lengths[b]]`` (on CUDA this reads both
-    to the host). Raises RuntimeError/ValueError naming the offending row.
+    to the host). Raises RuntimeError/ValueError naming the offending row. Without ``check`` any value is
+    stored; it touches no K/V memory, and the other ops reject (CPU) or clamp (CUDA) such lengths.
     """
     if _use_ext(backend):
         torch.ops.specdec_cpp.cache_rollback(lengths, new_lengths, check)
@@ -242,7 +265,13 @@ def gather_(keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor, kee
         keys, values: ``[L, B, H_kv, T_max, D]``; lengths: ``[B]`` int32.
         keep_index: ``[B, N]`` int32/int64, entries ``j < keep_lengths[b]`` in ``[0, lengths[b])``.
         keep_lengths: ``[B]`` int32/int64 in ``[0, N]``; offset: ``[B]`` int32/int64 in ``[0, lengths[b]]``.
-        check: validate the index values (always done on CPU; on CUDA it costs one synchronisation).
+        check: validate the index values and ``lengths`` (in ``[0, T_max]``); always done on CPU, on
+            CUDA it costs one synchronisation.
+
+    Memory safety: unchecked on CUDA, the kernels clamp ``keep_lengths[b]`` to ``[0, N]`` and ``offset[b]``
+    to ``[0, T_max]``, skip entries of ``keep_index`` outside ``[0, T_max)`` and destinations at or past
+    ``T_max``, and store ``lengths[b] = min(offset[b] + keep_lengths[b], T_max)`` with those clamped values:
+    bad input gives garbage rows, never an access outside the store.
     """
     if _use_ext(backend):
         torch.ops.specdec_cpp.cache_gather(keys, values, lengths, keep_index, keep_lengths, offset, check)
@@ -259,6 +288,10 @@ def select_rows(keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor,
         keys, values: ``[L, B, H_kv, T_max, D]``; lengths: ``[B]`` int32.
         row_index: ``[B']`` int64/int32 on the store's device, entries in ``[0, B)``.
         max_length: capacity of the new store (default ``T_max``; larger = grow).
+    Raises:
+        RuntimeError: an entry of ``row_index`` outside ``[0, B)``, a selected row's length outside
+            ``[0, T_max]``, or one above ``max_length``. Always checked on the host (also on CUDA, one
+            synchronisation); the CUDA kernel additionally reads a bad row as zeros and clamps lengths.
     Returns:
         ``(keys [L, B', H_kv, max_length, D], values [same], lengths [B'] int32)``; slots past each
         row's length are zero.

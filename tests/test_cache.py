@@ -249,6 +249,157 @@ def test_gather_and_select_errors(backend):
     assert s.lengths.tolist() == [5, 9, 0, 16]
 
 
+# ------------------------------------------------------------------------------------------------------
+# memory safety of the raw ops: hostile lengths and indices must raise (CPU) and never touch memory
+# outside the op's tensors. The store is a view into the middle of a larger buffer, so a stray write lands
+# in a guard region we can inspect instead of in some unrelated allocation.
+
+HOSTILE_LENGTHS = [-1, -2, -2**30, 9, 2**24]  # T_max = 8 in _guarded_store
+
+
+def _guarded_store(device="cpu", L=2, B=2, H=2, T=8, D=4, dtype=torch.float32, lengths=(3, 5)):
+    g = torch.Generator().manual_seed(1)
+    n = L * B * H * T * D
+    bufs = [torch.randn(3 * n, generator=g).to(dtype).to(device) for _ in range(2)]
+    keys, values = (b[n:2 * n].view(L, B, H, T, D) for b in bufs)
+    lens = torch.tensor(lengths, dtype=torch.int32, device=device)
+    snapshot = [b.clone() for b in bufs]
+
+    def untouched(store_too=True):
+        for b, ref in zip(bufs, snapshot):
+            assert torch.equal(b[:n], ref[:n]) and torch.equal(b[2 * n:], ref[2 * n:]), "guard overwritten"
+            if store_too:
+                assert torch.equal(b[n:2 * n], ref[n:2 * n]), "store written by a rejected op"
+        return True
+
+    return keys, values, lens, untouched
+
+
+@pytest.mark.skipif(not C.has_extension(), reason="needs specdec._C")
+@pytest.mark.parametrize("bad", HOSTILE_LENGTHS)
+def test_raw_append_rejects_hostile_lengths(bad):
+    keys, values, lens, untouched = _guarded_store(lengths=(3, 5))
+    lens[1] = bad
+    new = torch.randn(2, 2, 2, 1, 4)
+    for max_length in (-1, 0):  # a wrong host hint must not matter on CPU
+        with pytest.raises(RuntimeError, match="row 1"):
+            torch.ops.specdec_cpp.cache_append(keys, values, lens, new, new, 0, True, max_length)
+    assert untouched() and lens.tolist() == [3, bad]
+
+
+@pytest.mark.skipif(not C.has_extension(), reason="needs specdec._C")
+@pytest.mark.parametrize("bad", [-2, -2**30])
+def test_raw_rollback_unchecked_then_append_cannot_write_outside(bad):
+    keys, values, lens, untouched = _guarded_store(lengths=(3, 5))
+    torch.ops.specdec_cpp.cache_rollback(lens, torch.tensor([bad, 5], dtype=torch.int32), False)
+    new = torch.randn(2, 2, 2, 2, 4)
+    with pytest.raises(RuntimeError, match="row 0.*negative"):
+        torch.ops.specdec_cpp.cache_append(keys, values, lens, new, new, 0, True, -1)
+    assert untouched()
+
+
+@pytest.mark.skipif(not C.has_extension(), reason="needs specdec._C")
+@pytest.mark.parametrize("bad", HOSTILE_LENGTHS)
+def test_raw_select_rows_rejects_hostile_lengths(bad):
+    keys, values, lens, untouched = _guarded_store(dtype=torch.float16, D=1, lengths=(3, 5))
+    lens[0] = bad
+    # a new capacity above the bad length, so only the comparison with the old T_max can catch it
+    max_length = max(bad, 0) + 1 if bad < 2**24 else bad
+    for row_index in (torch.tensor([0]), torch.tensor([1, 0], dtype=torch.int32)):
+        with pytest.raises(RuntimeError, match=r"select_rows: row 0 length .* outside \[0, 8\]"):
+            torch.ops.specdec_cpp.cache_select_rows(keys, values, lens, row_index, max_length)
+    k, v, n = torch.ops.specdec_cpp.cache_select_rows(keys, values, lens, torch.tensor([1]), 8)  # row 1 is fine
+    assert n.tolist() == [5] and torch.equal(k[:, 0, :, :5], keys[:, 1, :, :5]) and untouched()
+
+
+@pytest.mark.skipif(not C.has_extension(), reason="needs specdec._C")
+@pytest.mark.parametrize("row", [-1, 2, -2**40, 2**40])
+def test_raw_select_rows_rejects_hostile_row_index(row):
+    keys, values, lens, untouched = _guarded_store()
+    with pytest.raises(RuntimeError, match=r"select_rows: row_index\[1\]"):
+        torch.ops.specdec_cpp.cache_select_rows(keys, values, lens, torch.tensor([0, row]), 8)
+    assert untouched()
+
+
+@pytest.mark.skipif(not C.has_extension(), reason="needs specdec._C")
+@pytest.mark.parametrize("check", [True, False])
+@pytest.mark.parametrize("bad", HOSTILE_LENGTHS)
+def test_raw_gather_rejects_hostile_lengths(bad, check):
+    keys, values, lens, untouched = _guarded_store(lengths=(3, 5))
+    lens[1] = bad
+    # indices that are "valid" for the claimed length but lie past T_max (or before 0)
+    src = min(max(bad - 1, 0), 2**24 - 1)
+    keep = torch.tensor([[0], [src]])
+    with pytest.raises(RuntimeError, match=r"gather: row 1 length .* outside \[0, 8\]"):
+        torch.ops.specdec_cpp.cache_gather(keys, values, lens, keep, torch.tensor([1, 1]), torch.tensor([0, 0]),
+                                           check)
+    assert untouched() and lens.tolist() == [3, bad]
+
+
+@pytest.mark.skipif(not C.has_extension(), reason="needs specdec._C")
+@pytest.mark.parametrize("check", [True, False])
+@pytest.mark.parametrize("keep_index, keep_lengths, offset, match", [
+    ([[0], [-1]], [1, 1], [0, 0], r"row 1 keep_index\[0\] = -1"),
+    ([[0], [8]], [1, 1], [0, 0], r"row 1 keep_index\[0\] = 8"),
+    ([[0], [2**40]], [1, 1], [0, 0], r"row 1 keep_index\[0\]"),
+    ([[0], [0]], [1, 2], [0, 0], r"row 1 keep_length 2 outside \[0, 1\]"),
+    ([[0], [0]], [1, -1], [0, 0], r"row 1 keep_length -1"),
+    ([[0], [0]], [1, 1], [0, -1], r"row 1 offset -1"),
+    ([[0], [0]], [1, 1], [0, 2**62], r"row 1 offset"),
+])
+def test_raw_gather_rejects_hostile_indices(keep_index, keep_lengths, offset, match, check):
+    keys, values, lens, untouched = _guarded_store(lengths=(3, 5))
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.specdec_cpp.cache_gather(keys, values, lens, torch.tensor(keep_index), torch.tensor(keep_lengths),
+                                           torch.tensor(offset), check)
+    assert untouched() and lens.tolist() == [3, 5]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layer_start", [-1, 1, 2**63 - 1, 2**63 - 2])
+def test_append_rejects_hostile_layer_start(backend, layer_start):
+    keys, values, lens, untouched = _guarded_store(lengths=(3, 5))
+    new = torch.randn(2, 2, 2, 1, 4)  # L' = 2 layers: only layer_start 0 fits
+    with pytest.raises(RuntimeError, match=r"append: layers \[.*outside the store's 2 layers"):
+        C.append_(keys, values, lens, new, new, layer_start, backend=backend)
+    assert untouched() and lens.tolist() == [3, 5]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backends_agree_on_corrupted_lengths(backend):
+    keys, values, lens, untouched = _guarded_store(lengths=(3, 5))
+    C.rollback_(lens, torch.tensor([-2, 9], dtype=torch.int32), False, backend=backend)  # stores garbage
+    new = torch.randn(2, 2, 2, 1, 4)
+    with pytest.raises(RuntimeError, match="append: row 0 length -2 is negative"):
+        C.append_(keys, values, lens, new, new, backend=backend)
+    with pytest.raises(RuntimeError, match=r"gather: row 0 length -2 outside \[0, 8\]"):
+        C.gather_(keys, values, lens, torch.tensor([[0], [0]]), torch.tensor([0, 0]), torch.tensor([0, 0]),
+                  backend=backend)
+    with pytest.raises(RuntimeError, match=r"select_rows: row 1 length 9 outside \[0, 8\]"):
+        C.select_rows(keys, values, lens, torch.tensor([1]), 16, backend=backend)
+    assert untouched() and lens.tolist() == [-2, 9]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_kernels_clamp_hostile_inputs_without_check():
+    # On CUDA the unchecked paths do not synchronise; the kernels clamp instead, so nothing outside the
+    # store may change (the store itself may, these inputs are garbage).
+    keys, values, lens, untouched = _guarded_store("cuda", lengths=(3, 5))
+    new = torch.randn(2, 2, 2, 3, 4, device="cuda")
+    t = lambda x: torch.tensor(x, device="cuda")  # noqa: E731
+    for bad in HOSTILE_LENGTHS:
+        lens.copy_(torch.tensor([bad, 7], dtype=torch.int32))
+        torch.ops.specdec_cpp.cache_append(keys, values, lens, new, new, 0, True, 0)  # host hint lies
+        torch.ops.specdec_cpp.cache_rollback(lens, torch.tensor([bad, -5], device="cuda"), False)
+        for keep, kl, off in (([[2**40, -1], [9, 3]], [2, 2], [0, 7]), ([[0, 1], [1, 0]], [5, -3], [-4, 2**62])):
+            torch.ops.specdec_cpp.cache_gather(keys, values, lens, t(keep), t(kl), t(off), False)
+            assert 0 <= int(lens.min()) and int(lens.max()) <= 8
+        wide = torch.tensor([[0] * 4000, [1] * 4000], device="cuda")  # too long to stage: scratch path
+        torch.ops.specdec_cpp.cache_gather(keys, values, lens, wide, t([4000, 9]), t([-1, 6]), False)
+        torch.cuda.synchronize()
+        assert untouched(store_too=False)
+
+
 def test_ops_pass_opcheck():
     """Schemas (mutation annotations), fake kernels and real kernels agree (torch.library.opcheck)."""
     if "cpp" not in BACKENDS:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -70,8 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _validate(args, parser) -> None:
     if args.max_new_tokens < 1:
         parser.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if args.temperature < 0:
-        parser.error(f"--temperature must be >= 0, got {args.temperature}")
+    if not args.temperature >= 0 or args.temperature == float("inf"):  # NaN fails >= too
+        parser.error(f"--temperature must be finite and >= 0, got {args.temperature}")
     if args.top_k < 0:
         parser.error(f"--top-k must be >= 0, got {args.top_k}")
     if not 0 < args.top_p <= 1:
@@ -91,9 +92,11 @@ def _read_prompts(args, parser) -> list:
             text = sys.stdin.read()
         else:
             try:
-                text = Path(args.file).read_text()
+                text = Path(args.file).read_text(encoding="utf-8")
             except OSError as error:
                 parser.error(f"cannot read --file {args.file}: {error.strerror or error}")
+            except UnicodeDecodeError as error:
+                parser.error(f"cannot read --file {args.file}: not UTF-8 text ({error.reason} at byte {error.start})")
         prompts += [line for line in text.splitlines() if line.strip()]
     if not prompts:
         parser.error("give a prompt or --file")
@@ -144,7 +147,12 @@ def cmd_generate(args, parser) -> int:
     from specdec.generator import _DRAFTER_NAMES, SpeculativeGenerator
     from specdec.models import default_device, resolve_quantization
 
-    device = torch.device(args.device) if args.device else default_device()
+    try:
+        device = torch.device(args.device) if args.device else default_device()
+    except (RuntimeError, ValueError):
+        parser.error(f"--device {args.device}: not a device name (cpu, cuda, cuda:1, ...)")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"--device {args.device}: specdec generates on cpu or cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: CUDA is not available on this machine")
     quant = resolve_quantization(args.quantization, device)
@@ -244,6 +252,11 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         _log("specdec: interrupted")
         return 130
+    except (ValueError, TypeError, OSError) as error:  # bad arguments or files: one line, not a traceback
+        if os.environ.get("SPECDEC_DEBUG") == "1":
+            raise
+        _log(f"specdec {args.command}: error: {error}")
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

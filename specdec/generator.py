@@ -36,7 +36,10 @@ distribution, not the same tokens.
 """
 from __future__ import annotations
 
+import math
+import numbers
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple, Sequence
 
@@ -481,10 +484,26 @@ class SpeculativeGenerator:
                 rows = [r[m].tolist() for r, m in zip(ids, mask)]
         else:
             raise ValueError("generate() needs prompts or input_ids")
+        if not rows:
+            raise ValueError("prompts is empty: generate() needs at least one prompt")
+        vocab = self._vocab_size()
+        max_pos = getattr(getattr(self.target, "config", None), "max_position_embeddings", None)
         for i, r in enumerate(rows):
             if not r:
                 raise ValueError(f"prompt {i} is empty")
+            bad = [t for t in r if not 0 <= t < vocab] if vocab else []
+            if bad:
+                raise ValueError(f"prompt {i} has token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+            if max_pos and len(r) > max_pos:
+                warnings.warn(f"prompt {i} has {len(r)} tokens, more than the target's maximum of "
+                              f"{max_pos} positions: its output may be meaningless", stacklevel=3)
         return rows
+
+    def _vocab_size(self):
+        try:
+            return int(self.target.get_input_embeddings().num_embeddings)
+        except Exception:  # noqa: BLE001  a model without an embedding accessor: no id check
+            return None
 
     def _eos_ids(self, eos_token_id) -> list:
         if isinstance(eos_token_id, str) and eos_token_id == "default":
@@ -493,9 +512,15 @@ class SpeculativeGenerator:
                 eos_token_id = self.tokenizer.eos_token_id
         if eos_token_id is None:
             return []
-        if isinstance(eos_token_id, int):
+        if isinstance(eos_token_id, torch.Tensor):
+            eos_token_id = eos_token_id.tolist()
+        if isinstance(eos_token_id, int) and not isinstance(eos_token_id, bool):
             return [eos_token_id]
-        return [int(t) for t in eos_token_id]
+        # a string would otherwise become its characters ("12" -> [1, 2])
+        if not isinstance(eos_token_id, (list, tuple)) or not all(
+                isinstance(t, int) and not isinstance(t, bool) for t in eos_token_id):
+            raise TypeError(f"eos_token_id must be an int, a list of ints, None or 'default', got {eos_token_id!r}")
+        return list(eos_token_id)
 
     # -- generation ----------------------------------------------------------------------------
 
@@ -539,8 +564,18 @@ class SpeculativeGenerator:
         rows = self._prompt_ids(prompts, input_ids, attention_mask)
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-            raise ValueError("need temperature >= 0, top_k >= 0 and 0 < top_p <= 1")
+        max_pos = getattr(getattr(self.target, "config", None), "max_position_embeddings", None)
+        if max_pos and max_new_tokens > max_pos:  # the cache is sized for it up front
+            raise ValueError(f"max_new_tokens={max_new_tokens} exceeds the target's {max_pos} positions")
+        if not math.isfinite(temperature) or temperature < 0:
+            raise ValueError(f"temperature must be finite and >= 0 (0 = greedy), got {temperature}")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 0:
+            raise ValueError(f"top_k must be an int >= 0 (0 = off), got {top_k!r}")
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral)
+                                       or batch_size < 1):
+            raise ValueError(f"batch_size must be an int >= 1 or None, got {batch_size!r}")
         k0 = self.num_draft_tokens if num_draft_tokens is None else num_draft_tokens
         if not 0 <= k0 <= MAX_DRAFT_TOKENS:
             raise ValueError(f"num_draft_tokens must be in 0..{MAX_DRAFT_TOKENS}, got {k0}")

@@ -35,6 +35,10 @@ def test_generate_end_to_end_on_embedded_default():
     (["generate", "--file", "/no/such/prompts.txt"], "cannot read"),
     (["generate", "--bogus-flag", "hi"], "unrecognized arguments"),
     (["bench", "nonsense"], "unknown benchmark"),
+    (["generate", "--temperature", "nan", "hi"], "--temperature"),
+    (["generate", "--temperature", "inf", "hi"], "--temperature"),
+    (["generate", "--device", "foo", "hi"], "--device foo"),
+    (["generate", "--device", "meta", "hi"], "--device meta"),
 ])
 def test_bad_flags_exit_nonzero(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -86,3 +90,25 @@ def test_show_acceptance_colours(capsys):
     printer(Chunk(0, [3], num_accepted=0, num_drafted=0, finished=True))  # no draft: plain target token
     out = capsys.readouterr().out
     assert out == f"{_GREEN}ab\033[0m{_RED}c\033[0md"
+
+
+def test_non_utf8_file_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "prompts.txt"
+    bad.write_bytes(b"caf\xe9 au lait\n")
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", "--file", str(bad)])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "not UTF-8" in err and "Traceback" not in err
+
+
+def test_runtime_value_errors_are_one_line(tmp_path, capsys):
+    """Errors found after parsing (here: more new tokens than the model has positions) print one
+    line and exit 2, not a traceback."""
+    from _tiny_models import tiny_model, word_tokenizer
+
+    tiny_model("llama", seed=0, layers=1).save_pretrained(tmp_path / "m")
+    word_tokenizer([f"w{i}" for i in range(80)]).save_pretrained(tmp_path / "m")
+    argv = ["generate", "--target", str(tmp_path / "m"), "-q", "--raw", "-n", "3000000", "w1 w2"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "max_new_tokens=3000000" in err and "Traceback" not in err

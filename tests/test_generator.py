@@ -248,3 +248,30 @@ def test_bad_arguments():
         gen.generate(["text"], max_new_tokens=2)
     with pytest.raises(ValueError):
         SpeculativeGenerator(target, "bogus")
+
+
+def test_bad_generate_inputs_name_the_argument():
+    target = tiny_model("llama", seed=0, layers=1)
+    vocab = target.get_input_embeddings().num_embeddings
+    gen = SpeculativeGenerator(target, "ngram")
+    cases = [
+        (dict(prompts=[]), ValueError, "prompts is empty"),
+        (dict(prompts=[[1, 2]], batch_size=-1), ValueError, "batch_size"),
+        (dict(prompts=[[1, 2]], batch_size=0), ValueError, "batch_size"),
+        (dict(prompts=[[1, 2]], eos_token_id="12"), TypeError, "eos_token_id"),
+        (dict(prompts=[[1, 2]], temperature=float("nan")), ValueError, "temperature"),
+        (dict(prompts=[[1, 2]], temperature=float("inf")), ValueError, "temperature"),
+        (dict(prompts=[[1, 2]], top_k=2.5), ValueError, "top_k"),
+        (dict(prompts=[[1, vocab]]), ValueError, "outside the vocabulary"),
+        (dict(prompts=[[-1, 3]]), ValueError, "outside the vocabulary"),
+    ]
+    for kw, exc, msg in cases:
+        with pytest.raises(exc, match=msg):
+            gen.generate(max_new_tokens=2, **kw)
+    too_long = [1] * (target.config.max_position_embeddings + 1)
+    with pytest.warns(UserWarning, match="maximum"):
+        try:
+            gen.generate([too_long], max_new_tokens=1, eos_token_id=None)
+        except Exception:  # noqa: BLE001  the model may refuse to run past its positions; the warning came first
+            pass
+    assert gen.generate([[1, 2]], max_new_tokens=2, eos_token_id=[5, 7]).sequences[0]

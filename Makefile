@@ -4,20 +4,25 @@
 # extension, with its CUDA kernels when nvcc is found.
 PY      ?= python3
 VENV    ?= .venv
-TORCH   ?= torch==2.14.1
+# torch: the CUDA 13.0 build where a GPU or nvcc is present (CUDA kernels get compiled), else the
+# small CPU-only build. Override with TORCH=...; the stamp below follows TORCH, so a change reinstalls.
+HAS_CUDA := $(shell { command -v nvidia-smi || command -v nvcc || [ -x /usr/local/cuda/bin/nvcc ] && echo y; } >/dev/null 2>&1 && echo yes)
+TORCH   ?= $(if $(HAS_CUDA),torch==2.14.1,torch==2.13.0)
 PROMPT  ?= Repeat this text exactly: The quick brown fox jumps over the lazy dog. The quick brown fox jumps over the lazy dog.
 ARGS    ?=
 CUDA_HOME ?= $(shell [ -x /usr/local/cuda/bin/nvcc ] && echo /usr/local/cuda)
 TORCH_CUDA_ARCH_LIST ?= 9.0
 export CUDA_HOME TORCH_CUDA_ARCH_LIST
 
-STAMP := $(VENV)/.specdec-installed
+STAMP := $(VENV)/.specdec-installed-$(subst =,_,$(TORCH))
 
-.PHONY: setup build generate test bench clean
+.PHONY: setup build generate test bench clean clean-venv
 
 setup: $(STAMP)
 
 $(STAMP): setup.py requirements.txt
+	@echo "specdec set-up: $(TORCH) ($(if $(HAS_CUDA),GPU or nvcc found: CUDA build,no GPU and no nvcc: CPU-only build))"
+	rm -f $(VENV)/.specdec-installed*
 	$(PY) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q $(TORCH)
@@ -42,3 +47,7 @@ bench: setup
 
 clean:
 	rm -rf build specdec/_C*.so *.egg-info
+
+# a fresh environment on the next `make setup`
+clean-venv:
+	rm -rf $(VENV)

@@ -54,7 +54,9 @@ def _extensions():
 ext_modules, cmdclass = _extensions()
 
 setup(
-    name="specdec",
+    # "specdec" on the public index is an unrelated project: the distribution is specdec-kernels,
+    # the import name stays specdec
+    name="specdec-kernels",
     version="0.1.0",
     description="Fused kernels for exact speculative decoding: verification, sampling, ragged KV cache",
     long_description=open(os.path.join(ROOT, "README.md")).read() if os.path.exists("README.md") else "",

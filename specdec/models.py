@@ -187,11 +187,28 @@ def load_model(
     kwargs = dict(dtype=dtype, device_map={"": str(dev)})
     if quant == "int8":
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        _quiet_bitsandbytes(dev)
     model = _from_pretrained(AutoModelForCausalLM, name, **kwargs)
     model.eval()
     model.specdec_quantization = quant
     model.specdec_source = name
     return model
+
+
+def _quiet_bitsandbytes(dev: torch.device) -> None:
+    """bitsandbytes on CPU logs a 4-bit kernel it cannot load (unused by int8) and warns on every
+    int8 matmul that fp32 inputs are cast to fp16 (about 1,000 lines for a short answer): keep one
+    line that says what matters."""
+    import logging
+    import warnings
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=r"MatMul8bitLt: inputs will be cast")
+    if dev.type == "cpu" and not getattr(_quiet_bitsandbytes, "said", False):
+        _quiet_bitsandbytes.said = True
+        logging.getLogger("specdec").warning(
+            "specdec: int8 (bitsandbytes) on CPU is 2.7-3.9x slower than fp32 here; --no-int8 / "
+            "quantization='none' for speed")
 
 
 def load_tokenizer(name_or_path: str | None = None, *, gguf_file: str | None = None):

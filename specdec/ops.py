@@ -49,10 +49,13 @@ def _load_triton():
             import specdec.kernels.sample  # noqa: F401
             import specdec.kernels.verify  # noqa: F401
 
-            where = "CUDA" if torch.cuda.is_available() else "no CUDA device"
             if os.environ.get("TRITON_INTERPRET") == "1":
-                where += ", interpreter on (CPU tensors allowed)"
-            _status["triton"] = (True, f"triton kernels loaded ({where})")
+                msg = "triton kernels loaded (interpreter on: CPU tensors allowed, slow)"
+            elif torch.cuda.is_available():
+                msg = "triton kernels loaded (CUDA)"
+            else:
+                msg = "triton kernels loaded, idle: needs CUDA tensors (no CUDA device here)"
+            _status["triton"] = (True, msg)
         except Exception as exc:
             _status["triton"] = (False, f"triton kernels failed to load: {type(exc).__name__}: {exc}")
     return _status["triton"][0]

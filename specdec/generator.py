@@ -356,13 +356,14 @@ class GenerationStats:
         }
 
     def summary(self) -> str:
-        hist = " ".join(f"{r:.2f}" for r in self.position_acceptance[:16])
+        # counts next to rates: 1.00 from one draft is not 0.86 from fifty
+        hist = " ".join(f"{a}/{d}" for a, d in zip(self.accepted_per_position[:16], self.drafted_per_position[:16]) if d)
         return (
             f"drafter {self.drafter or 'none'}: {self.generated_tokens} tokens in {self.total_time:.2f} s "
             f"= {self.tokens_per_second:.1f} tokens/s; acceptance {self.acceptance_rate:.1%} "
             f"({self.accepted_tokens}/{self.drafted_tokens}), {self.tokens_per_step:.2f} tokens per target step; "
             f"time: prefill {self.prefill_time:.2f} s, target {self.target_time:.2f} s, drafter {self.drafter_time:.2f} s"
-            + (f"\nacceptance by draft position: {hist}" if hist else "")
+            + (f"\naccepted/drafted by draft position: {hist}" if hist else "")
         )
 
 

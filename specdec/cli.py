@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
                                        "arguments after '--' are passed to every benchmark.")
     bench.add_argument("names", nargs="*", default=list(BENCHMARKS), help=f"any of {', '.join(BENCHMARKS)} (default: all)")
     bench.add_argument("--benchmarks-dir", default=None, help="directory holding bench_*.py (default: the checkout's)")
+    bench.add_argument("--out", default=None,
+                       help="where CSVs and plots go (default: $SPECDEC_CACHE/bench, outside the source tree)")
     return parser
 
 
@@ -205,6 +207,13 @@ def cmd_bench(args, parser) -> int:
     if unknown:
         parser.error(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
     folder = _benchmarks_dir(args.benchmarks_dir)
+    if "--out" not in extra:  # never write into the package or checkout unless asked to
+        from specdec.models import cache_dir
+
+        out = Path(args.out) if args.out else cache_dir() / "bench"
+        out.mkdir(parents=True, exist_ok=True)
+        extra += ["--out", str(out)]
+        _log(f"specdec: results go to {out}")
     for name in names:
         path = folder / f"bench_{name}.py"
         if not path.is_file():

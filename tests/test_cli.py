@@ -73,8 +73,18 @@ def test_bench_missing_script(tmp_path, capsys):
 
 def test_bench_runs_script_with_args(tmp_path, capsys):
     (tmp_path / "bench_cache.py").write_text("def main(argv):\n    print('ran', argv)\n    return 0\n")
-    assert main(["bench", "cache", "--benchmarks-dir", str(tmp_path), "--", "--quick", "--n", "3"]) == 0
-    assert "ran ['--quick', '--n', '3']" in capsys.readouterr().out
+    out = tmp_path / "results"
+    assert main(["bench", "cache", "--benchmarks-dir", str(tmp_path), "--out", str(out), "--",
+                 "--quick", "--n", "3"]) == 0
+    assert f"ran ['--quick', '--n', '3', '--out', '{out}']" in capsys.readouterr().out
+    assert out.is_dir()
+
+
+def test_bench_defaults_outside_the_source_tree(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("SPECDEC_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "bench_cache.py").write_text("def main(argv):\n    print('ran', argv)\n    return 0\n")
+    assert main(["bench", "cache", "--benchmarks-dir", str(tmp_path)]) == 0
+    assert f"'--out', '{tmp_path / 'cache' / 'bench'}'" in capsys.readouterr().out
 
 
 def test_show_acceptance_colours(capsys):

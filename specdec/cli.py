@@ -67,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--benchmarks-dir", default=None, help="directory holding bench_*.py (default: the checkout's)")
     bench.add_argument("--out", default=None,
                        help="where CSVs and plots go (default: $SPECDEC_CACHE/bench, outside the source tree)")
+    parser.subcommands = {"generate": gen, "bench": bench}  # errors print the subcommand's usage
     return parser
 
 
@@ -253,8 +254,8 @@ def main(argv=None) -> int:
 
     try:
         if args.command == "generate":
-            return cmd_generate(args, parser)
-        return cmd_bench(args, parser)
+            return cmd_generate(args, parser.subcommands["generate"])
+        return cmd_bench(args, parser.subcommands["bench"])
     except (ModelLoadError, IncompatibleModelsError) as error:
         _log(f"specdec: error: {error}")
         return 1

@@ -122,3 +122,9 @@ def test_runtime_value_errors_are_one_line(tmp_path, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "max_new_tokens=3000000" in err and "Traceback" not in err
+
+
+def test_subcommand_errors_show_the_subcommand_usage(capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "--top-p", "0", "hi"])
+    assert "usage: specdec generate" in capsys.readouterr().err

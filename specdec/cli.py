@@ -107,11 +107,9 @@ def _read_prompts(args, parser) -> list:
 
 
 def _encode(tokenizer, prompts, raw: bool) -> list:
-    if not raw and getattr(tokenizer, "chat_template", None):
-        texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                               tokenize=False) for p in prompts]
-        return [list(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
-    return [list(tokenizer(p)["input_ids"]) for p in prompts]
+    from specdec.generator import encode_prompt  # the Python API's rule: chat template unless raw
+
+    return [encode_prompt(tokenizer, p, False if raw else None) for p in prompts]
 
 
 class _Printer:

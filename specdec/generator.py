@@ -380,6 +380,22 @@ class GenerationResult:
     texts: list | None = None
 
 
+def encode_prompt(tokenizer, text: str, chat: bool | None = None) -> list:
+    """Token ids of one text prompt. ``chat=None`` (default): wrapped as a user turn in the
+    tokenizer's chat template when it has one (what instruct models expect; the CLI does the same),
+    raw otherwise; ``chat=False``: raw completion; ``chat=True``: the template, or an error."""
+    template = getattr(tokenizer, "chat_template", None)
+    if chat is None:
+        chat = bool(template)
+    if chat:
+        if not template:
+            raise ValueError("chat=True, but the tokenizer has no chat template: pass chat=False")
+        text = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                             tokenize=False)
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return list(tokenizer(text, add_special_tokens=True)["input_ids"])
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -460,7 +476,7 @@ class SpeculativeGenerator:
 
     # -- inputs --------------------------------------------------------------------------------
 
-    def _prompt_ids(self, prompts, input_ids, attention_mask) -> list:
+    def _prompt_ids(self, prompts, input_ids, attention_mask, chat=None) -> list:
         if prompts is not None and input_ids is not None:
             raise ValueError("pass either prompts or input_ids, not both")
         if prompts is not None:
@@ -471,7 +487,7 @@ class SpeculativeGenerator:
                 if isinstance(p, str):
                     if self.tokenizer is None:
                         raise ValueError("string prompts need a tokenizer: SpeculativeGenerator(..., tokenizer=...)")
-                    rows.append(list(self.tokenizer(p, add_special_tokens=True)["input_ids"]))
+                    rows.append(encode_prompt(self.tokenizer, p, chat))
                 else:
                     rows.append([int(t) for t in p])
         elif input_ids is not None:
@@ -542,6 +558,7 @@ class SpeculativeGenerator:
         batch_size: int | None = None,
         callback: Callable[[Chunk], None] | None = None,
         progress: bool = False,
+        chat: bool | None = None,
     ) -> GenerationResult:
         """Generate continuations for a batch of prompts.
 
@@ -557,12 +574,15 @@ class SpeculativeGenerator:
             batch_size: rows per batch (default: all prompts in one batch).
             callback: called with a :class:`Chunk` for every row after every step.
             progress: show a tqdm bar of generated tokens on stderr.
+            chat: how string prompts are encoded: None (default) wraps each in the tokenizer's chat
+                template when it has one, as the CLI does (``--raw`` = chat=False); False: raw
+                completion text; True: the template or an error. Token-id prompts are used as given.
         Returns:
             GenerationResult (token ids per prompt in input order, stats).
         """
         from specdec import ops
 
-        rows = self._prompt_ids(prompts, input_ids, attention_mask)
+        rows = self._prompt_ids(prompts, input_ids, attention_mask, chat)
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         max_pos = getattr(getattr(self.target, "config", None), "max_position_embeddings", None)

@@ -275,3 +275,25 @@ def test_bad_generate_inputs_name_the_argument():
         except Exception:  # noqa: BLE001  the model may refuse to run past its positions; the warning came first
             pass
     assert gen.generate([[1, 2]], max_new_tokens=2, eos_token_id=[5, 7]).sequences[0]
+
+
+def test_chat_switch_matches_the_cli_encoding():
+    """generate(chat=None) wraps text prompts in the chat template when the tokenizer has one, as
+    the CLI does; chat=False is raw completion; chat=True without a template is an error."""
+    from _tiny_models import word_tokenizer
+
+    from specdec.cli import _encode
+    from specdec.generator import encode_prompt
+
+    tok = word_tokenizer([f"w{i}" for i in range(60)])
+    assert encode_prompt(tok, "w1 w2", None) == encode_prompt(tok, "w1 w2", False)  # no template: raw
+    with pytest.raises(ValueError, match="chat template"):
+        encode_prompt(tok, "w1 w2", True)
+    tok.chat_template = "{% for m in messages %}w7 {{ m['content'] }} w8{% endfor %}"
+    chat_ids = encode_prompt(tok, "w1 w2", None)
+    assert chat_ids == encode_prompt(tok, "w1 w2", True) != encode_prompt(tok, "w1 w2", False)
+    assert _encode(tok, ["w1 w2"], raw=False) == [chat_ids]
+    assert _encode(tok, ["w1 w2"], raw=True) == [encode_prompt(tok, "w1 w2", False)]
+    gen = SpeculativeGenerator(tiny_model("llama", seed=0, layers=1, vocab_size=len(tok)), "ngram", tok)
+    assert gen.generate(["w1 w2"], max_new_tokens=1).prompt_ids[0] == chat_ids
+    assert gen.generate(["w1 w2"], max_new_tokens=1, chat=False).prompt_ids[0] == encode_prompt(tok, "w1 w2", False)

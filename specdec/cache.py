@@ -23,9 +23,15 @@ drafter runs the target's first layers over the target's own cache (:meth:`Ragge
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Iterator, Sequence
 
 import torch
+
+# transformers >= 5.2x warns on every forward that the ``past_key_values`` keyword is deprecated in
+# favour of ``cache``; older releases (>= 4.57, which specdec supports) know only the former. specdec
+# passes it on purpose, so that one message is silenced, nothing else.
+warnings.filterwarnings("ignore", message=r"`past_key_values` is deprecated", category=FutureWarning)
 
 try:  # the extension registers torch.ops.specdec_cpp.cache_*; `import torch` must come first
     import specdec._C  # noqa: F401

@@ -157,6 +157,11 @@ def cmd_generate(args, parser) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: CUDA is not available on this machine")
     quant = resolve_quantization(args.quantization, device)
+    if args.quiet:  # no "Loading weights" bars or transformers' info lines either
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
     if not args.quiet:
         why = {"auto": f"auto on {device.type}" + ("" if device.type == "cuda" else
                                                    ": bitsandbytes int8 is slower than fp32 on CPU, --int8 forces it"),

@@ -143,4 +143,4 @@ def test_bad_input():
     with pytest.raises(ValueError, match="top_p"):
         ops.sample(torch.randn(2, 4), top_p=2.0, check=True)
     with pytest.raises(ValueError, match="temperature"):
-        ops.sample(torch.randn(2, 4), temperature=[1.0, -0.5], check=True)
+        ops.sample(torch.randn(2, 4), temperature=[1.0, float("nan")], check=True)

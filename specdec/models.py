@@ -109,10 +109,19 @@ def _materialize_gguf(directory: str, gguf_file: str) -> Path:
     target = _gguf_cache_path(directory, gguf_file)
     if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
         return target
+    import sys
+
+    from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    # the first run goes quiet for tens of seconds otherwise: say what happens and where it goes
+    print(f"specdec: first use of {gguf_file}: dequantizing it once into {target} "
+          "(set SPECDEC_CACHE to move it; later runs load it in seconds)", file=sys.stderr)
+    bar = tqdm(total=3, desc="converting GGUF", unit="step", disable=not sys.stderr.isatty(), leave=False)
     model = _from_pretrained(AutoModelForCausalLM, directory, gguf_file=gguf_file, dtype=torch.float32)
+    bar.update()
     tokenizer = _from_pretrained(AutoTokenizer, directory, gguf_file=gguf_file)
+    bar.update()
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
     # save_pretrained refuses models loaded from GGUF (they carry a gguf quantizer); the weights are
@@ -127,6 +136,8 @@ def _materialize_gguf(directory: str, gguf_file: str) -> Path:
         model.generation_config.save_pretrained(tmp)
     save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     tokenizer.save_pretrained(tmp)
+    bar.update()
+    bar.close()
     try:
         os.replace(tmp, target)  # atomic: a concurrent loader sees either nothing or the whole directory
     except OSError:  # another process won the race

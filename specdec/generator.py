@@ -457,12 +457,16 @@ class SpeculativeGenerator:
         """Load a target (default: the embedded SmolLM2-135M-Instruct) and its tokenizer, and a drafter:
         ``"ngram"`` (default, the fastest measured on CPU), ``"early-exit"``, ``"none"``, or a model
         name/path loaded with the same quantization (its tokenizer is checked against the target's)."""
-        from specdec.models import load_model, load_tokenizer
+        from specdec.models import check_model_name, load_model, load_tokenizer
 
+        named_drafter = isinstance(drafter, str) and drafter.lower().replace("_", "-") not in _DRAFTER_NAMES
+        check_model_name(target, "target")  # both names before loading either: no wasted target load
+        if named_drafter:
+            check_model_name(drafter, "drafter")
         model = load_model(target, quantization=quantization, device=device)
         tokenizer = load_tokenizer(target)
         drafter_tokenizer = None
-        if isinstance(drafter, str) and drafter.lower().replace("_", "-") not in _DRAFTER_NAMES:
+        if named_drafter:
             drafter_tokenizer = load_tokenizer(drafter)
             drafter = load_model(drafter, quantization=quantization, device=device)
         return cls(model, drafter, tokenizer, drafter_tokenizer=drafter_tokenizer, **kwargs)

@@ -62,6 +62,16 @@ def _resolve(name_or_path: str | None, gguf_file: str | None) -> tuple[str, str 
     return name_or_path, gguf_file
 
 
+def check_model_name(name_or_path: str | None, what: str = "model") -> None:
+    """Fail fast, before anything loads, on a name that cannot be a model: a path (absolute,
+    relative with ./ or ../, or ~) that does not exist. Hub ids (org/name) are left to the loader."""
+    if name_or_path is None or name_or_path == DEFAULT_MODEL:
+        return
+    path_like = name_or_path.startswith(("/", "./", "../", "~")) or name_or_path.endswith(".gguf")
+    if path_like and not os.path.exists(os.path.expanduser(name_or_path)):
+        raise ModelLoadError(f"{what} {name_or_path!r}: no such directory or file")
+
+
 def _gguf_cache_path(directory: str, gguf_file: str) -> Path:
     source = Path(directory) / gguf_file
     try:

@@ -128,3 +128,17 @@ def test_subcommand_errors_show_the_subcommand_usage(capsys):
     with pytest.raises(SystemExit):
         main(["generate", "--top-p", "0", "hi"])
     assert "usage: specdec generate" in capsys.readouterr().err
+
+
+def test_missing_paths_fail_before_loading(capsys, monkeypatch):
+    """A path-like --target or --drafter that does not exist is refused before any model loads."""
+    import specdec.models as models
+
+    def no_load(*a, **k):
+        raise AssertionError("a model was loaded before the names were checked")
+
+    monkeypatch.setattr(models, "load_model", no_load)
+    assert main(["generate", "--drafter", "./no/such/drafter", "-q", "hi"]) == 1
+    assert "drafter './no/such/drafter': no such directory" in capsys.readouterr().err
+    assert main(["generate", "--target", "/no/such/target", "-q", "hi"]) == 1
+    assert "target '/no/such/target': no such directory" in capsys.readouterr().err

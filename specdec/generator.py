@@ -507,8 +507,7 @@ class SpeculativeGenerator:
             raise ValueError("generate() needs prompts or input_ids")
         if not rows:
             raise ValueError("prompts is empty: generate() needs at least one prompt")
-        vocab = self._vocab_size()
-        max_pos = getattr(getattr(self.target, "config", None), "max_position_embeddings", None)
+        vocab, max_pos = self._vocab_size(), self._max_positions()
         for i, r in enumerate(rows):
             if not r:
                 raise ValueError(f"prompt {i} is empty")
@@ -519,6 +518,9 @@ class SpeculativeGenerator:
                 warnings.warn(f"prompt {i} has {len(r)} tokens, more than the target's maximum of "
                               f"{max_pos} positions: its output may be meaningless", stacklevel=3)
         return rows
+
+    def _max_positions(self):
+        return getattr(getattr(self.target, "config", None), "max_position_embeddings", None)
 
     def _vocab_size(self):
         try:
@@ -589,7 +591,7 @@ class SpeculativeGenerator:
         rows = self._prompt_ids(prompts, input_ids, attention_mask, chat)
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        max_pos = getattr(getattr(self.target, "config", None), "max_position_embeddings", None)
+        max_pos = self._max_positions()
         if max_pos and max_new_tokens > max_pos:  # the cache is sized for it up front
             raise ValueError(f"max_new_tokens={max_new_tokens} exceeds the target's {max_pos} positions")
         if not math.isfinite(temperature) or temperature < 0:

@@ -275,7 +275,7 @@ def _as_kernel_float(t: torch.Tensor) -> torch.Tensor:
 def _void_bad_temperature(temperature, out_ids, second):
     """Rows whose temperature is NaN or +inf emit nothing (ids -1; num_accepted 0 / probs 0), on
     every backend: the same rule as ``reference._bad_temperature``. Device ops, no sync."""
-    bad = torch.isnan(temperature) | (temperature == float("inf"))
+    bad = reference._bad_temperature(temperature)
     out_ids = out_ids.masked_fill(bad.view(-1, *([1] * (out_ids.dim() - 1))), -1)
     second = second.masked_fill(bad.view(-1, *([1] * (second.dim() - 1))), 0)
     return out_ids, second

@@ -12,6 +12,11 @@
 //     sums come from step 1's per-block statistics, except after rejecting a draft that has
 //     draft_probs (residual max(0, p - q): one more pass, reading q) and for top-k/top-p rows;
 //     then the race over blocks and the race inside the winning block.
+// Without draft_probs a sampled row is "sample and compare" (reference.verify): at each position
+// the race over p (the sample op's streams) is the target's own token, the draft is accepted iff
+// it equals it, and the first mismatch (or the bonus position) emits it. With draft_probs the
+// bonus token is that own sample too; a rejection's token comes from the resample streams.
+// Random numbers of position j use the counter offset offset + j (Philox position word 0).
 // Rows are the parallel unit when there are enough of them (one parallel region per call, rows
 // handed out dynamically since their chains differ in length); otherwise vocabulary chunks are.
 // Nothing of size [B, K+1, V] is allocated; logits are read as they are (fp32/fp16/bf16).
@@ -93,6 +98,35 @@ std::tuple<at::Tensor, at::Tensor> verify_cpu(const at::Tensor& target_logits_in
       const T* L = logits.data_ptr<T>();
       const Q* Qp = has_q ? q_all.data_ptr<Q>() : nullptr;
 
+      // the counter offset of row b's position j: offset + j, wrapping like int64 in the reference
+      auto at = [&](int64_t b, int64_t j) { return int64_t(uint64_t(rp.offset[b]) + uint64_t(j)); };
+
+      // The sample op's draw from p at (b, pos), whose statistics `st` are the latest computed for
+      // the row (bmax / bsum hold that position's blocks): sample and compare's own token.
+      auto race_p = [&](int64_t b, int64_t pos, const PosStats& st, auto&& exec, int block_stream,
+                        int stream) -> int64_t {
+        const RowInfo& r = rows[b];
+        const T* x = L + (b * K1 + pos) * Vt;
+        const Weights w(st, r.inv_t_f);
+        double* sums = &block_sums[b * nblock];
+        if (r.filtered) {
+          exec(nchunk, [&](int64_t c) {
+            const int64_t j0 = c * kChunk, j1 = std::min(Vt, j0 + kChunk);
+            race_block_sums<T, Q>(x, j0, j1, w, false, nullptr, Vd, -1, nullptr, sums);
+          });
+        } else {
+          for (int64_t k = 0; k < nblock; ++k)  // p's block sums from the statistics pass
+            sums[k] = bsum[b * nblock + k] > 0.0
+                          ? bsum[b * nblock + k] *
+                                std::exp((double(bmax[b * nblock + k]) - double(st.max)) * r.inv_t) / st.z
+                          : 0.0;
+        }
+        const int64_t k = race_blocks(sums, nblock, PhiloxKey(rp.seed[b], at(b, pos), block_stream, 0));
+        const int64_t tok = k < 0 ? -1 : race_in_block<T, Q>(x, Vt, k, w, false, nullptr, Vd, -1,
+                                                             PhiloxKey(rp.seed[b], at(b, pos), stream, 0));
+        return tok >= 0 ? tok : st.argmax;  // tok < 0 only if rounding zeroed every weight
+      };
+
       // One row, start to finish. `exec(n, f)` runs f(0..n-1): inline when rows are the parallel
       // unit, through at::parallel_for over vocabulary chunks when there are too few rows.
       auto run_row = [&](int64_t b, auto&& exec) {
@@ -100,6 +134,7 @@ std::tuple<at::Tensor, at::Tensor> verify_cpu(const at::Tensor& target_logits_in
         ChunkStats* cs = &parts[b * nchunk];
         int64_t s = -1;
         bool resid = false;
+        int64_t own = -1;  // sample and compare: the target's own token at the stop position
         // Walk the positions: statistics of (b, pos), then the acceptance test. The first
         // rejection, or the bonus position, stops the row; later positions are never read.
         for (int64_t pos = 0; pos <= r.n_drafts; ++pos) {
@@ -119,6 +154,14 @@ std::tuple<at::Tensor, at::Tensor> verify_cpu(const at::Tensor& target_logits_in
             thread_local FilterScratch buf;  // scratch of the top-k/top-p threshold
             filter_stats(x, Vt, r.inv_t, rp.top_k[b], double(rp.top_p[b]), st, buf);
           }
+          if (!Qp && !r.greedy) {  // sample and compare
+            own = race_p(b, pos, st, exec, kStreamSampleBlock, kStreamSample);
+            if (pos == r.n_drafts || dr[b * K + pos] != own) {
+              s = pos;
+              break;
+            }
+            continue;
+          }
           if (pos == r.n_drafts) {  // every draft accepted: the bonus token comes from here
             s = pos;
             break;
@@ -135,7 +178,7 @@ std::tuple<at::Tensor, at::Tensor> verify_cpu(const at::Tensor& target_logits_in
               if (xd > kNegInf && xd >= st.thr) p = std::exp((double(xd) - double(st.max)) * r.inv_t) / st.z;
               // deterministic drafter: q is one-hot at the draft
               const double qd = Qp ? double(static_cast<float>(Qp[(b * K + pos) * Vd + d])) : 1.0;
-              const double u = uniform_open_closed(PhiloxKey(rp.seed[b], rp.offset[b], kStreamAccept, pos).bits(0));
+              const double u = uniform_open_closed(PhiloxKey(rp.seed[b], at(b, pos), kStreamAccept, 0).bits(0));
               accept = p > 0.0 && u * qd <= p;  // q(d) = 0 < p(d): accepted; p(d) = 0: rejected
             }
           }
@@ -150,8 +193,8 @@ std::tuple<at::Tensor, at::Tensor> verify_cpu(const at::Tensor& target_logits_in
         for (int64_t i = 0; i < s; ++i) out[b * K1 + i] = dr[b * K + i];
         na[b] = int32_t(s);
         const PosStats& st = stats[b * K1 + s];
-        if (r.greedy) {
-          out[b * K1 + s] = st.argmax;
+        if (r.greedy || !Qp) {
+          out[b * K1 + s] = r.greedy ? st.argmax : own;
           return;
         }
         // The two-level race at the stop position: block sums of the residual (after a
@@ -187,9 +230,13 @@ std::tuple<at::Tensor, at::Tensor> verify_cpu(const at::Tensor& target_logits_in
         // residual mass 0 (p == q up to rounding): sample from p, as the reference does (rare)
         const bool use_r = resid && std::any_of(sums, sums + nblock, [](double v) { return v > 0.0; });
         if (resid && !use_r) reuse ? block_of_d(false) : sweep(false);
-        const int64_t k = race_blocks(sums, nblock, PhiloxKey(rp.seed[b], rp.offset[b], kStreamResampleBlock, s));
+        // a rejection draws from the resample streams; the bonus is the target's own sample
+        const bool bonus = s == r.n_drafts;
+        const int64_t k = race_blocks(sums, nblock, PhiloxKey(rp.seed[b], at(b, s),
+                                                              bonus ? kStreamSampleBlock : kStreamResampleBlock, 0));
         const int64_t tok = k < 0 ? -1 : race_in_block<T, Q>(x, Vt, k, w, use_r, q, Vd, d,
-                                                             PhiloxKey(rp.seed[b], rp.offset[b], kStreamResample, s));
+                                                             PhiloxKey(rp.seed[b], at(b, s),
+                                                                       bonus ? kStreamSample : kStreamResample, 0));
         out[b * K1 + s] = tok >= 0 ? tok : st.argmax;  // tok < 0 only if rounding zeroed every weight
       };
       for_rows(B, Vt, grain_chunks, run_row);

@@ -206,21 +206,26 @@ def combine_row_stats(m_ptr, z_ptr, a_ptr, ai_ptr, row, num_splits, BLOCK_S: tl.
 
 @triton.jit
 def _sample_probs_kernel(
-    logits_ptr,  # [B, V] float logits
-    temperature_ptr, thr_ptr, seed_ptr, offset_ptr,  # [B] each
-    m_ptr, z_ptr, a_ptr, ai_ptr,  # [B, S1] pass-1 partials
-    probs_ptr,  # [B, V] float32 (out)
-    race_ptr, race_id_ptr,  # [B, S2] float32 / int32 chunk block-race winners (out)
-    V, S1, blocks_per_split, S2,
-    HAS_THR: tl.constexpr, BLOCK_S1: tl.constexpr, TILE_BLOCKS: tl.constexpr,
+    logits_ptr,  # [R, V] float logits, R = B * (K+1)
+    temperature_ptr, seed_ptr, offset_ptr,  # [B] each
+    thr_ptr,  # [R] float32 top-k/top-p thresholds (HAS_THR)
+    m_ptr, z_ptr, a_ptr, ai_ptr,  # [R, S1] pass-1 partials
+    probs_ptr,  # [R, V] float32 (out, WRITE_PROBS)
+    race_ptr, race_id_ptr,  # [R, S2] float32 / int32 chunk block-race winners (out)
+    V, K, S1, blocks_per_split, S2,
+    HAS_THR: tl.constexpr, WRITE_PROBS: tl.constexpr, BLOCK_S1: tl.constexpr,
+    TILE_BLOCKS: tl.constexpr,
 ):
-    """Pass 2. grid = (B, S2): program (row, split) writes probs for race blocks
-    [split * blocks_per_split, ...) and runs the block race over them (sampled rows only)."""
+    """Pass 2. grid = (R, S2): program (row, split) writes probs for race blocks
+    [split * blocks_per_split, ...) (WRITE_PROBS) and runs the block race over them (sampled rows
+    only). Row = b * (K+1) + position draws with offset[b] + position (the sample op: K = 0);
+    without WRITE_PROBS, rows with nothing to draw (greedy, no kept logit) read nothing."""
     row = tl.program_id(0)
     split = tl.program_id(1)
+    b = row // (K + 1)
     row_max, row_sum, best, best_id = combine_row_stats(
         m_ptr, z_ptr, a_ptr, ai_ptr, row, S1, BLOCK_S1)
-    t = tl.load(temperature_ptr + row)
+    t = tl.load(temperature_ptr + b)
     greedy = t <= 0
     temp = effective_temperature(t)
     row_ok = best > float("-inf")
@@ -229,12 +234,14 @@ def _sample_probs_kernel(
     thr = float("-inf")
     if HAS_THR:
         thr = tl.load(thr_ptr + row)
-    seed = tl.load(seed_ptr + row)
-    offset = tl.load(offset_ptr + row)
+    seed = tl.load(seed_ptr + b)
+    offset = tl.load(offset_ptr + b) + row % (K + 1)
 
     blk_start = split * blocks_per_split
     blk_end = tl.minimum(blk_start + blocks_per_split, tl.cdiv(V, RACE_BLOCK))
     n_tiles = tl.cdiv(tl.maximum(blk_end - blk_start, 0), TILE_BLOCKS)
+    if not WRITE_PROBS:
+        n_tiles = tl.where(row_ok & (t > 0), n_tiles, 0)
     row_off = row.to(tl.int64) * V
     race = tl.full([TILE_BLOCKS], float("-inf"), tl.float32)  # per-block-lane best score
     race_id = tl.full([TILE_BLOCKS], _BIG_ID, tl.int32)
@@ -242,8 +249,9 @@ def _sample_probs_kernel(
         blocks, offs, mask = race_tile(blk_start + i * TILE_BLOCKS, blk_end, V, TILE_BLOCKS)
         raw = tl.load(logits_ptr + row_off + offs, mask=mask, other=float("-inf"))
         p, keep = target_probs(raw, temp, thr, row_max, row_sum)
-        out = tl.where(greedy, tl.where(offs == best_id, 1.0, 0.0), p)
-        tl.store(probs_ptr + row_off + offs, tl.where(row_ok, out, 0.0), mask=mask)
+        if WRITE_PROBS:
+            out = tl.where(greedy, tl.where(offs == best_id, 1.0, 0.0), p)
+            tl.store(probs_ptr + row_off + offs, tl.where(row_ok, out, 0.0), mask=mask)
         if t <= 0:
             pass  # greedy rows need no Philox draws
         else:
@@ -259,20 +267,22 @@ def _sample_probs_kernel(
 
 @triton.jit
 def _sample_finish_kernel(
-    logits_ptr,  # [B, V] float logits
-    temperature_ptr, thr_ptr, seed_ptr, offset_ptr,  # [B] each
-    m_ptr, z_ptr, a_ptr, ai_ptr,  # [B, S1] pass-1 partials
-    race_ptr, race_id_ptr,  # [B, S2] chunk block-race winners
-    token_ptr,  # [B] int64 (out)
-    V, S1, S2,
+    logits_ptr,  # [R, V] float logits, R = B * (K+1)
+    temperature_ptr, seed_ptr, offset_ptr,  # [B] each
+    thr_ptr,  # [R] float32 (HAS_THR)
+    m_ptr, z_ptr, a_ptr, ai_ptr,  # [R, S1] pass-1 partials
+    race_ptr, race_id_ptr,  # [R, S2] chunk block-race winners
+    token_ptr,  # [R] int64 (out)
+    V, K, S1, S2,
     HAS_THR: tl.constexpr, BLOCK_S1: tl.constexpr, BLOCK_S2: tl.constexpr,
 ):
-    """grid = (B,): token = argmax (greedy), else the race inside the winning block (its 256
+    """grid = (R,): token = argmax (greedy), else the race inside the winning block (its 256
     logits re-read, p recomputed bit-identically to pass 2); -1 for a row without a finite logit."""
     row = tl.program_id(0)
+    b = row // (K + 1)
     row_max, row_sum, best, best_id = combine_row_stats(
         m_ptr, z_ptr, a_ptr, ai_ptr, row, S1, BLOCK_S1)
-    t = tl.load(temperature_ptr + row)
+    t = tl.load(temperature_ptr + b)
     row_ok = best > float("-inf")
     token = best_id
     if (t > 0) & row_ok:  # both scalars; greedy rows and empty rows draw nothing
@@ -288,8 +298,8 @@ def _sample_finish_kernel(
         raw = tl.load(logits_ptr + row.to(tl.int64) * V + offs, mask=offs < V,
                       other=float("-inf"))
         p, keep = target_probs(raw, effective_temperature(t), thr, row_max, row_sum)
-        token = race_in_block(p, keep, offs, tl.load(seed_ptr + row), tl.load(offset_ptr + row),
-                              STREAM_SAMPLE, 0)
+        token = race_in_block(p, keep, offs, tl.load(seed_ptr + b),
+                              tl.load(offset_ptr + b) + row % (K + 1), STREAM_SAMPLE, 0)
     token = tl.where(row_ok, token, -1)
     tl.store(token_ptr + row, token.to(tl.int64))
 
@@ -378,6 +388,34 @@ def race_plan(V: int, rows: int, device, block_v=None, num_splits=None):
     return blocks_per_split, splits, triton.next_power_of_2(splits), tile_blocks, num_warps
 
 
+def race_rows(logits, temperature, thr, seed, offset, stats, stats_id, K, tokens, probs,
+              block_v=None, num_splits=None):
+    """Passes 2 and 3 over R = B * (K+1) rows of V logits whose pass-1 partials ``stats`` [3, R,
+    S1] / ``stats_id`` [R, S1] are computed: row b * (K+1) + j draws a token from p with the sample
+    op's numbers and counter offset ``offset[b] + j``. logits [R, V]; temperature, seed, offset
+    [B]; thr [R] float32 or None. Writes tokens [R] int64 and, unless ``probs`` is None, probs
+    [R, V] float32. Verification without draft probabilities draws its own tokens here."""
+    R, V = logits.shape
+    dev = logits.device
+    S1 = stats.shape[2]
+    thr_arg = thr if thr is not None else temperature  # placeholder pointer, never read
+    blocks_per_split, S2, BLOCK_S2, TILE_BLOCKS, warps2 = race_plan(V, R, dev, block_v, num_splits)
+    race = torch.empty((R, S2), dtype=torch.float32, device=dev)
+    race_id = torch.empty((R, S2), dtype=torch.int32, device=dev)
+    BLOCK_S1 = triton.next_power_of_2(S1)
+    _sample_probs_kernel[(R, S2)](
+        logits, temperature, seed, offset, thr_arg, stats[0], stats[1], stats[2], stats_id,
+        probs if probs is not None else race, race, race_id, V, K, S1, blocks_per_split, S2,
+        HAS_THR=thr is not None, WRITE_PROBS=probs is not None, BLOCK_S1=BLOCK_S1,
+        TILE_BLOCKS=TILE_BLOCKS, num_warps=warps2)
+    # the race inside the winning block
+    _sample_finish_kernel[(R,)](
+        logits, temperature, seed, offset, thr_arg, stats[0], stats[1], stats[2], stats_id,
+        race, race_id, tokens, V, K, S1, S2,
+        HAS_THR=thr is not None, BLOCK_S1=BLOCK_S1, BLOCK_S2=BLOCK_S2, num_warps=4)
+    return tokens
+
+
 def sample(logits, temperature, top_k, top_p, seed, offset, *, block_v=None, num_splits=None):
     """Fused sampling (Triton). Same contract as ``specdec.reference.sample``.
 
@@ -390,8 +428,9 @@ def sample(logits, temperature, top_k, top_p, seed, offset, *, block_v=None, num
     """
     B, V = logits.shape
     dev = logits.device
-    tokens = torch.full((B,), -1, dtype=torch.int64, device=dev)
+    tokens = torch.empty((B,), dtype=torch.int64, device=dev)  # every entry written
     if B == 0 or V == 0:
+        tokens.fill_(-1)
         return tokens, torch.zeros((B, V), dtype=torch.float32, device=dev)
     logits = logits.contiguous()
     temperature = temperature.to(torch.float32).contiguous()
@@ -410,19 +449,7 @@ def sample(logits, temperature, top_k, top_p, seed, offset, *, block_v=None, num
         V, 0, tiles_per_split, S1,
         HAS_THR=thr is not None, BLOCK_K=1, BLOCK_V=BLOCK_V, num_warps=warps1)
 
-    # pass 2: probs and the block race over (row, split of race blocks)
-    blocks_per_split, S2, BLOCK_S2, TILE_BLOCKS, warps2 = race_plan(V, B, dev, block_v, num_splits)
     probs = torch.empty((B, V), dtype=torch.float32, device=dev)  # every entry written
-    race = torch.empty((B, S2), dtype=torch.float32, device=dev)
-    race_id = torch.empty((B, S2), dtype=torch.int32, device=dev)
-    _sample_probs_kernel[(B, S2)](
-        logits, temperature, thr_arg, seed, offset, stats[0], stats[1], stats[2], stats_id,
-        probs, race, race_id, V, S1, blocks_per_split, S2,
-        HAS_THR=thr is not None, BLOCK_S1=BLOCK_S1, TILE_BLOCKS=TILE_BLOCKS, num_warps=warps2)
-
-    # the race inside the winning block
-    _sample_finish_kernel[(B,)](
-        logits, temperature, thr_arg, seed, offset, stats[0], stats[1], stats[2], stats_id,
-        race, race_id, tokens, V, S1, S2,
-        HAS_THR=thr is not None, BLOCK_S1=BLOCK_S1, BLOCK_S2=BLOCK_S2, num_warps=4)
+    race_rows(logits, temperature, thr, seed, offset, stats, stats_id, 0, tokens, probs,
+              block_v, num_splits)
     return tokens, probs

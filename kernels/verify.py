@@ -3,11 +3,16 @@
 What it computes is ``specdec.reference.verify`` (the specification; DESIGN.md for the semantics):
 accept draft x_i with probability min(1, p_i(x_i) / q_i(x_i)) (greedy rows: iff x_i is the argmax),
 then emit one token at the first rejection (a sample from norm(max(0, p_i - q_i))) or after the last
-accepted draft (a bonus sample from p), with the same Philox numbers as the reference:
-``STREAM_ACCEPT`` for the acceptance tests, then the reference's two-level race (sample.py's
-docstring) at the emit position s: a race over the sums of the 256-id race blocks
+accepted draft (a bonus sample from p), with the same Philox numbers as the reference (position i
+uses counter offset + i): ``STREAM_ACCEPT`` for the acceptance tests, then the reference's two-level
+race (sample.py's docstring) at the emit position s: a race over the sums of the 256-id race blocks
 (``STREAM_RESAMPLE_BLOCK``, index = block number), then one inside the winning block
-(``STREAM_RESAMPLE``, index = vocabulary id).
+(``STREAM_RESAMPLE``, index = vocabulary id); the bonus uses the sample op's streams instead.
+
+Without draft probabilities the op is "sample and compare": pass 1 as below, then sample.py's
+passes 2-3 (``race_rows``) draw the target's own token at every live position, and
+``_sample_compare_kernel`` accepts drafts while they equal it. Kernels 2-3 below are the path with
+draft probabilities.
 
 Kernels (B rows, K drafts, K+1 positions, Vt target vocabulary):
   1. ``softmax_stats_kernel`` (from sample.py), grid (B*(K+1), S1): every position's vocabulary
@@ -43,6 +48,8 @@ from specdec.kernels.philox import (
     STREAM_ACCEPT,
     STREAM_RESAMPLE,
     STREAM_RESAMPLE_BLOCK,
+    STREAM_SAMPLE,
+    STREAM_SAMPLE_BLOCK,
     exponential,
     philox_bits,
     uniform_open_closed,
@@ -54,6 +61,7 @@ from specdec.kernels.sample import (
     effective_temperature,
     filter_thresholds,
     race_in_block,
+    race_rows,
     race_plan,
     race_tile,
     race_update,
@@ -144,7 +152,7 @@ def _verify_accept_race_kernel(
                           other=0.0).to(tl.float32)
     else:
         q_draft = tl.full([BLOCK_K1], 1.0, tl.float32)  # deterministic drafter: q one-hot
-    u = uniform_open_closed(philox_bits(seed, offset, STREAM_ACCEPT, pos, 0))
+    u = uniform_open_closed(philox_bits(seed, offset + pos, STREAM_ACCEPT, 0, 0))
     # p(x) > 0 is "kept" (exact in the float64 reference, where p underflows no sooner than
     # e^-745); q(x) = 0 < p(x) accepts since u * 0 <= p.
     accept_sampled = kept & (u * q_draft <= p_draft)
@@ -162,7 +170,8 @@ def _verify_accept_race_kernel(
     draft_s = tl.sum(tl.where(at_s, safe, 0), 0)
     # sample from the residual only after a rejection of an in-range draft
     use_resid = rejected & (tl.sum(tl.where(at_s & in_range, 1, 0), 0) > 0)
-    resid_draft = tl.where(use_resid, draft_s, -1)
+    # the residual's draft; -1: rejected, race over p; -2: no rejection, the bonus (own sample)
+    resid_draft = tl.where(use_resid, draft_s, tl.where(rejected, -1, -2))
 
     # ---- outputs except a sampled emitted token, and the finish kernel's scalars (split 0) ---
     ids = tl.where(pos < s, drafts, -1)
@@ -197,11 +206,14 @@ def _verify_accept_race_kernel(
         p, keep = target_probs(raw, temp, thr_s, max_s, sum_s)
         w_r = tl.sum(_residual(p, q_row_ptr, offs, q_lim, resid_draft, HAS_Q), 1)  # [TILE_BLOCKS]
         w_p = tl.sum(p, 1)
-        # one exponential per block, shared by both races (only one of them is used)
-        e = exponential(philox_bits(seed, offset, STREAM_RESAMPLE_BLOCK, s, blocks))
+        # one exponential per block for the residual and a rejection's race over p (only one of
+        # them is used); the bonus is the target's own sample: the sample op's block stream
+        e = exponential(philox_bits(seed, offset + s, STREAM_RESAMPLE_BLOCK, 0, blocks))
+        e_own = exponential(philox_bits(seed, offset + s, STREAM_SAMPLE_BLOCK, 0, blocks))
+        e_p = tl.where(rejected, e, e_own)
         best_r, best_r_id = race_update(tl.where(w_r > 0, w_r / e, -1.0), blocks, best_r, best_r_id)
         has_p = tl.max(keep.to(tl.int32), 1) > 0  # W_b > 0 in the reference
-        best_p, best_p_id = race_update(tl.where(has_p, w_p / e, -1.0), blocks, best_p, best_p_id)
+        best_p, best_p_id = race_update(tl.where(has_p, w_p / e_p, -1.0), blocks, best_p, best_p_id)
         resid_mass += w_r
     out = b * S2 + split
     top_r, top_r_id = race_winner(best_r, best_r_id)
@@ -247,10 +259,43 @@ def _verify_finish_kernel(
         p, keep = target_probs(raw, temp, tl.load(thr_s_ptr + b), tl.load(max_ptr + b),
                                tl.load(sum_ptr + b))
         q_row_ptr = q_ptr + (b * K + tl.minimum(s, tl.maximum(K - 1, 0))).to(tl.int64) * Vd
-        resid = _residual(p, q_row_ptr, offs, Vd, tl.load(resid_draft_ptr + b), HAS_Q)
-        token = race_in_block(tl.where(use_r, resid, p), tl.where(use_r, resid > 0, keep), offs,
-                              tl.load(seed_ptr + b), tl.load(offset_ptr + b), STREAM_RESAMPLE, s)
+        resid_draft = tl.load(resid_draft_ptr + b)
+        resid = _residual(p, q_row_ptr, offs, Vd, resid_draft, HAS_Q)
+        w = tl.where(use_r, resid, p)
+        competes = tl.where(use_r, resid > 0, keep)
+        seed, off = tl.load(seed_ptr + b), tl.load(offset_ptr + b) + s
+        token = race_in_block(w, competes, offs, seed, off, STREAM_RESAMPLE, 0)
+        own = race_in_block(w, competes, offs, seed, off, STREAM_SAMPLE, 0)  # the bonus
+        token = tl.where(resid_draft == -2, own, token)
         tl.store(out_ptr + b * K1 + s, token.to(tl.int64))
+
+
+@triton.jit
+def _sample_compare_kernel(
+    own_ptr,  # [B, K+1] int64: the target's own token at each position (-1: none)
+    drafts_ptr,  # [B, K] int64 draft ids
+    out_ptr,  # [B, K+1] int64 (out)
+    num_acc_ptr,  # [B] int32 (out)
+    K, BLOCK_K1: tl.constexpr,
+):
+    """grid = (B,): sample and compare. Drafts are accepted while they equal the target's own
+    token; the first mismatch (or the bonus position) emits that token. A row whose emitted token
+    is -1 (no finite logit there) emits nothing."""
+    b = tl.program_id(0)
+    K1 = K + 1
+    pos = tl.arange(0, BLOCK_K1)
+    is_draft = pos < K
+    drafts = tl.load(drafts_ptr + b * K + pos, mask=is_draft, other=0)
+    own = tl.load(own_ptr + b * K1 + pos, mask=pos < K1, other=-1)
+    n_drafts = tl.min(tl.where(is_draft & (drafts == -1), pos, K), 0)
+    accept = is_draft & (drafts == own) & (own >= 0) & (pos < n_drafts)
+    s = tl.min(tl.where(accept | ~is_draft, K, pos), 0)
+    token = tl.sum(tl.where(pos == s, own, 0), 0)
+    row_ok = token >= 0
+    ids = tl.where(pos < s, drafts, -1)
+    ids = tl.where(pos == s, token, ids)
+    tl.store(out_ptr + b * K1 + pos, tl.where(row_ok, ids, -1), mask=pos < K1)
+    tl.store(num_acc_ptr + b, tl.where(row_ok, s, 0))
 
 
 def verify(target_logits, draft_token_ids, draft_probs, temperature, top_k, top_p, seed, offset,
@@ -304,6 +349,16 @@ def verify(target_logits, draft_token_ids, draft_probs, temperature, top_k, top_
         logits, drafts_arg, temperature, thr_arg, stats[0], stats[1], stats[2], stats_id,
         Vt, K, tps1, S1,
         HAS_THR=thr is not None, BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V, num_warps=warps1)
+
+    if not has_q:
+        # sample and compare: every live position's own token (the sample op's race, counter
+        # offset + position; greedy rows: the argmax), then the acceptance walk
+        own = torch.empty((rows,), dtype=torch.int64, device=dev)
+        race_rows(logits.view(rows, Vt), temperature, thr, seed, offset, stats, stats_id, K, own,
+                  None, block_v, num_race_splits)
+        _sample_compare_kernel[(B,)](own, drafts_arg, out, num_acc, K,
+                                     BLOCK_K1=triton.next_power_of_2(K1), num_warps=1)
+        return out, num_acc
 
     # pass 2: acceptance, then the block races at the emit position over (row, split of blocks)
     blocks_per_split, S2, BLOCK_S2, TILE_BLOCKS, warps2 = race_plan(

@@ -36,7 +36,10 @@ class DraftState:
     max_drafts:  [B] int64 numpy: drafts wanted per row this step (0 allowed)
     temperature, top_k, top_p: the sampling parameters of the request (temperature 0 = greedy)
     seeds:       [B] int64 device tensor, one Philox seed per request row
-    step:        int, the generator's step counter (drafters derive their sampling offsets from it)
+    step:        int, the generator's step counter
+    offsets:     [B] int64 device tensor, the token index of each row's first draft (= lengths):
+                 drafters sample draft i with Philox offset ``offsets + i``, so their random numbers
+                 are keyed by the absolute position of the token they draft, not by the step
     device:      the target's device (draft token ids are returned there)
     max_length:  capacity in tokens any cache needs for this batch
     backend:     implementation for specdec.ops.sample ("auto", "cpp", "triton", "reference")
@@ -59,6 +62,13 @@ class DraftState:
     max_length: int
     backend: str = "auto"
     cache: object = None
+    offsets: torch.Tensor | None = None
+
+    def draft_offsets(self, i: int) -> torch.Tensor:
+        """[B] int64 device tensor: the Philox offsets of draft i (its tokens' absolute indices)."""
+        if self.offsets is None:
+            self.offsets = torch.from_numpy(self.lengths).to(self.device)
+        return self.offsets + i
 
 
 class Draft(NamedTuple):
@@ -235,7 +245,7 @@ class ModelDrafter(Drafter):
             )
         self.cache.rollback(torch.from_numpy(self.cached).to(self.cache.lengths))
 
-    def _sample(self, logits: torch.Tensor, state: DraftState, offset: int):
+    def _sample(self, logits: torch.Tensor, state: DraftState, offset: torch.Tensor):
         """logits [B, V] -> (token ids [B] int64, probs [B, V] fp32 or None when greedy)."""
         if self.vocab_size is not None and logits.shape[-1] > self.vocab_size:
             logits = logits[:, : self.vocab_size]  # padded drafter head: never propose ids the target lacks
@@ -278,9 +288,8 @@ class ModelDrafter(Drafter):
         num = state.max_drafts
         k = int(num.max())
         ids, probs = [], []
-        offset0 = state.step * 64  # distinct offsets per step and draft position (K <= 64)
-        for i in range(k):
-            tok, prob = self._sample(last.float(), state, offset0 + i)
+        for i in range(k):  # draft i is token lengths + i of its row: keyed by that position
+            tok, prob = self._sample(last.float(), state, state.draft_offsets(i))
             ids.append(tok)
             probs.append(prob)
             if i + 1 < k:

@@ -29,10 +29,18 @@ with a shorter proposal drafts fewer).
 
 Exactness does not depend on the draft lengths: the drafts are chosen before the step's random
 numbers are drawn, so greedy rows emit the target's greedy tokens and sampled rows the target's
-distribution whatever the policy. With a fixed K a row's drafts depend only on its own tokens, so
-with the per-row seeds of :func:`specdec.ops.row_seeds` a sampled prompt gives the same tokens in a
-batch of 1 and of 8; with the adaptive width (shared by the batch) it gives tokens from the same
-distribution, not the same tokens.
+distribution whatever the policy.
+
+Seeding. Every random number is keyed by the row's seed and the absolute index of the token it
+decides (``offset`` = the row's length, for the drafter's samples and for verification), never by
+the step. With a deterministic drafter (n-gram / prompt lookup, or no drafter)
+verification is "sample and compare": each emitted token is the target's own sample at its index,
+so a seeded sampled row's text is exactly the text of plain sampling with that seed: the same with
+or without a drafter, for any K, adaptive or not, in any batch and on every call. With a model
+drafter that samples (draft probabilities, q) the distribution is exact and the text is reproducible
+for a fixed seed and a fixed K (``adaptive=False``) in any batch; the width policy changes which
+positions are drafted, hence the text (not its distribution). Rows compared across batches differ
+only where batched arithmetic rounds a near-tie differently.
 """
 from __future__ import annotations
 
@@ -50,7 +58,7 @@ from specdec.drafters import Draft, Drafter, DraftState, make_drafter
 from specdec.models import check_compatible, model_vocab_size
 
 _DRAFTER_NAMES = ("ngram", "n-gram", "prompt-lookup", "early-exit", "earlyexit", "self", "none")
-MAX_DRAFT_TOKENS = 32  # cap for K (drafters derive sampling offsets with K < 64)
+MAX_DRAFT_TOKENS = 32  # cap for K
 
 
 class ForwardCostModel:
@@ -62,19 +70,29 @@ class ForwardCostModel:
     the nearest measured N below and above (or taken from the nearest one outside that range): a
     measured N predicts its own average. Only ratios of predictions matter to the policy, so the unit
     is irrelevant before any measurement.
+
+    ``fixed``: a function of N giving the seconds (or any unit) of a forward; measurements are then
+    ignored, and the policy's widths depend only on its inputs and the acceptance outcomes, never on
+    timing (reproducible statistics, tests). ``fixed="prior"`` uses the prior shape.
     """
 
-    def __init__(self, device_type: str = "cpu", *, knee: float | None = None, alpha: float = 0.3):
+    def __init__(self, device_type: str = "cpu", *, knee: float | None = None, alpha: float = 0.3,
+                 fixed: Callable | str | None = None):
         self.knee = float(knee if knee is not None else (16.0 if device_type == "cpu" else 256.0))
         self.alpha = alpha
+        self.fixed = self.prior if fixed == "prior" else fixed
+        if self.fixed is not None and not callable(self.fixed):
+            raise TypeError(f"fixed must be a function of the token count, 'prior' or None, got {fixed!r}")
         self.seconds: dict[int, float] = {}
         self._keys: list[int] = []
         self._ratios = np.empty(0)
 
-    def prior(self, n: int) -> float:
+    def prior(self, n):
         return 1.0 + n / self.knee
 
     def observe(self, n: int, seconds: float) -> None:
+        if self.fixed is not None:
+            return
         old = self.seconds.get(n)
         if old is None:
             self._keys = sorted([*self.seconds, n])
@@ -86,7 +104,9 @@ class ForwardCostModel:
     def predict(self, n):
         """Predicted seconds (arbitrary units before any measurement) for ``n`` tokens: int or array."""
         n = np.asarray(n, dtype=np.float64)
-        if not self._keys:
+        if self.fixed is not None:
+            out = np.vectorize(self.fixed, otypes=[np.float64])(n)
+        elif not self._keys:
             out = self.prior(n)
         else:  # np.interp holds the end ratios outside the measured range
             out = np.interp(n, self._keys, self._ratios) * self.prior(n)
@@ -154,14 +174,21 @@ class DraftLengthPolicy:
 
     Row classes: ``(sampled, match class, previous outcome)`` with the previous outcome 0 = no drafts
     last step, 1 = none accepted, 2 = some, 3 = all.
+
+    The policy has no randomness: given the same inputs, outcomes and measured costs it picks the
+    same widths. Measured costs vary from run to run, so for statistics that must not depend on
+    timing pass ``forward_cost`` (a function of the tokens of a forward, or "prior") and, for model
+    drafters, ``draft_cost`` (per drafted position, in the same unit): nothing is then measured.
     """
 
     NO_DRAFT, REJECTED, PARTIAL, ALL = 0, 1, 2, 3
 
-    def __init__(self, device_type: str = "cpu"):
-        self.cost = ForwardCostModel(device_type)
+    def __init__(self, device_type: str = "cpu", *, forward_cost: Callable | str | None = None,
+                 draft_cost: float | None = None):
+        self.cost = ForwardCostModel(device_type, fixed=forward_cost)
         self.acceptance = AcceptanceModel()
-        self.draft_cost = 0.0  # seconds per draft position (EMA), model drafters only
+        self.fixed_draft_cost = draft_cost is not None
+        self.draft_cost = float(draft_cost or 0.0)  # seconds per draft position (EMA), model drafters only
 
     @staticmethod
     def keys(sampled: bool, match: np.ndarray | None, previous: np.ndarray) -> np.ndarray:
@@ -205,7 +232,7 @@ class DraftLengthPolicy:
         return previous
 
     def observe_draft_time(self, width: int, seconds: float) -> None:
-        if width > 0:
+        if width > 0 and not self.fixed_draft_cost:
             per = seconds / width
             self.draft_cost = per if self.draft_cost == 0 else self.draft_cost + 0.3 * (per - self.draft_cost)
 
@@ -428,11 +455,14 @@ class SpeculativeGenerator:
             the target's cache, nor sliding-window attention).
         backend: implementation of the ops (``specdec.ops.verify``/``sample``): "auto", "cpp",
             "triton" or "reference".
+        policy: the :class:`DraftLengthPolicy` (default: one that measures forward costs online);
+            ``DraftLengthPolicy(forward_cost="prior")`` makes the widths, and so greedy statistics,
+            independent of timing.
     """
 
     def __init__(self, target, drafter="ngram", tokenizer=None, *, drafter_tokenizer=None,
                  num_draft_tokens: int | None = None, adaptive: bool = True, early_exit_layers: int | None = None,
-                 share_prefix: bool = True, backend: str = "auto"):
+                 share_prefix: bool = True, backend: str = "auto", policy: "DraftLengthPolicy | None" = None):
         self.target = target
         self.tokenizer = tokenizer
         self.vocab_size = model_vocab_size(target)
@@ -449,7 +479,7 @@ class SpeculativeGenerator:
         self.device = _model_device(target)
         self.backend = backend
         # acceptance and forward-cost estimates, kept across generate calls
-        self.policy = DraftLengthPolicy(self.device.type)
+        self.policy = policy if policy is not None else DraftLengthPolicy(self.device.type)
 
     @classmethod
     def from_pretrained(cls, target: str | None = None, drafter="ngram", *, quantization: str = "auto",
@@ -560,7 +590,7 @@ class SpeculativeGenerator:
         num_draft_tokens: int | None = None,
         adaptive: bool | None = None,
         eos_token_id="default",
-        seed: int | None = None,
+        seed: int | Sequence[int] | None = None,
         batch_size: int | None = None,
         callback: Callable[[Chunk], None] | None = None,
         progress: bool = False,
@@ -575,8 +605,10 @@ class SpeculativeGenerator:
             temperature: 0 = greedy (default); top_k (0 = off), top_p (1.0 = off).
             num_draft_tokens, adaptive: override the generator's draft length and adaptivity.
             eos_token_id: int, list of ints, None (never stop early) or "default" (the model's).
-            seed: int; row i of the caller's list gets the seed ``row_seeds(seed, n)[i]``, so a row's
-                tokens do not depend on its batch. None draws one from torch's generator.
+            seed: int: row i of the caller's list gets the seed ``row_seeds(seed, n)[i]``; or a list
+                of n ints, one seed per prompt; None draws one from torch's generator. Random
+                numbers are keyed by (row seed, token index): see "Seeding" in the module docstring
+                for what that makes reproducible.
             batch_size: rows per batch (default: all prompts in one batch).
             callback: called with a :class:`Chunk` for every row after every step.
             progress: show a tqdm bar of generated tokens on stderr.
@@ -608,7 +640,17 @@ class SpeculativeGenerator:
             raise ValueError(f"num_draft_tokens must be in 0..{MAX_DRAFT_TOKENS}, got {k0}")
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,)))
-        seeds = ops.row_seeds(seed, len(rows))
+        if isinstance(seed, (list, tuple)):
+            if len(seed) != len(rows) or not all(
+                    isinstance(x, numbers.Integral) and not isinstance(x, bool) and -(2**63) <= x < 2**63
+                    for x in seed):
+                raise ValueError(f"seed must be an int or a list of {len(rows)} int64 seeds (one per prompt), "
+                                 f"got {seed!r}")
+            seeds = torch.tensor([int(x) for x in seed], dtype=torch.int64)
+        elif isinstance(seed, numbers.Integral) and not isinstance(seed, bool):
+            seeds = ops.row_seeds(int(seed), len(rows))
+        else:
+            raise TypeError(f"seed must be an int, a list of ints or None, got {type(seed).__name__}")
         opts = dict(max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=int(top_k),
                     top_p=float(top_p), k0=k0, adaptive=self.adaptive if adaptive is None else adaptive,
                     eos=self._eos_ids(eos_token_id), callback=callback)
@@ -658,6 +700,9 @@ class SpeculativeGenerator:
         out_tokens = [[] for _ in range(batch)]
         reasons = ["length"] * batch
         seeds = seeds.to(device)
+        # Philox offset of each row's next token: its absolute index (the sequence length), so the
+        # random numbers that decide a token depend on its position, not on the step structure
+        offsets = torch.from_numpy(lengths).to(device)
         previous = np.zeros(batch, dtype=np.int64)  # the policy's previous-outcome code per row
 
         cache, layout = None, _PaddedLayout()
@@ -690,7 +735,7 @@ class SpeculativeGenerator:
                 draft, width = None, 0
                 if drafter is not None and budget.max() > 0 and not (first and drafter.needs_target_cache):
                     state = DraftState(tokens, lengths, budget, temperature, top_k, top_p, seeds, step, device,
-                                       capacity, self.backend, cache)
+                                       capacity, self.backend, cache, offsets=offsets)
                     if not started:
                         drafter.start(state)
                         started = True
@@ -731,9 +776,10 @@ class SpeculativeGenerator:
                                     use_cache=True).logits
                 probs = draft.probs if sampled else None
                 out_ids, num_acc = ops.verify(logits, draft.token_ids, probs, temperature=temperature,
-                                              top_k=top_k, top_p=top_p, seed=seeds, offset=step,
+                                              top_k=top_k, top_p=top_p, seed=seeds, offset=offsets,
                                               backend=self.backend)
                 pending = out_ids.gather(1, num_acc[:, None].long()).squeeze(1)
+                offsets = offsets + num_acc.long() + 1  # live rows keep all n + 1 emitted tokens
                 host = torch.cat([out_ids, num_acc[:, None].long()], dim=1).cpu().numpy()  # the one sync
                 # keep pending + accepted drafts; the emitted last token becomes the new pending one.
                 # (after the sync above, the cache's own host copy of the lengths waits for nothing)
@@ -801,6 +847,7 @@ class SpeculativeGenerator:
                     tokens, lengths, prompt_lengths = tokens[index_np], lengths[index_np], prompt_lengths[index_np]
                     previous = previous[index_np]
                     seeds = seeds[index.to(device)]
+                    offsets = offsets[index.to(device)]
                     pending = pending[index.to(device)]
         finally:
             if drafter is not None:

@@ -365,14 +365,18 @@ def verify(
             position; the last position is the bonus position.
         draft_token_ids: [B, K] int32/int64; -1 marks "no draft" (ragged rows: drafts, then -1s).
         draft_probs: [B, K, Vd] float, Vd <= Vt: the distribution each draft was sampled from;
-            None for deterministic drafters (n-gram, argmax): q is one-hot at the draft.
+            None for deterministic drafters (n-gram, argmax): "sample and compare", position j
+            emits the target's own sample (what ``sample`` draws with offset + j), drafts are
+            accepted while they equal it. With offset = the row's token index, the emitted text
+            is then that of plain sampling with the same seed, whatever the drafts.
         temperature: float or [B]; <= 0 makes a row greedy (0, or vLLM's -1; rows may mix greedy
             and sampled). A NaN or +inf temperature voids its row (all -1, num_accepted 0).
         top_k: int or [B] (0 = off); top_p: float or [B] (1.0 = off), applied to the target.
         seed: int (expanded per row with ``row_seeds``, on the device), [B] int64 tensor (a list
             costs a host-to-device copy), or None (drawn from
-            torch's CPU generator); offset: int or [B] int64, the Philox counter offset: advance
-            it between calls that share a seed.
+            torch's CPU generator); offset: int or [B] int64, the Philox counter offset of
+            position 0; position j draws with offset + j. Pass each row's token index (its
+            sequence length) to key the random numbers by absolute position.
         check: validate eagerly (host sync) and raise ValueError/TypeError naming the argument.
         backend: "auto", "cpp", "triton" or "reference".
 

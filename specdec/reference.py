@@ -16,8 +16,20 @@ Random numbers: counter-based Philox4x32-10, stateless. One 32-bit word per
     exponential(1):      e = -log(v)
 
 Streams: ``STREAM_ACCEPT`` (acceptance test, index 0), ``STREAM_RESAMPLE`` (residual or bonus
-token, index = vocabulary id), ``STREAM_SAMPLE`` (the ``sample`` op, position 0), and their block
-streams ``STREAM_RESAMPLE_BLOCK`` / ``STREAM_SAMPLE_BLOCK`` (index = block number, below).
+token, index = vocabulary id), ``STREAM_SAMPLE`` (the ``sample`` op, and the target's own sample in
+verification without draft probabilities), and their block streams ``STREAM_RESAMPLE_BLOCK`` /
+``STREAM_SAMPLE_BLOCK`` (index = block number, below). The Philox ``position`` word is 0 in every op:
+
+Keyed by token position. ``verify`` draws everything about chain position j (its acceptance test,
+its emitted token) with the counter offset ``offset + j`` (int64, wrapping): a caller that passes
+each row's sequence length as ``offset`` keys the random numbers by the absolute index of the token
+they decide, not by the step that happens to decide it. The target's own sample at position j is
+``sample(logits_j, seed, offset + j)`` (streams ``STREAM_SAMPLE*``). Without draft probabilities
+(n-gram, argmax drafters) verification is "sample and compare": drafts are accepted while they
+equal the target's own samples and the first mismatch emits it, so the emitted text is exactly the
+text that plain sampling (``sample`` with offset = token index, no drafter) produces with the same
+seed, whatever the drafts, K or batch. With draft probabilities the bonus token (no rejection) is
+the target's own sample too; a rejection draws the residual from ``STREAM_RESAMPLE*``.
 
 Sampling from a weight vector w >= 0 (not necessarily normalised) is a two-level exponential race
 (``_race``). An exponential race draws argmax_j w_j / e_j over w_j > 0 (ties to the lowest index),
@@ -184,7 +196,7 @@ def verify(target_logits, draft_token_ids, draft_probs, temperature, top_k, top_
     target_logits [B, K+1, Vt] float; draft_token_ids [B, K] int (-1 tail = no draft);
     draft_probs [B, K, Vd] float or None (deterministic drafter: q is one-hot at the draft);
     temperature [B] float (<= 0: greedy), top_k [B] int, top_p [B] float,
-    seed [B] int64, offset [B] int64 (already per row).
+    seed [B] int64, offset [B] int64 (already per row; position j draws with ``offset + j``).
     Returns (output_ids [B, K+1] int64, num_accepted [B] int32); see DESIGN.md for the semantics.
     """
     B, K1, Vt = target_logits.shape
@@ -201,55 +213,67 @@ def verify(target_logits, draft_token_ids, draft_probs, temperature, top_k, top_
     )
     probs, argmax = probs.view(B, K1, Vt), argmax.view(B, K1)
     seed, offset = seed.to(dev, torch.int64), offset.to(dev, torch.int64)
+    positions = torch.arange(K1, device=dev)
+    offsets = offset[:, None] + positions[None]  # [B, K+1]: position j draws with offset + j
+    zero = torch.zeros(B, dtype=torch.int64, device=dev)
 
     drafts = draft_token_ids.to(dev, torch.int64)
     Vd = draft_probs.shape[-1] if draft_probs is not None else Vt
-    pos = torch.arange(K, device=dev)
+    pos = positions[:K]
     is_end = drafts == -1
     n_drafts = (~is_end).long().cumprod(1).sum(1)  # drafts before the first -1
     in_range = (drafts >= 0) & (drafts < Vd)
     safe = drafts.clamp(0, Vd - 1)
+    finite = torch.isfinite(logits).any(-1)  # [B, K+1]: the position has a distribution
+    rows = torch.arange(B, device=dev)
 
-    p_draft = probs[:, :K].gather(2, safe[..., None]).squeeze(-1)
-    if draft_probs is not None:
+    if draft_probs is None:
+        # sample and compare: the target's own sample at every position (sample's numbers), drafts
+        # accepted while equal to it. P(accept x) = p(x) and a mismatch emits p conditioned on != x,
+        # the residual norm(max(0, p - onehot(x))): exact, and the text of plain sampling.
+        own, _ = sample(target_logits.reshape(B * K1, Vt), rep(temperature), rep(top_k),
+                        rep(top_p.double()), rep(seed), offsets.reshape(-1))
+        own = own.view(B, K1)  # greedy rows: the argmax
+        accept = drafts == own[:, :K]
+        accept &= in_range & (pos[None] < n_drafts[:, None]) & finite[:, :K]
+        num_accepted = accept.long().cumprod(1).sum(1)
+        token = own[rows, num_accepted]
+    else:
+        p_draft = probs[:, :K].gather(2, safe[..., None]).squeeze(-1)
         q_all = draft_probs.to(dev).double()
         q_draft = q_all.gather(2, safe[..., None]).squeeze(-1)
-    else:
-        q_draft = torch.ones_like(p_draft)
-    u = uniform_open_closed(philox_bits(seed[:, None], offset[:, None], STREAM_ACCEPT, pos[None], 0))
-    accept_sampled = (p_draft > 0) & (u * q_draft <= p_draft)
-    accept_greedy = drafts == argmax[:, :K]
-    accept = torch.where(greedy[:, None], accept_greedy, accept_sampled)
-    finite = torch.isfinite(logits).any(-1)  # [B, K+1]: the position has a distribution
-    accept &= in_range & (pos[None] < n_drafts[:, None]) & finite[:, :K]
-    num_accepted = accept.long().cumprod(1).sum(1)  # drafts before the first rejection
+        u = uniform_open_closed(philox_bits(seed[:, None], offsets[:, :K], STREAM_ACCEPT, 0, 0))
+        accept_sampled = (p_draft > 0) & (u * q_draft <= p_draft)
+        accept_greedy = drafts == argmax[:, :K]
+        accept = torch.where(greedy[:, None], accept_greedy, accept_sampled)
+        accept &= in_range & (pos[None] < n_drafts[:, None]) & finite[:, :K]
+        num_accepted = accept.long().cumprod(1).sum(1)  # drafts before the first rejection
 
-    # the one emitted token at position s = num_accepted: residual after a rejection, else bonus
-    s = num_accepted
-    rows = torch.arange(B, device=dev)
-    p_s = probs[rows, s]
-    rejected = s < n_drafts
-    weights = p_s
-    if K > 0:
-        d_s = safe[rows, s.clamp(max=K - 1)]
-        resid_ok = rejected & in_range[rows, s.clamp(max=K - 1)]
-        if draft_probs is not None:
+        # the one emitted token at position s = num_accepted: residual after a rejection, else the
+        # bonus, which is the target's own sample there (sample's numbers, as without draft probs:
+        # a position that no draft reached gives the same token whether the step had probs or not)
+        s = num_accepted
+        rejected = s < n_drafts
+        p_s = probs[rows, s]
+        weights = p_s
+        if K > 0:
+            resid_ok = rejected & in_range[rows, s.clamp(max=K - 1)]
             q_s = torch.zeros_like(p_s)
             q_s[:, :Vd] = q_all[rows, s.clamp(max=K - 1)]
-        else:
-            q_s = torch.nn.functional.one_hot(d_s, Vt).double()
-        resid = (p_s - q_s).clamp(min=0)
-        use_resid = resid_ok & (resid.sum(1) > 0)  # residual mass 0: sample from p
-        weights = torch.where(use_resid[:, None], resid, p_s)
-    sampled = _race(weights, seed, offset, STREAM_RESAMPLE, STREAM_RESAMPLE_BLOCK, s)
-    token = torch.where(greedy, argmax[rows, s], sampled)
+            resid = (p_s - q_s).clamp(min=0)
+            use_resid = resid_ok & (resid.sum(1) > 0)  # residual mass 0: sample from p
+            weights = torch.where(use_resid[:, None], resid, p_s)
+        resampled = _race(weights, seed, offset + s, STREAM_RESAMPLE, STREAM_RESAMPLE_BLOCK, zero)
+        bonus = _race(p_s, seed, offset + s, STREAM_SAMPLE, STREAM_SAMPLE_BLOCK, zero)
+        token = torch.where(greedy, argmax[rows, s], torch.where(rejected, resampled, bonus))
 
     # the sequential algorithm stops at s: a row emits nothing only when the position its token
     # is drawn from has no finite logit; positions after s are never looked at
+    s = num_accepted
     row_ok = finite[rows, s] & ~bad_t
 
     out = torch.full((B, K1), -1, dtype=torch.int64, device=dev)
-    keep = torch.arange(K1, device=dev)[None] < num_accepted[:, None]
+    keep = positions[None] < num_accepted[:, None]
     out[:, :K] = torch.where(keep[:, :K], drafts, out[:, :K])
     out[rows, s] = token
     out = torch.where(row_ok[:, None], out, torch.full_like(out, -1))

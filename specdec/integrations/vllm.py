@@ -39,8 +39,9 @@ class SpecDecodeMetadata:
 @dataclass
 class SamplingMetadata:
     """Per-request sampling parameters ([B] tensors or None). ``temperature`` None or ``all_greedy``
-    = greedy; ``seeds`` [B] int64 (None: drawn from torch's generator); ``step`` the Philox offset
-    (advance it every call)."""
+    = greedy; ``seeds`` [B] int64 (None: drawn from torch's generator); ``step`` the call counter
+    (advance it every call): call n draws with Philox offsets ``n << 20`` + position, so calls
+    never share random numbers (position j of a call uses offset + j)."""
 
     temperature: torch.Tensor | None = None
     all_greedy: bool = False
@@ -94,7 +95,7 @@ class RejectionSampler(torch.nn.Module):
         out, num_accepted = ops.verify(
             logits, drafts, None if greedy else probs, temperature=temperature,
             top_k=0 if sm.top_k is None else sm.top_k, top_p=1.0 if sm.top_p is None else sm.top_p,
-            seed=sm.seeds, offset=sm.step,
+            seed=sm.seeds, offset=sm.step << 20,
         )
         all_accepted = num_accepted.long() == counts_d
         bonus = bonus_token_ids.reshape(B).to(dev, torch.int64)

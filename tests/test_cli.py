@@ -202,3 +202,57 @@ def test_hub_names_are_checked_before_any_load(empty_hub, monkeypatch, capsys):
     (snapshot / "config.json").write_text("{}")
     models.check_model_name("org/cached", "target")  # in the cache: no error, no network
 
+
+# -- specdec chat ----------------------------------------------------------------------------------------
+
+def _tiny_chat_model(path):
+    from _tiny_models import chat_tokenizer, tiny_model
+
+    tiny_model("llama", seed=0, layers=2).save_pretrained(path)
+    chat_tokenizer().save_pretrained(path)
+    return str(path)
+
+
+def test_chat_reads_lines_from_a_pipe(tmp_path):
+    """printf '...' | specdec chat -q: one answer per message line, /reset and /exit, exit 0; the
+    answers are the Python API's (ChatSession) for the same conversation."""
+    from specdec.chat import ChatSession
+    from specdec.generator import SpeculativeGenerator
+
+    model = _tiny_chat_model(tmp_path / "m")
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "specdec", "chat", "-q", "--target", model, "-n", "6", "--system", "w9"],
+        input="w1 w2 w3\n\n/reset\nw1 w2 w3\nw4 w5\n/exit\nw6\n", cwd=ROOT, env=env, capture_output=True,
+        text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""  # -q; and no prompt marker off a terminal
+    gen = SpeculativeGenerator.from_pretrained(model, quantization="none", device="cpu")
+    session = ChatSession(gen, system="w9", max_new_tokens=6)
+    first = session.send("w1 w2 w3")
+    session.reset()
+    expected = [first, session.send("w1 w2 w3"), session.send("w4 w5")]
+    assert proc.stdout.split("\n") == expected + [""]
+
+
+def test_chat_ctrl_c_stops_the_answer_not_the_program(tmp_path, monkeypatch, capsys):
+    import io
+
+    import specdec.cli as cli
+
+    model = _tiny_chat_model(tmp_path / "m")
+    monkeypatch.setattr(sys, "stdin", io.StringIO("w1 w2\nw3 w4\n"))
+    seen = []
+    printer = cli._Printer.__call__
+
+    def interrupt_first_answer(self, chunk):
+        seen.append(chunk)
+        if len(seen) == 1:
+            raise KeyboardInterrupt
+        printer(self, chunk)
+
+    monkeypatch.setattr(cli._Printer, "__call__", interrupt_first_answer)
+    assert main(["chat", "--target", model, "-n", "4"]) == 0
+    out, err = capsys.readouterr()
+    assert "answer interrupted" in err and "from the kept cache" in err
+    assert out.count("\n") == 2 and ">>>" not in out

@@ -122,28 +122,25 @@ _HUB_CHECKED: dict = {}  # endpoint -> None (reachable) or why not: one check pe
 def _hub_unavailable() -> str | None:
     """None when the hub may be used, else why not: offline by the environment, or the endpoint did
     not answer an HTTP HEAD within ``SPECDEC_HUB_TIMEOUT`` seconds (default 2; one try, no
-    retries; the wait covers name resolution, which urllib's own timeout does not)."""
+    retries; the wait, in a daemon thread, covers name resolution too, which HTTP timeouts do not)."""
     if _is_offline():
         return "offline: HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE is set"
     endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
     if endpoint in _HUB_CHECKED:
         return _HUB_CHECKED[endpoint]
     import threading
-    import urllib.error
-    import urllib.request
 
     timeout = _hub_timeout()
     result = {}
 
-    def probe():
+    def probe():  # through the hub client's own HTTP session: its proxies, certificates and headers
+        from huggingface_hub import get_session
+
         try:
-            urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout).close()
-            result["why"] = None
-        except urllib.error.HTTPError:  # it answered: reachable
+            get_session().head(endpoint, timeout=timeout)  # any HTTP answer, even an error status: reachable
             result["why"] = None
         except Exception as error:  # noqa: BLE001  DNS, refused, TLS, timeout: all mean unreachable
-            reason = getattr(error, "reason", error)
-            result["why"] = f"offline: {endpoint} unreachable ({reason})"
+            result["why"] = f"offline: {endpoint} unreachable ({error})"
 
     thread = threading.Thread(target=probe, daemon=True, name="specdec-hub-check")
     thread.start()

@@ -1,8 +1,11 @@
-"""Command line: ``specdec generate`` and ``specdec bench`` (console script and ``python -m specdec``).
+"""Command line: ``specdec generate``, ``specdec chat`` and ``specdec bench`` (console script and
+``python -m specdec``).
 
     specdec generate "Repeat this text: the quick brown fox"         # embedded SmolLM2 + n-gram drafter
     specdec generate --file prompts.txt --batch-size 8 --temperature 0.7 --seed 1
     specdec generate --target org/big --drafter org/small --int8 "prompt"
+    specdec chat --system "You are terse." --show-acceptance          # multi-turn; KV cache kept across turns
+    printf 'hi\\nwho are you\\n' | specdec chat -q                  # one message per line, exits at EOF
     specdec bench e2e -- --quick                                      # runs benchmarks/bench_e2e.py
 """
 from __future__ import annotations
@@ -22,6 +25,42 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def _add_model_options(p) -> None:
+    """Target, drafter, quantization and device: shared by ``generate`` and ``chat``."""
+    p.add_argument("--target", "-m", default=None,
+                   help="target model: hub id, local directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--drafter", "-d", default="ngram",
+                   help="'ngram' (prompt lookup, default), 'early-exit', 'none', or a drafter model name/path")
+    p.add_argument("--early-exit-layers", type=int, default=None, help="layers of the early-exit drafter")
+    quant = p.add_mutually_exclusive_group()
+    quant.add_argument("--int8", dest="quantization", action="store_const", const="int8",
+                       help="load models in int8 (bitsandbytes) on any device")
+    quant.add_argument("--no-int8", dest="quantization", action="store_const", const="none",
+                       help="never quantize")
+    p.set_defaults(quantization="auto")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--num-draft-tokens", "-k", type=int, default=None,
+                   help="K, the most drafts per row and step (default 10 for n-gram, 4 for model drafters)")
+    p.add_argument("--no-adaptive", action="store_true",
+                   help="draft K tokens every step instead of choosing the width per step from the measured "
+                        "forward cost and acceptance")
+
+
+def _add_sampling_options(p, *, max_new_tokens: int) -> None:
+    p.add_argument("--max-new-tokens", "-n", type=int, default=max_new_tokens,
+                   help=f"the most new tokens per prompt or answer (default {max_new_tokens})")
+    p.add_argument("--temperature", "-t", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="1.0 = off")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _add_output_options(p) -> None:
+    p.add_argument("--show-acceptance", action="store_true",
+                   help="colour accepted drafts green and resampled tokens red (on a terminal)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no stats or progress on stderr")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="specdec", description="Exact speculative decoding with fused kernels.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -31,34 +70,23 @@ def build_parser() -> argparse.ArgumentParser:
                                      "--target the embedded SmolLM2-135M-Instruct runs offline.")
     gen.add_argument("prompt", nargs="*", help="prompt text (several prompts form a batch)")
     gen.add_argument("--file", "-f", help="file of prompts, one per line ('-' = stdin)")
-    gen.add_argument("--target", "-m", default=None,
-                     help="target model: hub id, local directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
-    gen.add_argument("--drafter", "-d", default="ngram",
-                     help="'ngram' (prompt lookup, default), 'early-exit', 'none', or a drafter model name/path")
-    gen.add_argument("--early-exit-layers", type=int, default=None, help="layers of the early-exit drafter")
-    quant = gen.add_mutually_exclusive_group()
-    quant.add_argument("--int8", dest="quantization", action="store_const", const="int8",
-                       help="load models in int8 (bitsandbytes) on any device")
-    quant.add_argument("--no-int8", dest="quantization", action="store_const", const="none",
-                       help="never quantize")
-    gen.set_defaults(quantization="auto")
-    gen.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    gen.add_argument("--max-new-tokens", "-n", type=int, default=128)
+    _add_model_options(gen)
+    _add_sampling_options(gen, max_new_tokens=128)
     gen.add_argument("--batch-size", "-b", type=int, default=None, help="prompts per batch (default: all)")
-    gen.add_argument("--temperature", "-t", type=float, default=0.0, help="0 = greedy (default)")
-    gen.add_argument("--top-k", type=int, default=0, help="0 = off")
-    gen.add_argument("--top-p", type=float, default=1.0, help="1.0 = off")
-    gen.add_argument("--num-draft-tokens", "-k", type=int, default=None,
-                     help="K, the most drafts per row and step (default 10 for n-gram, 4 for model drafters)")
-    gen.add_argument("--no-adaptive", action="store_true",
-                     help="draft K tokens every step instead of choosing the width per step from the measured "
-                          "forward cost and acceptance")
-    gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--raw", action="store_true", help="do not wrap prompts in the model's chat template")
-    gen.add_argument("--show-acceptance", action="store_true",
-                     help="colour accepted drafts green and resampled tokens red (on a terminal)")
+    _add_output_options(gen)
     gen.add_argument("--json", action="store_true", help="print results and stats as JSON")
-    gen.add_argument("--quiet", "-q", action="store_true", help="no stats or progress on stderr")
+
+    chat = sub.add_parser("chat", help="multi-turn chat on stdin, answers streamed",
+                          description="Chat with the target model, speculative decoding every answer. Reads one "
+                                      "message per line from stdin (a terminal or a pipe); /reset clears the "
+                                      "conversation, /exit or end of input quits, Ctrl-C stops an answer. The "
+                                      "target's KV cache is kept across turns: each turn prefills only its new "
+                                      "tokens.")
+    chat.add_argument("--system", default=None, help="system message (default: the chat template's own, if any)")
+    _add_model_options(chat)
+    _add_sampling_options(chat, max_new_tokens=256)
+    _add_output_options(chat)
 
     bench = sub.add_parser("bench", help="run the benchmarks in benchmarks/",
                            description="Run benchmarks/bench_<name>.py main(argv) for each name; "
@@ -67,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--benchmarks-dir", default=None, help="directory holding bench_*.py (default: the checkout's)")
     bench.add_argument("--out", default=None,
                        help="where CSVs and plots go (default: $SPECDEC_CACHE/bench, outside the source tree)")
-    parser.subcommands = {"generate": gen, "bench": bench}  # errors print the subcommand's usage
+    parser.subcommands = {"generate": gen, "chat": chat, "bench": bench}  # errors print the subcommand's usage
     return parser
 
 
@@ -80,7 +108,7 @@ def _validate(args, parser) -> None:
         parser.error(f"--top-k must be >= 0, got {args.top_k}")
     if not 0 < args.top_p <= 1:
         parser.error(f"--top-p must be in (0, 1], got {args.top_p}")
-    if args.batch_size is not None and args.batch_size < 1:
+    if getattr(args, "batch_size", None) is not None and args.batch_size < 1:
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.num_draft_tokens is not None and not 0 <= args.num_draft_tokens <= 32:
         parser.error(f"--num-draft-tokens must be in 0..32, got {args.num_draft_tokens}")
@@ -140,9 +168,8 @@ class _Printer:
         sys.stdout.flush()
 
 
-def cmd_generate(args, parser) -> int:
-    _validate(args, parser)
-    prompts = _read_prompts(args, parser)
+def _load_generator(args, parser):
+    """Device, quantization and models from the shared options; names are checked before any load."""
     import torch
 
     from specdec.generator import _DRAFTER_NAMES, SpeculativeGenerator
@@ -171,9 +198,15 @@ def cmd_generate(args, parser) -> int:
     named_drafter = args.drafter.lower().replace("_", "-") not in _DRAFTER_NAMES
     if named_drafter and not args.quiet:
         _log(f"specdec: loading drafter {args.drafter} ...")
-    gen = SpeculativeGenerator.from_pretrained(args.target, args.drafter, quantization=quant, device=device,
-                                               num_draft_tokens=args.num_draft_tokens, adaptive=not args.no_adaptive,
-                                               early_exit_layers=args.early_exit_layers)
+    return SpeculativeGenerator.from_pretrained(args.target, args.drafter, quantization=quant, device=device,
+                                                num_draft_tokens=args.num_draft_tokens, adaptive=not args.no_adaptive,
+                                                early_exit_layers=args.early_exit_layers)
+
+
+def cmd_generate(args, parser) -> int:
+    _validate(args, parser)
+    prompts = _read_prompts(args, parser)
+    gen = _load_generator(args, parser)
     tokenizer = gen.tokenizer
     ids = _encode(tokenizer, prompts, args.raw)
     stream = len(prompts) == 1 and not args.json
@@ -196,6 +229,80 @@ def cmd_generate(args, parser) -> int:
     if not args.quiet:
         _log(f"specdec: {result.stats.summary()}")
     return 0
+
+
+CHAT_HELP = "/reset clears the conversation, /exit or Ctrl-D quits, Ctrl-C stops an answer"
+
+
+def _read_message(tty: bool):
+    """The next non-empty line of stdin (None at end of input); on a terminal after a prompt marker."""
+    while True:
+        if tty:
+            try:
+                line = input(">>> ")
+            except EOFError:
+                print()
+                return None
+            except KeyboardInterrupt:  # at the prompt: a fresh line, as in Python's REPL
+                print()
+                _log(f"specdec: {CHAT_HELP}")
+                continue
+        else:
+            line = sys.stdin.readline()
+            if not line:
+                return None
+        line = line.strip()
+        if line:
+            return line
+
+
+def cmd_chat(args, parser) -> int:
+    _validate(args, parser)
+    gen = _load_generator(args, parser)
+    from specdec.chat import ChatSession
+
+    tokenizer = gen.tokenizer
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("the target's tokenizer has no chat template: chat needs an instruct model "
+                         "(use 'specdec generate --raw' for plain completion)")
+    session = ChatSession(gen, system=args.system, seed=args.seed, max_new_tokens=args.max_new_tokens,
+                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    tty = sys.stdin.isatty()
+    if tty:
+        try:
+            import readline  # noqa: F401  line editing and history for input()
+        except ImportError:  # pragma: no cover
+            pass
+    colour = args.show_acceptance and sys.stdout.isatty()
+    if args.show_acceptance and not colour and not args.quiet:
+        _log("specdec: --show-acceptance colours only on a terminal; stdout is not one")
+    if tty and not args.quiet:
+        _log(f"specdec chat: {CHAT_HELP}")
+    while True:
+        message = _read_message(tty)
+        if message is None or message in ("/exit", "/quit"):
+            return 0
+        if message == "/reset":
+            session.reset()
+            if not args.quiet:
+                _log("specdec: conversation cleared")
+            continue
+        if message == "/help":
+            _log(f"specdec: {CHAT_HELP}")
+            continue
+        try:
+            session.send(message, callback=_Printer(tokenizer, colour))
+        except KeyboardInterrupt:  # stops this answer only; what was printed stays in the conversation
+            print(flush=True)
+            _log("specdec: answer interrupted")
+            continue
+        print(flush=True)
+        if not args.quiet:
+            st = session.last_result.stats
+            _log(f"specdec: {st.generated_tokens} tokens, {st.tokens_per_second:.1f} tokens/s, acceptance "
+                 f"{st.acceptance_rate:.0%} ({st.accepted_tokens}/{st.drafted_tokens}), "
+                 f"{st.tokens_per_step:.2f} tokens per target step; prefilled {session.last_prefilled} new "
+                 f"tokens, {session.last_reused} from the kept cache")
 
 
 def _benchmarks_dir(explicit: str | None) -> Path:
@@ -258,6 +365,8 @@ def main(argv=None) -> int:
     try:
         if args.command == "generate":
             return cmd_generate(args, parser.subcommands["generate"])
+        if args.command == "chat":
+            return cmd_chat(args, parser.subcommands["chat"])
         return cmd_bench(args, parser.subcommands["bench"])
     except (ModelLoadError, IncompatibleModelsError) as error:
         _log(f"specdec: error: {error}")

@@ -255,6 +255,62 @@ class _PaddedLayout:
         pass
 
 
+class _ContinuedLayout(_PaddedLayout):
+    """Target-cache layout of a batch of one whose cache already holds the row's first ``prefix``
+    tokens (:meth:`SpeculativeGenerator._continue`): the first step feeds only the rest."""
+
+    def __init__(self, prefix: int):
+        self.prefix = prefix
+
+
+class KeptCache:
+    """A batch-of-one target cache kept between generate calls for a growing sequence (a chat).
+
+    ``cache`` (a :class:`specdec.cache.RaggedCache`, created on first use) holds the keys and
+    values of ``tokens``, positions ``0..len(tokens)-1``; :meth:`SpeculativeGenerator._continue`
+    prefills only what follows them. Only ``truncate`` (O(1) rollback) may shorten it from outside.
+    """
+
+    def __init__(self):
+        self.cache = None
+        self.tokens: list = []
+
+    @torch.inference_mode()  # the cache's tensors were made in inference mode
+    def truncate(self, n: int) -> None:
+        """Keep the first ``n`` tokens (a rollback: no data moves)."""
+        n = max(0, min(int(n), len(self.tokens)))
+        if self.cache is not None and n < self.cache.get_seq_length():
+            self.cache.rollback(torch.tensor([n], dtype=torch.int64, device=self.cache.lengths.device))
+        del self.tokens[n:]
+
+    def _adopt(self, target, capacity: int):
+        """The cache and layout the generation loop runs on (grown to ``capacity`` if needed)."""
+        from specdec.cache import RaggedCache
+
+        if self.cache is None:
+            self.cache = RaggedCache.from_model(target, batch_size=1, max_length=capacity)
+        elif self.cache.max_length < capacity:  # grow geometrically: a chat grows every turn
+            self.cache.grow(max(capacity, 2 * self.cache.max_length))
+        return self.cache, _ContinuedLayout(len(self.tokens))
+
+    @torch.inference_mode()
+    def _settle(self, token_ids: list, emitted: list) -> None:
+        """After a generate call over ``token_ids`` that emitted ``emitted`` (all of it, or the steps
+        that finished before an exception): keep every token but the last, the pending one, which
+        the cache never saw. The cache may hold more (accepted drafts past an EOS, or the slots of an
+        interrupted step): roll them back. Nothing emitted: keep what was there before the call."""
+        if self.cache is None:
+            self.tokens = []
+            return
+        store = self.cache.store
+        store._set_host(store.lengths.cpu())  # an interrupt may have come between device and host copy
+        keep = len(token_ids) + len(emitted) - 1 if emitted else len(self.tokens)
+        keep = min(keep, self.cache.get_seq_length())
+        if keep < self.cache.get_seq_length():
+            self.cache.rollback(torch.tensor([keep], dtype=torch.int64, device=self.cache.lengths.device))
+        self.tokens = (list(token_ids) + list(emitted))[:keep]
+
+
 class _SharedPrefixLayout:
     """Target-cache layout of a batch whose prompts share their first ``prefix`` tokens.
 
@@ -501,6 +557,8 @@ class SpeculativeGenerator:
             drafter = load_model(drafter, quantization=quantization, device=device)
         return cls(model, drafter, tokenizer, drafter_tokenizer=drafter_tokenizer, **kwargs)
 
+    _kept = None  # set by _continue only, for its one generate call: a KeptCache
+
     @property
     def drafter_name(self) -> str:
         if self.drafter is None:
@@ -718,6 +776,8 @@ class SpeculativeGenerator:
                 layout = _SharedPrefixLayout(prefix, width0 - lengths, device)
             else:
                 cache = None
+        if self._kept is not None:  # _continue: a batch of one whose first tokens are in a kept cache
+            cache, layout = self._kept._adopt(target, capacity)
         if cache is None:
             cache = RaggedCache.from_model(target, batch_size=batch, max_length=capacity)
             if (lengths < width0).any():
@@ -855,3 +915,32 @@ class SpeculativeGenerator:
         _sync(device)
         stats.total_time = time.perf_counter() - t_start
         return out_tokens, reasons, stats
+
+    def _continue(self, token_ids: Sequence[int], kept: KeptCache, *, callback: Callable[[Chunk], None] | None = None,
+                  **kwargs) -> GenerationResult:
+        """``generate([token_ids], **kwargs)`` for a batch of one whose first ``len(kept.tokens)`` tokens
+        are already in ``kept``'s cache: only the rest is prefilled, and the loop (drafting,
+        verification, rollback) is ``generate``'s own. Afterwards ``kept`` holds ``token_ids`` and the
+        generated tokens but the last one; after an exception (a Ctrl-C included) it holds what the
+        finished steps produced, so the next call can continue from there. :class:`specdec.ChatSession`
+        drives this."""
+        token_ids = [int(t) for t in token_ids]
+        n = len(kept.tokens)
+        if n >= len(token_ids) or token_ids[:n] != kept.tokens:
+            raise ValueError(f"_continue: the kept cache's {n} tokens must be a proper prefix of token_ids "
+                             f"({len(token_ids)} tokens); truncate it to their common prefix first")
+        if kwargs.get("batch_size") not in (None, 1):
+            raise ValueError("_continue generates one sequence: batch_size must be None or 1")
+        emitted = []
+
+        def collect(chunk: Chunk) -> None:
+            emitted.extend(chunk.token_ids)
+            if callback is not None:
+                callback(chunk)
+
+        self._kept = kept
+        try:
+            return self.generate([token_ids], callback=collect, **kwargs)
+        finally:
+            self._kept = None
+            kept._settle(token_ids, emitted)

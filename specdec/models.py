@@ -63,13 +63,100 @@ def _resolve(name_or_path: str | None, gguf_file: str | None) -> tuple[str, str 
 
 
 def check_model_name(name_or_path: str | None, what: str = "model") -> None:
-    """Fail fast, before anything loads, on a name that cannot be a model: a path (absolute,
-    relative with ./ or ../, or ~) that does not exist. Hub ids (org/name) are left to the loader."""
+    """Fail fast, before anything loads, on a name that cannot be loaded: a path (absolute, relative
+    with ./ or ../, or ~) that does not exist; a string that is neither a directory nor a hub id; or a
+    hub id (``org/name``) that is not in the local Hugging Face cache while the hub is off or
+    unreachable (``HF_HUB_OFFLINE``, or no answer within ~2 s): without this check transformers
+    retries for 30-80 s before it gives up. A cached hub id, or one the hub may serve, passes."""
     if name_or_path is None or name_or_path == DEFAULT_MODEL:
         return
     path_like = name_or_path.startswith(("/", "./", "../", "~")) or name_or_path.endswith(".gguf")
-    if path_like and not os.path.exists(os.path.expanduser(name_or_path)):
+    if os.path.exists(os.path.expanduser(name_or_path)):
+        return
+    if path_like:
         raise ModelLoadError(f"{what} {name_or_path!r}: no such directory or file")
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name_or_path)
+    except HFValidationError:
+        raise ModelLoadError(f"{what} {name_or_path!r}: no such directory or file, and not a hub id "
+                             "(org/name)") from None
+    if _in_hf_cache(name_or_path):
+        return
+    why = _hub_unavailable()
+    if why is not None:
+        raise _not_cached_error(name_or_path, what, why)
+
+
+def _hf_hub_cache() -> Path:
+    """The hub cache directory as the environment says now (huggingface_hub reads it at import)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def _in_hf_cache(repo_id: str) -> bool:
+    """Whether the local HF cache holds a snapshot of model ``repo_id`` (no network)."""
+    snapshots = _hf_hub_cache() / ("models--" + repo_id.replace("/", "--")) / "snapshots"
+    try:
+        return any(any(s.iterdir()) for s in snapshots.iterdir() if s.is_dir())
+    except OSError:
+        return False
+
+
+def _hub_timeout() -> float:
+    try:
+        return float(os.environ.get("SPECDEC_HUB_TIMEOUT", "2"))
+    except ValueError:
+        return 2.0
+
+
+_HUB_CHECKED: dict = {}  # endpoint -> None (reachable) or why not: one check per process
+
+
+def _hub_unavailable() -> str | None:
+    """None when the hub may be used, else why not: offline by the environment, or the endpoint did
+    not answer an HTTP HEAD within ``SPECDEC_HUB_TIMEOUT`` seconds (default 2; one try, no
+    retries; the wait, in a daemon thread, covers name resolution too, which HTTP timeouts do not)."""
+    if _is_offline():
+        return "offline: HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE is set"
+    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    if endpoint in _HUB_CHECKED:
+        return _HUB_CHECKED[endpoint]
+    import threading
+
+    timeout = _hub_timeout()
+    result = {}
+
+    def probe():  # through the hub client's own HTTP session: its proxies, certificates and headers
+        from huggingface_hub import get_session
+
+        try:
+            get_session().head(endpoint, timeout=timeout)  # any HTTP answer, even an error status: reachable
+            result["why"] = None
+        except Exception as error:  # noqa: BLE001  DNS, refused, TLS, timeout: all mean unreachable
+            result["why"] = f"offline: {endpoint} unreachable ({error})"
+
+    thread = threading.Thread(target=probe, daemon=True, name="specdec-hub-check")
+    thread.start()
+    thread.join(timeout)
+    why = result["why"] if "why" in result else (
+        f"offline: no answer from {endpoint} within {timeout:g} s; SPECDEC_HUB_TIMEOUT=SECONDS waits longer")
+    _HUB_CHECKED[endpoint] = why
+    return why
+
+
+def _not_cached_error(name: str, what: str, why: str) -> "ModelLoadError":
+    return ModelLoadError(
+        f"{what} '{name}' is not a local path, is not in the local Hugging Face cache and the hub is "
+        f"unreachable ({why}). Check the name, download it on a connected machine, or name a local "
+        "directory (without --target, the embedded SmolLM2-135M-Instruct runs offline)."
+    )
 
 
 def _gguf_cache_path(directory: str, gguf_file: str) -> Path:
@@ -98,12 +185,9 @@ def _from_pretrained(loader, name: str, **kwargs):
         return loader.from_pretrained(name, local_files_only=True, **kwargs)
     except OSError:
         pass
-    if _is_offline():
-        raise ModelLoadError(
-            f"model '{name}' is not a local path and is not in the Hugging Face cache, and the hub is "
-            "disabled (HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE). Download it on a connected machine, name a "
-            "local directory, or run without a model name to use the embedded SmolLM2-135M-Instruct."
-        )
+    why = _hub_unavailable()  # fail in seconds, not after the hub client's 30-80 s of retries
+    if why is not None:
+        raise _not_cached_error(name, "model", why)
     try:
         return loader.from_pretrained(name, **kwargs)
     except OSError as error:

@@ -69,3 +69,17 @@ def word_tokenizer(words):
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
                                    unk_token="<unk>")
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<s> {{ m['role'] }} : {{ m['content'] }} </s> {% endfor %}"
+                 "{% if add_generation_prompt %}<s> assistant :{% endif %}")
+
+
+def chat_tokenizer(vocab_size: int = VOCAB):
+    """A word tokenizer of exactly ``vocab_size`` ids (words w0, w1, ...) with a ChatML-like template:
+    ``<s> role : content </s>`` per turn; ``</s>`` (id 2) is the models' EOS, so an answer that ends
+    in EOS re-renders to the same ids."""
+    roles = ["system", "user", "assistant", ":"]
+    tok = word_tokenizer(roles + [f"w{i}" for i in range(vocab_size - 4 - len(roles))])
+    tok.chat_template = CHAT_TEMPLATE
+    return tok

@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -142,3 +143,116 @@ def test_missing_paths_fail_before_loading(capsys, monkeypatch):
     assert "drafter './no/such/drafter': no such directory" in capsys.readouterr().err
     assert main(["generate", "--target", "/no/such/target", "-q", "hi"]) == 1
     assert "target '/no/such/target': no such directory" in capsys.readouterr().err
+
+
+# -- hub ids: the local cache first, a clear error in seconds when the hub cannot be reached -------------
+
+def test_unknown_hub_id_fails_fast_offline(tmp_path):
+    """With the hub off and an empty cache, a hub id fails in seconds (it used to spend 30-84 s in
+    the hub client's retries) with one line, before any model loads."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path))
+    env.pop("HF_HUB_CACHE", None)
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "specdec", "generate", "--target", "org/doesnotexist", "x"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    elapsed = time.perf_counter() - start
+    assert proc.returncode == 1, proc.stderr
+    assert ("target 'org/doesnotexist' is not a local path, is not in the local Hugging Face cache and the hub "
+            "is unreachable (offline") in proc.stderr
+    assert "Traceback" not in proc.stderr and "Retrying" not in proc.stderr
+    assert elapsed < 10, f"{elapsed:.1f} s"  # the interpreter and torch import take most of it
+
+
+@pytest.fixture
+def empty_hub(tmp_path, monkeypatch):
+    import specdec.models as models
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setattr(models, "_HUB_CHECKED", {})
+    calls = []
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: calls.append(("model", a)))
+    monkeypatch.setattr(models, "load_tokenizer", lambda *a, **k: calls.append(("tokenizer", a)))
+    return tmp_path, calls
+
+
+def test_hub_names_are_checked_before_any_load(empty_hub, monkeypatch, capsys):
+    """--drafter bogus/name fails before the target loads; an unreachable endpoint (not only
+    HF_HUB_OFFLINE) fails fast too; a hub id in the local cache passes the check."""
+    import specdec.models as models
+
+    hub, calls = empty_hub
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["generate", "--drafter", "org/nope", "-q", "hi"]) == 1
+    assert "drafter 'org/nope' is not a local path, is not in the local Hugging Face cache" in capsys.readouterr().err
+    assert calls == []
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens: refused at once
+    start = time.perf_counter()
+    assert main(["generate", "--target", "org/typo", "-q", "hi"]) == 1
+    assert time.perf_counter() - start < 5
+    err = capsys.readouterr().err
+    assert "target 'org/typo'" in err and "hub is unreachable (offline: http://127.0.0.1:9 unreachable" in err
+    assert calls == []
+    assert main(["generate", "--target", "not a/valid/name", "-q", "hi"]) == 1
+    assert "not a hub id" in capsys.readouterr().err
+    snapshot = hub / "hub" / "models--org--cached" / "snapshots" / "0123abc"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    models.check_model_name("org/cached", "target")  # in the cache: no error, no network
+
+
+# -- specdec chat ----------------------------------------------------------------------------------------
+
+def _tiny_chat_model(path):
+    from _tiny_models import chat_tokenizer, tiny_model
+
+    tiny_model("llama", seed=0, layers=2).save_pretrained(path)
+    chat_tokenizer().save_pretrained(path)
+    return str(path)
+
+
+def test_chat_reads_lines_from_a_pipe(tmp_path):
+    """printf '...' | specdec chat -q: one answer per message line, /reset and /exit, exit 0; the
+    answers are the Python API's (ChatSession) for the same conversation."""
+    from specdec.chat import ChatSession
+    from specdec.generator import SpeculativeGenerator
+
+    model = _tiny_chat_model(tmp_path / "m")
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "specdec", "chat", "-q", "--target", model, "-n", "6", "--system", "w9"],
+        input="w1 w2 w3\n\n/reset\nw1 w2 w3\nw4 w5\n/exit\nw6\n", cwd=ROOT, env=env, capture_output=True,
+        text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""  # -q; and no prompt marker off a terminal
+    gen = SpeculativeGenerator.from_pretrained(model, quantization="none", device="cpu")
+    session = ChatSession(gen, system="w9", max_new_tokens=6)
+    first = session.send("w1 w2 w3")
+    session.reset()
+    expected = [first, session.send("w1 w2 w3"), session.send("w4 w5")]
+    assert proc.stdout.split("\n") == expected + [""]
+
+
+def test_chat_ctrl_c_stops_the_answer_not_the_program(tmp_path, monkeypatch, capsys):
+    import io
+
+    import specdec.cli as cli
+
+    model = _tiny_chat_model(tmp_path / "m")
+    monkeypatch.setattr(sys, "stdin", io.StringIO("w1 w2\nw3 w4\n"))
+    seen = []
+    printer = cli._Printer.__call__
+
+    def interrupt_first_answer(self, chunk):
+        seen.append(chunk)
+        if len(seen) == 1:
+            raise KeyboardInterrupt
+        printer(self, chunk)
+
+    monkeypatch.setattr(cli._Printer, "__call__", interrupt_first_answer)
+    assert main(["chat", "--target", model, "-n", "4"]) == 0
+    out, err = capsys.readouterr()
+    assert "answer interrupted" in err and "from the kept cache" in err
+    assert out.count("\n") == 2 and ">>>" not in out

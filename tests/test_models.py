@@ -134,3 +134,31 @@ def test_smollm2_greedy_exact(smollm2):
         assert result.sequences == refs, drafter
         if drafter == "ngram":  # the copy prompt is input-grounded: prompt lookup must get drafts accepted
             assert result.stats.accepted_tokens > 0
+
+
+def test_silent_hub_counts_as_unreachable_after_the_timeout(monkeypatch):
+    """An endpoint that accepts the connection and never answers: the check gives up after
+    SPECDEC_HUB_TIMEOUT seconds, once per process, instead of the hub client's minute of retries."""
+    import socket
+    import time
+
+    import specdec.models as models
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)  # the kernel completes the handshake; nobody reads or answers
+    try:
+        endpoint = f"http://127.0.0.1:{server.getsockname()[1]}"
+        for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("HF_ENDPOINT", endpoint)
+        monkeypatch.setenv("SPECDEC_HUB_TIMEOUT", "0.5")
+        monkeypatch.setattr(models, "_HUB_CHECKED", {})
+        start = time.perf_counter()
+        why = models._hub_unavailable()
+        assert why is not None and endpoint in why
+        assert time.perf_counter() - start < 3
+        start = time.perf_counter()
+        assert models._hub_unavailable() == why and time.perf_counter() - start < 0.1  # remembered
+    finally:
+        server.close()

@@ -17,6 +17,7 @@ _LAZY = {
     "SpeculativeGenerator": "specdec.generator",
     "GenerationResult": "specdec.generator",
     "GenerationStats": "specdec.generator",
+    "DraftLengthPolicy": "specdec.generator",
     "ChatSession": "specdec.chat",
 }
 

@@ -41,7 +41,8 @@ class DraftState:
                  drafters sample draft i with Philox offset ``offsets + i``, so their random numbers
                  are keyed by the absolute position of the token they draft, not by the step
     device:      the target's device (draft token ids are returned there)
-    max_length:  capacity in tokens any cache needs for this batch
+    max_length:  initial capacity in tokens for a drafter's cache (the target cache's current one;
+                 caches grow on demand, see ``_forward``)
     backend:     implementation for specdec.ops.sample ("auto", "cpp", "triton", "reference")
     cache:       the target's RaggedCache (row b holds the row's tokens but the pending one), or None;
                  drafters may run forwards over it inside ``cache.partial_depth`` but must leave its
@@ -192,8 +193,11 @@ class NGramDrafter(Drafter):
 
 
 def _forward(model, cache, input_ids: torch.Tensor) -> torch.Tensor:
-    """One cached forward of ``input_ids`` [B, q]; returns logits [B, q, V]."""
+    """One cached forward of ``input_ids`` [B, q]; returns logits [B, q, V]. The cache grows
+    (doubling) when the forward would not fit: it starts small, sized like the target's."""
     q = input_ids.shape[1]
+    if cache.get_seq_length() + q > cache.max_length:
+        cache.grow(max(cache.get_seq_length() + q, 2 * cache.max_length))
     out = model(
         input_ids=input_ids,
         position_ids=cache.position_ids(q),

@@ -59,6 +59,7 @@ from specdec.models import check_compatible, model_vocab_size
 
 _DRAFTER_NAMES = ("ngram", "n-gram", "prompt-lookup", "early-exit", "earlyexit", "self", "none")
 MAX_DRAFT_TOKENS = 32  # cap for K
+GROW_STEP = 256  # new tokens the caches have room for at first; they double as rows grow
 
 
 class ForwardCostModel:
@@ -749,7 +750,11 @@ class SpeculativeGenerator:
         temperature, top_k, top_p = opts["temperature"], opts["top_k"], opts["top_p"]
         adaptive, sampled = opts["adaptive"], temperature > 0
         width0 = int(lengths.max())  # the prompts, left padded to a common width, form the first step
-        capacity = width0 + max_new + MAX_DRAFT_TOKENS + 2
+        # caches and the host token array start with room for the prompts and GROW_STEP new tokens
+        # and grow geometrically as the rows do (_Room), up to `full`: a large max_new_tokens costs
+        # memory only when the tokens are generated
+        full = width0 + max_new + MAX_DRAFT_TOKENS + 2
+        capacity = min(full, width0 + GROW_STEP + MAX_DRAFT_TOKENS + 2)
         tokens = np.zeros((batch, capacity), dtype=np.int64)  # host copy: prompts + generated (not padded)
         for b, r in enumerate(rows):
             tokens[b, : len(r)] = r
@@ -789,13 +794,20 @@ class SpeculativeGenerator:
         try:
             while live:
                 first = step == 0
+                # room for this step's drafts and emitted tokens (at most MAX_DRAFT_TOKENS + 1 per row)
+                room = MAX_DRAFT_TOKENS + 2
+                if cache.get_seq_length() + room > cache.max_length:
+                    cache.grow(max(cache.get_seq_length() + room, min(full, 2 * cache.max_length)))
+                if int(lengths.max()) + room > tokens.shape[1]:
+                    wider = max(int(lengths.max()) + room, min(full, 2 * tokens.shape[1]))
+                    tokens = np.pad(tokens, ((0, 0), (0, wider - tokens.shape[1])))
                 remaining = max_new - (lengths - prompt_lengths)
                 budget = np.minimum(k_max, remaining - 1)  # never draft past the length limit
                 t0 = time.perf_counter()
                 draft, width = None, 0
                 if drafter is not None and budget.max() > 0 and not (first and drafter.needs_target_cache):
                     state = DraftState(tokens, lengths, budget, temperature, top_k, top_p, seeds, step, device,
-                                       capacity, self.backend, cache, offsets=offsets)
+                                       cache.max_length, self.backend, cache, offsets=offsets)
                     if not started:
                         drafter.start(state)
                         started = True

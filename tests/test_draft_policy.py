@@ -281,3 +281,35 @@ def test_shared_prefix_sampled_rows_match_batch_of_one():
     alone = gen.generate(prompts, batch_size=1, **opts)
     assert together.sequences == alone.sequences
     assert together.stats.drafted_tokens > 0
+
+
+def test_fixed_costs_make_the_policy_independent_of_timing(monkeypatch):
+    """With fixed forward and draft costs, the widths (so greedy statistics) are a function of the
+    inputs only: two runs agree even when every measured time differs wildly."""
+    fixed = ForwardCostModel("cpu", fixed="prior")
+    fixed.observe(4, 123.0)  # ignored
+    assert fixed.predict(4) == pytest.approx(1 + 4 / 16) and fixed.seconds == {}
+    with pytest.raises(TypeError, match="fixed"):
+        ForwardCostModel("cpu", fixed=3.0)
+
+    target = tiny_model("llama", seed=0, layers=2)
+    small = tiny_model("llama", seed=1, layers=1, hidden_size=32)
+    clock = iter(np.cumsum(np.random.default_rng(0).exponential(1.0, 100_000)))
+    import specdec.generator as generator_mod
+
+    runs = []
+    for drafter in ("ngram", small, "ngram", small):
+        policy = DraftLengthPolicy("cpu", forward_cost=lambda n: 1 + n / 500, draft_cost=0.01)
+        gen = SpeculativeGenerator(target, drafter, num_draft_tokens=6, policy=policy)
+        # (random tiny models seldom repeat themselves: the n-gram drafter's row is the repetitive
+        # prompt alone, where its drafts decide how soon the batch finishes)
+        prompts = PROMPTS[2:3] if drafter == "ngram" else PROMPTS
+        # a clock that jumps at random: measured forward and draft times are noise
+        monkeypatch.setattr(generator_mod.time, "perf_counter", lambda: float(next(clock)))
+        result = gen.generate(prompts, max_new_tokens=20, eos_token_id=None)
+        monkeypatch.undo()
+        runs.append((result.sequences, result.stats.drafted_per_position, result.stats.accepted_per_position,
+                     result.stats.target_steps))
+        assert policy.draft_cost == 0.01 and policy.cost.seconds == {}
+    assert runs[0] == runs[2] and runs[1] == runs[3]
+    assert sum(runs[0][1]) > 0 and sum(runs[1][1]) > 0  # the policy did draft

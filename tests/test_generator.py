@@ -297,3 +297,38 @@ def test_chat_switch_matches_the_cli_encoding():
     gen = SpeculativeGenerator(tiny_model("llama", seed=0, layers=1, vocab_size=len(tok)), "ngram", tok)
     assert gen.generate(["w1 w2"], max_new_tokens=1).prompt_ids[0] == chat_ids
     assert gen.generate(["w1 w2"], max_new_tokens=1, chat=False).prompt_ids[0] == encode_prompt(tok, "w1 w2", False)
+
+
+@pytest.mark.parametrize("kind", ["ngram", "model", "early-exit"])
+def test_caches_grow_on_demand(monkeypatch, kind):
+    """Caches start with room for GROW_STEP new tokens and grow as rows do: the output is the
+    target's greedy output across several growths, and a huge max_new_tokens allocates nothing
+    up front."""
+    import specdec.generator as generator_mod
+
+    monkeypatch.setattr(generator_mod, "GROW_STEP", 4)
+    target = tiny_model("llama", seed=0, layers=2, max_position_embeddings=1 << 20)
+    small = tiny_model("llama", seed=1, layers=1, hidden_size=32, max_position_embeddings=1 << 20)
+    drafter = {"ngram": "ngram", "model": small, "early-exit": "early-exit"}[kind]
+    sizes = []
+    real = RaggedCache.from_model.__func__
+
+    def spy(cls, model, batch_size, max_length, **kw):
+        sizes.append(max_length)
+        return real(cls, model, batch_size, max_length, **kw)
+
+    monkeypatch.setattr(RaggedCache, "from_model", classmethod(spy))
+    grown = []
+    real_grow = RaggedCache.grow
+    monkeypatch.setattr(RaggedCache, "grow", lambda self, n: (grown.append(n), real_grow(self, n))[1])
+    gen = SpeculativeGenerator(target, drafter, num_draft_tokens=3, early_exit_layers=1, adaptive=False)
+    n_new = 120
+    refs = [hf_greedy(target, p, n_new) for p in PROMPTS[:2]]
+    assert gen.generate(PROMPTS[:2], max_new_tokens=n_new, eos_token_id=None).sequences == refs
+    assert grown and max(sizes) < 100  # started small, grew on the way
+    # 10^6 new tokens asked, 3 generated: nothing sized for the million
+    sizes.clear()
+    eos = refs[0][2]
+    out = gen.generate(PROMPTS[:1], max_new_tokens=1_000_000, eos_token_id=eos).sequences[0]
+    assert out == refs[0][: refs[0].index(eos) + 1]
+    assert max(sizes) < 100

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from specdec.generator import SpeculativeGenerator
+from specdec.generator import DraftLengthPolicy, SpeculativeGenerator
 from specdec.models import (IncompatibleModelsError, ModelLoadError, cache_dir, check_compatible, load_model,
                             load_tokenizer, resolve_quantization)
 from _tiny_models import PROMPTS, hf_greedy, tiny_model, word_tokenizer
@@ -134,6 +134,16 @@ def test_smollm2_greedy_exact(smollm2):
         assert result.sequences == refs, drafter
         if drafter == "ngram":  # the copy prompt is input-grounded: prompt lookup must get drafts accepted
             assert result.stats.accepted_tokens > 0
+    # the adaptive width with fixed costs (a forward over n tokens as the CPU prior has it): widths
+    # follow the inputs only, so the run and its statistics are the same on any machine
+    policy = DraftLengthPolicy("cpu", forward_cost="prior")
+    gen = SpeculativeGenerator(model, "ngram", tokenizer, num_draft_tokens=8, policy=policy)
+    result = gen.generate(prompts, max_new_tokens=n_new, eos_token_id=None)
+    assert result.sequences == refs
+    again = SpeculativeGenerator(model, "ngram", tokenizer, num_draft_tokens=8,
+                                 policy=DraftLengthPolicy("cpu", forward_cost="prior"))
+    assert again.generate(prompts, max_new_tokens=n_new, eos_token_id=None).stats.drafted_per_position == \
+        result.stats.drafted_per_position
 
 
 def test_silent_hub_counts_as_unreachable_after_the_timeout(monkeypatch):

@@ -311,6 +311,15 @@ def select_rows(keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor,
 # ----------------------------------------------------------------------------------------------------
 # The store object.
 
+def _host_copy(x, n: int, what: str) -> torch.Tensor:
+    """A caller's host copy of ``n`` ints as a CPU int64 tensor (the store's mirror: never a device tensor)."""
+    if not isinstance(x, torch.Tensor) or x.device.type != "cpu" or x.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{what} must be a CPU int32/int64 tensor")
+    if tuple(x.shape) != (n,):
+        raise ValueError(f"{what} must have shape [{n}], got {tuple(x.shape)}")
+    return x.to(torch.int64, copy=True)  # the mirror must not alias the caller's (numpy) memory
+
+
 def _as_index(x, name: str) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         x = torch.as_tensor(x, dtype=torch.int64)
@@ -420,12 +429,15 @@ class KVStore:
             self.host_lengths += q
             self._longest += q
 
-    def rollback(self, new_lengths: torch.Tensor, *, min_lengths: torch.Tensor | None = None) -> None:
+    def rollback(self, new_lengths: torch.Tensor, *, min_lengths: torch.Tensor | None = None,
+                 host_lengths: torch.Tensor | None = None) -> None:
         """Set every row's length: ``new_lengths`` ``[B]`` int32/int64 on the store's device, ``0 <= new <= current``
         (and ``new >= min_lengths``, a host ``[B]`` int tensor, if given).
 
         O(1) in the sequence length, no K/V data moves. Costs one device-to-host copy of ``B`` ints
-        (for the checks and the host mirror). Raises TypeError/ValueError with the offending row.
+        (for the checks and the host mirror), unless the caller passes ``host_lengths``, a CPU copy of
+        the same values that it already has (the generator does: it knows what it accepted); then
+        nothing waits for the device. Raises TypeError/ValueError with the offending row.
         """
         if not isinstance(new_lengths, torch.Tensor):
             raise TypeError(f"rollback: new_lengths must be a [B] int tensor, got {type(new_lengths).__name__}")
@@ -436,7 +448,10 @@ class KVStore:
                              f"got {tuple(new_lengths.shape)}")
         if new_lengths.device != self.device:
             raise ValueError(f"rollback: new_lengths is on device {new_lengths.device} but the store is on {self.device}")
-        host = new_lengths.to("cpu", torch.int64)
+        if host_lengths is not None:
+            host = _host_copy(host_lengths, self.batch_size, "rollback: host_lengths")
+        else:
+            host = new_lengths.to("cpu", torch.int64)  # waits for the device
         _check_rollback_host(self.host_lengths, host)
         if min_lengths is not None and (host < min_lengths).any():
             b = int((host < min_lengths).nonzero()[0, 0])
@@ -463,18 +478,24 @@ class KVStore:
         gather_(self.keys, self.values, self.lengths, keep_index, keep_lengths, offset, True, backend=self.backend)
         self._set_host(offset.cpu().long() + keep_lengths.cpu().long())
 
-    def select_rows(self, index: torch.Tensor, max_length: int | None = None) -> None:
+    def select_rows(self, index: torch.Tensor, max_length: int | None = None, *,
+                    host_index: torch.Tensor | None = None) -> None:
         """Keep rows ``index`` (``[B']`` int), in that order: drop finished rows, reorder, or repeat them.
 
         Reallocates the store at ``[L, B', H_kv, max_length or T_max, D]`` (one kernel copies the
-        stored prefixes); the batch size becomes ``B'``.
+        stored prefixes); the batch size becomes ``B'``. ``host_index``: a CPU copy of ``index``
+        the caller already has, so that nothing waits for the device.
         """
         index = _as_index(index, "index").to(self.device)
         if index.dim() != 1:
             raise ValueError(f"select_rows: index must be [B'], got {tuple(index.shape)}")
+        host = index.cpu().long() if host_index is None else _host_copy(host_index, index.shape[0],
+                                                                         "select_rows: host_index")
+        if host.numel() and (host.min() < 0 or host.max() >= self.batch_size):
+            raise RuntimeError(f"select_rows: row_index out of range for {self.batch_size} rows (the op's error)")
         self.keys, self.values, self.lengths = select_rows(self.keys, self.values, self.lengths, index,
                                                            max_length, backend=self.backend)
-        self._set_host(self.host_lengths[index.cpu().long()])
+        self._set_host(self.host_lengths[host])
 
     def grow(self, new_max_length: int) -> None:
         """Reallocate with capacity ``new_max_length >= T_max``, keeping every row's stored positions."""
@@ -749,10 +770,11 @@ class RaggedCache(_HFCache):
             rollback_(store.lengths, saved, False, backend=store.backend)
             store._set_host(saved_host)
 
-    def rollback(self, new_lengths: torch.Tensor) -> None:
+    def rollback(self, new_lengths: torch.Tensor, *, host_lengths: torch.Tensor | None = None) -> None:
         """Per-row rollback: ``new_lengths`` ``[B]`` int32/int64 on the cache's device, each in
-        ``[start[b], lengths[b]]``. O(1), no data movement (one copy of ``B`` ints to the host)."""
-        self.store.rollback(new_lengths, min_lengths=self._host_start)
+        ``[start[b], lengths[b]]``. O(1), no data movement (one copy of ``B`` ints to the host, none
+        when the caller passes the same values as a CPU tensor in ``host_lengths``)."""
+        self.store.rollback(new_lengths, min_lengths=self._host_start, host_lengths=host_lengths)
 
     def gather(self, keep_index: torch.Tensor, keep_lengths: torch.Tensor,
                offset: torch.Tensor | None = None) -> None:
@@ -761,12 +783,15 @@ class RaggedCache(_HFCache):
         ``keep_index`` ``[B, N]`` int, ``keep_lengths`` ``[B]`` int; one kernel for all layers."""
         self.store.gather(keep_index, keep_lengths, self.start if offset is None else offset)
 
-    def select_rows(self, index: torch.Tensor) -> None:
-        """Keep rows ``index`` (``[B']`` int64) in that order; the batch size becomes ``B'``."""
+    def select_rows(self, index: torch.Tensor, *, host_index: torch.Tensor | None = None) -> None:
+        """Keep rows ``index`` (``[B']`` int64) in that order; the batch size becomes ``B'``.
+        ``host_index``: the same as a CPU tensor, when the caller has it (no wait for the device)."""
         index = _as_index(index, "index").to(self.store.device)
-        self.store.select_rows(index)
+        host = index.cpu().long() if host_index is None else _host_copy(host_index, index.shape[0],
+                                                                         "select_rows: host_index")
+        self.store.select_rows(index, host_index=host)
         self.start = self.start.index_select(0, index.long())
-        self._host_start = self._host_start[index.cpu().long()]
+        self._host_start = self._host_start[host]
 
     def grow(self, new_max_length: int) -> None:
         """Reallocate every layer with capacity ``new_max_length`` (>= the current one), keeping the data."""

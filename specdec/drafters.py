@@ -247,7 +247,8 @@ class ModelDrafter(Drafter):
                 use_cache=True,
                 logits_to_keep=1,
             )
-        self.cache.rollback(torch.from_numpy(self.cached).to(self.cache.lengths))
+        self.cache.rollback(torch.from_numpy(self.cached).to(self.cache.lengths),
+                           host_lengths=torch.from_numpy(self.cached))
 
     def _sample(self, logits: torch.Tensor, state: DraftState, offset: torch.Tensor):
         """logits [B, V] -> (token ids [B] int64, probs [B, V] fp32 or None when greedy)."""
@@ -280,7 +281,8 @@ class ModelDrafter(Drafter):
         rows = torch.arange(batch, device=logits.device)
         last = logits[rows, torch.from_numpy(need - 1).to(logits.device)]
         if width > 1:  # drop the right padding of rows that needed one token
-            self.cache.rollback(torch.from_numpy(state.lengths).to(self.cache.lengths))
+            self.cache.rollback(torch.from_numpy(state.lengths).to(self.cache.lengths),
+                               host_lengths=torch.from_numpy(state.lengths))
         draft = self._draft(last, state, self.cache)
         self.lengths_at_propose = state.lengths.copy()
         self.proposed = k
@@ -310,10 +312,11 @@ class ModelDrafter(Drafter):
             return
         # fed: pending + drafts 1..k-1; the kept prefix is pending + accepted drafts
         self.cached = self.lengths_at_propose + np.minimum(num_accepted, self.proposed - 1)
-        self.cache.rollback(torch.from_numpy(self.cached).to(self.cache.lengths))
+        self.cache.rollback(torch.from_numpy(self.cached).to(self.cache.lengths),
+                           host_lengths=torch.from_numpy(self.cached))
 
     def select_rows(self, index: torch.Tensor) -> None:
-        self.cache.select_rows(index.to(self.cache.lengths.device))
+        self.cache.select_rows(index.to(self.cache.lengths.device), host_index=index.cpu())
         self.cached = self.cached[index.cpu().numpy()]
 
     def finish(self) -> None:

@@ -855,7 +855,8 @@ class SpeculativeGenerator:
                 host = torch.cat([out_ids, num_acc[:, None].long()], dim=1).cpu().numpy()  # the one sync
                 # keep pending + accepted drafts; the emitted last token becomes the new pending one.
                 # (after the sync above, the cache's own host copy of the lengths waits for nothing)
-                cache.rollback(cache.lengths - k + num_acc)
+                cache.rollback(cache.lengths - k + num_acc,
+                               host_lengths=cache.store.host_lengths - k + torch.from_numpy(host[:, -1]))
                 t2 = time.perf_counter()
                 accepted = host[:, -1]
                 if k > 0:
@@ -911,7 +912,7 @@ class SpeculativeGenerator:
                     if not live:
                         break
                     index = torch.tensor(keep, dtype=torch.int64)
-                    cache.select_rows(index.to(device))
+                    cache.select_rows(index.to(device), host_index=index)
                     layout.select(index)
                     if drafter is not None and started:
                         drafter.select_rows(index)

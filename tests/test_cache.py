@@ -670,3 +670,24 @@ def test_cuda_matches_cpu():
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_store_never_waits_for_the_device_given_host_copies():
+    """rollback / select_rows with the caller's host copies read nothing back from the device. On the
+    meta device any device-to-host copy raises, so the calls below prove there is none."""
+    meta = "meta"
+    store = KVStore(2, 3, 2, 8, 16, device=meta)
+    store.append(torch.empty(2, 3, 2, 4, 8, device=meta), torch.empty(2, 3, 2, 4, 8, device=meta))
+    store.rollback(torch.empty(3, dtype=torch.int64, device=meta), host_lengths=torch.tensor([1, 2, 3]))
+    assert store.host_lengths.tolist() == [1, 2, 3] and store.seq_length == 3
+    store.select_rows(torch.empty(2, dtype=torch.int64, device=meta), host_index=torch.tensor([2, 0]))
+    assert store.host_lengths.tolist() == [3, 1] and store.batch_size == 2
+    with pytest.raises(NotImplementedError):  # without them: a copy back (a sync on CUDA)
+        store.rollback(torch.empty(2, dtype=torch.int64, device=meta))
+    # the host copies are checked like device values would be
+    with pytest.raises(ValueError, match="row 0"):
+        store.rollback(torch.empty(2, dtype=torch.int64, device=meta), host_lengths=torch.tensor([5, 0]))
+    with pytest.raises(TypeError, match="host_lengths"):
+        store.rollback(torch.empty(2, dtype=torch.int64, device=meta), host_lengths=[1, 0])
+    with pytest.raises(RuntimeError, match="row_index"):
+        store.select_rows(torch.empty(1, dtype=torch.int64, device=meta), host_index=torch.tensor([2]))

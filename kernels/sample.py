@@ -26,11 +26,13 @@ Kernels (grid, what they read):
 Bytes: logits read twice, plus 256 logits per sampled row; probs written once; intermediate state
 is [B, S1] and [B, S2].
 
+Temperature: never a division per element. exp((x - max) / T) = exp2((x - max) * c) with
+c = log2(e) / T (``exp2_scale``), and the statistics (max, argmax, thresholds) are kept on the raw
+logits, which dividing by T > 0 does not reorder.
+
 Top-k / top-p: ``filter_thresholds`` computes with torch ops on the device one threshold per row
-on the temperature-scaled logits (a token is kept iff scaled >= threshold, so ties at the threshold
-are kept, as in the reference); the kernels compare against it. Scaled logits are computed the same
-way on both sides (float32, correctly rounded division: ``tl.math.div_rn`` / torch's ``/``), so the
-comparison is exact.
+on the raw logits (a token is kept iff its logit >= threshold, so ties at the threshold are kept,
+as in the reference); the kernels compare against it exactly.
 """
 import torch
 import triton
@@ -55,47 +57,48 @@ def clean_logits(x):
 
 
 @triton.jit
-def effective_temperature(t):
-    """Greedy rows (t <= 0) scale by 1: only their argmax matters."""
-    return tl.where(t <= 0, 1.0, t)
+def exp2_scale(t):
+    """c = log2(e) / T, so that exp((x - m) / T) = exp2((x - m) * c): the temperature is folded
+    into one multiply per element, no division. Greedy rows (t <= 0) use T = 1 (only their argmax
+    matters). Clamped to the largest float so that 0 * c stays 0 for a tiny T."""
+    c = 1.4426950408889634 / tl.where(t <= 0, 1.0, t)
+    return tl.minimum(c, 3.4028234663852886e38)
 
 
 @triton.jit
-def scale_and_filter(x, temp, thr):
-    """Scaled logits of cleaned logits ``x`` and the keep mask (finite and >= the top-k/top-p
-    threshold ``thr``; -inf when no filtering). div_rn: bit-identical to torch's float32 division,
-    which ``filter_thresholds`` used to place ``thr``."""
-    scaled = tl.math.div_rn(x, temp)
-    keep = (x > float("-inf")) & (scaled >= thr)
-    return scaled, keep
+def kept(x, thr):
+    """Keep mask of cleaned raw logits: finite and >= the top-k/top-p threshold ``thr`` (-inf when
+    no filtering). Dividing by T > 0 preserves order, so thresholds live on the raw logits and the
+    comparison is exact (``filter_thresholds``)."""
+    return (x > float("-inf")) & (x >= thr)
 
 
 @triton.jit
-def chunk_softmax_stats(row_ptr, V, tile_start, n_tiles, temp, thr, BLOCK_V: tl.constexpr):
+def chunk_softmax_stats(row_ptr, V, tile_start, n_tiles, c, thr, BLOCK_V: tl.constexpr):
     """Softmax statistics of tiles [tile_start, tile_start + n_tiles) of one row of V logits.
 
-    Returns (max of kept scaled logits, sum over kept of exp(scaled - max), max of the cleaned raw
-    logits, lowest id reaching it); (-inf, 0, -inf, _BIG_ID) for an empty or all -inf chunk."""
+    Returns (max of the kept raw logits, sum over kept of exp2((x - max) * c), max of the cleaned
+    raw logits, lowest id reaching it); (-inf, 0, -inf, _BIG_ID) for an empty or all -inf chunk.
+    One exp2 per element: the running max is the tile's (one reduction per tile), so rescaling
+    the per-lane sums costs one exp2 per tile and a multiply per element."""
     lanes = tl.arange(0, BLOCK_V)
-    m = tl.full([BLOCK_V], float("-inf"), tl.float32)  # per-lane running max
-    z = tl.zeros([BLOCK_V], tl.float32)  # per-lane sum of exp(scaled - m)
+    m = tl.max(tl.full([BLOCK_V], float("-inf"), tl.float32), 0)  # running max of the kept logits (fp32 scalar)
+    z = tl.zeros([BLOCK_V], tl.float32)  # per-lane sum of exp2((x - m) * c)
     a_val = tl.full([BLOCK_V], float("-inf"), tl.float32)
     a_idx = tl.full([BLOCK_V], _BIG_ID, tl.int32)
     for i in range(n_tiles):
         offs = (tile_start + i) * BLOCK_V + lanes
         x = clean_logits(tl.load(row_ptr + offs, mask=offs < V, other=float("-inf")))
-        scaled, keep = scale_and_filter(x, temp, thr)
-        scaled = tl.where(keep, scaled, float("-inf"))
-        m_new = tl.maximum(m, scaled)
+        xk = tl.where(kept(x, thr), x, float("-inf"))
+        m_new = tl.maximum(m, tl.max(xk, 0))
         m_ref = tl.where(m_new > float("-inf"), m_new, 0.0)  # avoids (-inf) - (-inf) = NaN
-        z = z * tl.exp(m - m_ref) + tl.exp(scaled - m_ref)
+        z = z * tl.math.exp2((m - m_ref) * c) + tl.math.exp2((xk - m_ref) * c)
         m = m_new
         better = x > a_val  # strict: each lane keeps its lowest id on ties
         a_val = tl.where(better, x, a_val)
         a_idx = tl.where(better, offs, a_idx)
-    row_max = tl.max(m, 0)
-    ref = tl.where(row_max > float("-inf"), row_max, 0.0)
-    row_sum = tl.sum(z * tl.exp(m - ref), 0)
+    row_max = m
+    row_sum = tl.sum(z, 0)
     best = tl.max(a_val, 0)
     best_id = tl.min(tl.where(a_val == best, a_idx, _BIG_ID), 0)
     return row_max, row_sum, best, best_id
@@ -116,12 +119,14 @@ def race_winner(best, best_id):
 
 
 @triton.jit
-def target_probs(raw, temp, thr, row_max, row_sum):
+def target_probs(raw, c, thr, row_max, row_sum):
     """p of raw logits (any float dtype, loaded with -inf where masked) given the row's statistics
-    (max of the kept scaled logits, softmax denominator), and the keep mask: p > 0 exactly where
-    kept in the float64 reference, so races use ``keep``, not a float32 p that may underflow."""
-    scaled, keep = scale_and_filter(clean_logits(raw), temp, thr)
-    return tl.where(keep, tl.exp(scaled - row_max) / row_sum, 0.0), keep
+    (max of the kept raw logits, softmax denominator; c = exp2_scale(T)), and the keep mask: p > 0
+    exactly where kept in the float64 reference, so races use ``keep``, not a float32 p that may
+    underflow."""
+    x = clean_logits(raw)
+    keep = kept(x, thr)
+    return tl.where(keep, tl.math.exp2((x - row_max) * c) / row_sum, 0.0), keep
 
 
 @triton.jit
@@ -165,7 +170,7 @@ def softmax_stats_kernel(
     drafts = tl.load(drafts_ptr + b * K + ks, mask=ks < K, other=0)
     n_drafts = tl.min(tl.where((ks < K) & (drafts == -1), ks, K), 0)
 
-    temp = effective_temperature(tl.load(temperature_ptr + b))
+    c = exp2_scale(tl.load(temperature_ptr + b))
     thr = float("-inf")
     if HAS_THR:
         thr = tl.load(thr_ptr + row)
@@ -174,7 +179,7 @@ def softmax_stats_kernel(
     n_tiles = tl.where(position <= n_drafts, tl.maximum(n_tiles, 0), 0)
 
     row_max, row_sum, best, best_id = chunk_softmax_stats(
-        logits_ptr + row.to(tl.int64) * V, V, tile_start, n_tiles, temp, thr, BLOCK_V)
+        logits_ptr + row.to(tl.int64) * V, V, tile_start, n_tiles, c, thr, BLOCK_V)
     out = row * num_splits + split
     tl.store(m_ptr + out, row_max)
     tl.store(z_ptr + out, row_sum)
@@ -183,8 +188,8 @@ def softmax_stats_kernel(
 
 
 @triton.jit
-def combine_row_stats(m_ptr, z_ptr, a_ptr, ai_ptr, row, num_splits, BLOCK_S: tl.constexpr):
-    """Combine one row's pass-1 partials: (max, sum of exp(scaled - max), argmax value, argmax)."""
+def combine_row_stats(m_ptr, z_ptr, a_ptr, ai_ptr, row, num_splits, c, BLOCK_S: tl.constexpr):
+    """Combine one row's pass-1 partials: (max, sum of exp2((x - max) * c), argmax value, argmax)."""
     sp = tl.arange(0, BLOCK_S)
     mask = sp < num_splits
     base = row * num_splits + sp
@@ -194,7 +199,7 @@ def combine_row_stats(m_ptr, z_ptr, a_ptr, ai_ptr, row, num_splits, BLOCK_S: tl.
     ai = tl.load(ai_ptr + base, mask=mask, other=_BIG_ID)
     row_max = tl.max(m, 0)
     ref = tl.where(row_max > float("-inf"), row_max, 0.0)
-    row_sum = tl.sum(z * tl.exp(m - ref), 0)
+    row_sum = tl.sum(z * tl.math.exp2((m - ref) * c), 0)
     best, best_id = race_winner(a, ai)
     return row_max, row_sum, best, best_id
 
@@ -223,11 +228,11 @@ def _sample_probs_kernel(
     row = tl.program_id(0)
     split = tl.program_id(1)
     b = row // (K + 1)
-    row_max, row_sum, best, best_id = combine_row_stats(
-        m_ptr, z_ptr, a_ptr, ai_ptr, row, S1, BLOCK_S1)
     t = tl.load(temperature_ptr + b)
     greedy = t <= 0
-    temp = effective_temperature(t)
+    c = exp2_scale(t)
+    row_max, row_sum, best, best_id = combine_row_stats(
+        m_ptr, z_ptr, a_ptr, ai_ptr, row, S1, c, BLOCK_S1)
     row_ok = best > float("-inf")
     row_max = tl.where(row_ok, row_max, 0.0)  # rows without a kept logit: no (-inf) - (-inf)
     row_sum = tl.where(row_ok, row_sum, 1.0)  # ... and no 0 / 0
@@ -248,7 +253,7 @@ def _sample_probs_kernel(
     for i in range(n_tiles):
         blocks, offs, mask = race_tile(blk_start + i * TILE_BLOCKS, blk_end, V, TILE_BLOCKS)
         raw = tl.load(logits_ptr + row_off + offs, mask=mask, other=float("-inf"))
-        p, keep = target_probs(raw, temp, thr, row_max, row_sum)
+        p, keep = target_probs(raw, c, thr, row_max, row_sum)
         if WRITE_PROBS:
             out = tl.where(greedy, tl.where(offs == best_id, 1.0, 0.0), p)
             tl.store(probs_ptr + row_off + offs, tl.where(row_ok, out, 0.0), mask=mask)
@@ -280,9 +285,10 @@ def _sample_finish_kernel(
     logits re-read, p recomputed bit-identically to pass 2); -1 for a row without a finite logit."""
     row = tl.program_id(0)
     b = row // (K + 1)
-    row_max, row_sum, best, best_id = combine_row_stats(
-        m_ptr, z_ptr, a_ptr, ai_ptr, row, S1, BLOCK_S1)
     t = tl.load(temperature_ptr + b)
+    c = exp2_scale(t)
+    row_max, row_sum, best, best_id = combine_row_stats(
+        m_ptr, z_ptr, a_ptr, ai_ptr, row, S1, c, BLOCK_S1)
     row_ok = best > float("-inf")
     token = best_id
     if (t > 0) & row_ok:  # both scalars; greedy rows and empty rows draw nothing
@@ -297,7 +303,7 @@ def _sample_finish_kernel(
         offs = block * RACE_BLOCK + tl.arange(0, RACE_BLOCK)
         raw = tl.load(logits_ptr + row.to(tl.int64) * V + offs, mask=offs < V,
                       other=float("-inf"))
-        p, keep = target_probs(raw, effective_temperature(t), thr, row_max, row_sum)
+        p, keep = target_probs(raw, c, thr, row_max, row_sum)
         token = race_in_block(p, keep, offs, tl.load(seed_ptr + b),
                               tl.load(offset_ptr + b) + row % (K + 1), STREAM_SAMPLE, 0)
     token = tl.where(row_ok, token, -1)
@@ -310,23 +316,22 @@ def _sample_finish_kernel(
 
 
 def filter_thresholds(logits, temperature, top_k, top_p):
-    """Per-row keep threshold on the scaled logits for top-k then top-p, or None if both are None.
+    """Per-row keep threshold on the raw logits for top-k then top-p, or None if both are None.
 
     logits [N, V] float (any float dtype); temperature [N] float32; top_k [N] int (<= 0 or >= V:
     off) or None; top_p [N] float (>= 1: off) or None. Returns [N] float32: token j of row n is
-    kept iff its scaled logit is finite and >= thr[n] (-inf where no filtering applies). Mirrors
-    ``specdec.reference._keep_mask``, with the scaled logits in float32 exactly as the kernels
-    compute them and the top-p masses in float64. Device-side torch ops only (sort), no host sync.
+    kept iff its cleaned logit is finite and >= thr[n] (-inf where no filtering applies). Mirrors
+    ``specdec.reference._keep_mask``: dividing by T > 0 keeps the order of the logits (and, in
+    float64, their ties), so the k-th largest raw logit is the k-th largest scaled one, and the
+    top-p masses come from the float64 softmax of logits / T. Device-side torch ops only (sort),
+    no host sync.
     """
     if top_k is None and top_p is None:
         return None
     N, V = logits.shape
     x = logits.float()
     x = torch.where(torch.isfinite(x), x, torch.full_like(x, float("-inf")))
-    t = temperature.float()
-    t = torch.where(t <= 0, torch.ones_like(t), t)
-    scaled = x / t[:, None]  # correctly rounded, like tl.math.div_rn in the kernels
-    sorted_vals = scaled.sort(dim=-1, descending=True).values
+    sorted_vals = x.sort(dim=-1, descending=True).values
     thr = torch.full((N,), float("-inf"), dtype=torch.float32, device=logits.device)
     if top_k is not None:
         k = top_k.to(torch.int64)
@@ -336,9 +341,11 @@ def filter_thresholds(logits, temperature, top_k, top_p):
     if top_p is not None:
         p = top_p.double()
         use_p = p < 1.0
+        t = temperature.double()
+        t = torch.where(t <= 0, torch.ones_like(t), t)
         # the survivors of top-k, still sorted; top-p keeps the smallest prefix reaching top_p
         kept = torch.where(sorted_vals >= thr[:, None], sorted_vals, float("-inf"))
-        cum = torch.softmax(kept.double(), dim=-1).cumsum(dim=-1)
+        cum = torch.softmax(kept.double() / t[:, None], dim=-1).cumsum(dim=-1)
         n = (cum < p[:, None]).sum(dim=-1, keepdim=True) + 1
         n = torch.minimum(n, (kept > float("-inf")).sum(dim=-1, keepdim=True).clamp(min=1))
         thr = torch.where(use_p, kept.gather(1, n - 1).squeeze(1), thr)

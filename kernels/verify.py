@@ -58,7 +58,7 @@ from specdec.kernels.sample import (
     _BIG_ID,
     RACE_BLOCK,
     clean_logits,
-    effective_temperature,
+    exp2_scale,
     filter_thresholds,
     race_in_block,
     race_rows,
@@ -66,7 +66,7 @@ from specdec.kernels.sample import (
     race_tile,
     race_update,
     race_winner,
-    scale_and_filter,
+    kept,
     softmax_stats_kernel,
     split_plan,
     target_probs,
@@ -112,7 +112,7 @@ def _verify_accept_race_kernel(
     K1 = K + 1
     t = tl.load(temperature_ptr + b)
     greedy = t <= 0
-    temp = effective_temperature(t)
+    c = exp2_scale(t)
     seed = tl.load(seed_ptr + b)
     offset = tl.load(offset_ptr + b)
 
@@ -125,9 +125,9 @@ def _verify_accept_race_kernel(
     z = tl.load(z_ptr + poff, mask=pmask, other=0.0)
     a = tl.load(a_ptr + poff, mask=pmask, other=float("-inf"))
     ai = tl.load(ai_ptr + poff, mask=pmask, other=_BIG_ID)
-    row_max = tl.max(m, 1)  # [BLOCK_K1] max of the kept scaled logits
+    row_max = tl.max(m, 1)  # [BLOCK_K1] max of the kept logits
     row_max = tl.where(row_max > float("-inf"), row_max, 0.0)  # no kept logit: no -inf - -inf
-    row_sum = tl.sum(z * tl.exp(m - row_max[:, None]), 1)  # softmax denominator
+    row_sum = tl.sum(z * tl.math.exp2((m - row_max[:, None]) * c), 1)  # softmax denominator
     row_sum = tl.where(row_sum > 0, row_sum, 1.0)  # no kept logit: p = 0 anyway, avoid 0 / 0
     amax = tl.max(a, 1)
     argmax = tl.min(tl.where(a == amax[:, None], ai, _BIG_ID), 1)  # lowest id on ties
@@ -145,8 +145,8 @@ def _verify_accept_race_kernel(
     safe = tl.where(readable, drafts, 0)
     x = clean_logits(tl.load(logits_ptr + (b * K1 + pos).to(tl.int64) * Vt + safe,
                              mask=readable, other=float("-inf")))
-    scaled, kept = scale_and_filter(x, temp, thr)
-    p_draft = tl.where(kept, tl.exp(scaled - row_max) / row_sum, 0.0)
+    keep_draft = kept(x, thr)
+    p_draft = tl.where(keep_draft, tl.math.exp2((x - row_max) * c) / row_sum, 0.0)
     if HAS_Q:
         q_draft = tl.load(q_ptr + (b * K + pos).to(tl.int64) * Vd + safe, mask=readable,
                           other=0.0).to(tl.float32)
@@ -155,7 +155,7 @@ def _verify_accept_race_kernel(
     u = uniform_open_closed(philox_bits(seed, offset + pos, STREAM_ACCEPT, 0, 0))
     # p(x) > 0 is "kept" (exact in the float64 reference, where p underflows no sooner than
     # e^-745); q(x) = 0 < p(x) accepts since u * 0 <= p.
-    accept_sampled = kept & (u * q_draft <= p_draft)
+    accept_sampled = keep_draft & (u * q_draft <= p_draft)
     accept_greedy = drafts == argmax.to(tl.int64)
     accept = tl.where(greedy, accept_greedy, accept_sampled) & in_range & (pos < n_drafts) & finite
     s = tl.min(tl.where(accept | ~is_draft, K, pos), 0)  # first rejection: the emit position
@@ -203,7 +203,7 @@ def _verify_accept_race_kernel(
     for i in range(n_tiles):
         blocks, offs, mask = race_tile(blk_start + i * TILE_BLOCKS, blk_end, Vt, TILE_BLOCKS)
         raw = tl.load(row_ptr + offs, mask=mask, other=float("-inf"))
-        p, keep = target_probs(raw, temp, thr_s, max_s, sum_s)
+        p, keep = target_probs(raw, c, thr_s, max_s, sum_s)
         w_r = tl.sum(_residual(p, q_row_ptr, offs, q_lim, resid_draft, HAS_Q), 1)  # [TILE_BLOCKS]
         w_p = tl.sum(p, 1)
         # one exponential per block for the residual and a rejection's race over p (only one of
@@ -253,10 +253,10 @@ def _verify_finish_kernel(
 
         # the weights of that block, computed exactly as in pass 2
         K1 = K + 1
-        temp = effective_temperature(tl.load(temperature_ptr + b))
+        c = exp2_scale(tl.load(temperature_ptr + b))
         raw = tl.load(logits_ptr + (b * K1 + s).to(tl.int64) * Vt + offs, mask=offs < Vt,
                       other=float("-inf"))
-        p, keep = target_probs(raw, temp, tl.load(thr_s_ptr + b), tl.load(max_ptr + b),
+        p, keep = target_probs(raw, c, tl.load(thr_s_ptr + b), tl.load(max_ptr + b),
                                tl.load(sum_ptr + b))
         q_row_ptr = q_ptr + (b * K + tl.minimum(s, tl.maximum(K - 1, 0))).to(tl.int64) * Vd
         resid_draft = tl.load(resid_draft_ptr + b)

@@ -980,13 +980,7 @@ class RaggedCache(_HFCache):
                              f"{self.batch_size}, got {tuple(accepted_nodes.shape)} and {tuple(num_accepted.shape)}")
         depth = min(accepted_nodes.shape[1], N)
         if host_lengths is not None:
-            if not isinstance(host_lengths, torch.Tensor) or host_lengths.device.type != "cpu" \
-                    or host_lengths.dtype not in (torch.int32, torch.int64):
-                raise TypeError("compact_tree: host_lengths must be a CPU int32/int64 tensor")
-            if tuple(host_lengths.shape) != (self.batch_size,):
-                raise ValueError(f"compact_tree: host_lengths must have shape [{self.batch_size}], "
-                                 f"got {tuple(host_lengths.shape)}")
-            host = host_lengths.long()
+            host = _host_copy(host_lengths, self.batch_size, "compact_tree: host_lengths")
             bad = ((host < base_host + 1) | (host > base_host + 1 + depth)).nonzero()
             if bad.numel():
                 b = int(bad[0, 0])

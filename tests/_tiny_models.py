@@ -11,9 +11,9 @@ VOCAB = 96
 
 def tiny_config(family: str = "llama", *, vocab_size: int = VOCAB, hidden_size: int = 64, layers: int = 2,
                 seed_offset: int = 0, **extra):
-    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
-    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[family]
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config, "mistral": MistralConfig}[family]
     kwargs = dict(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
                   num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                   initializer_range=0.2, max_position_embeddings=512, tie_word_embeddings=False,
@@ -24,12 +24,12 @@ def tiny_config(family: str = "llama", *, vocab_size: int = VOCAB, hidden_size: 
     return cls(**kwargs)
 
 
-def tiny_model(family: str = "llama", seed: int = 0, **kwargs):
+def tiny_model(family: str = "llama", seed: int = 0, *, attn_implementation: str = "sdpa", **kwargs):
     """fp32 tiny causal LM in eval mode, deterministic in ``seed``."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(family, **kwargs), attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_config(tiny_config(family, **kwargs), attn_implementation=attn_implementation)
     return model.eval()
 
 

@@ -492,6 +492,264 @@ def _model_device(model) -> torch.device:
         return torch.device("cpu")
 
 
+class _Verdict(NamedTuple):
+    """What verification decided for the live rows of one step."""
+
+    out_ids: torch.Tensor  # [B, K+1] int64 device: accepted drafts, the emitted token, -1
+    num_accepted: torch.Tensor  # [B] int32 device
+    host: np.ndarray  # [B, K+2] int64: out_ids and num_accepted, the step's one host copy
+
+
+class _BatchRun:
+    """The state of one batch during generation and the four parts of a step.
+
+    Host side: each row's tokens (prompt + generated) and length, which rows are live; device side:
+    the target's RaggedCache, each row's pending token (emitted, not yet in the cache), seed and
+    Philox offset (its token index). A step reads top to bottom in ``_generate_batch``:
+    ``draft`` (drafter proposes, the width policy cuts), ``forward`` (one target forward over the
+    pending token and the drafts: the first step is the prefill), ``verify`` (the fused op; the only
+    host synchronisation of the step), ``commit`` (cache rollback to the kept prefix, tokens,
+    stats, streaming callbacks, finished rows leave).
+    """
+
+    def __init__(self, gen: "SpeculativeGenerator", rows, user_index, seeds, opts, bar):
+        from specdec.cache import RaggedCache
+
+        self.gen, self.opts, self.bar, self.user_index = gen, opts, bar, user_index
+        self.device, self.target, self.drafter, self.policy = gen.device, gen.target, gen.drafter, gen.policy
+        self.stats = GenerationStats(drafter=gen.drafter_name, num_sequences=len(rows))
+        _sync(self.device)
+        self.t_start = time.perf_counter()
+        batch = len(rows)
+        device = self.device
+        self.lengths = np.array([len(r) for r in rows], dtype=np.int64)
+        self.max_new, self.eos, self.k_max = opts["max_new_tokens"], set(opts["eos"]), opts["k0"]
+        self.sampled = opts["temperature"] > 0
+        self.width0 = width0 = int(self.lengths.max())  # prompts, left padded to a common width, form step 0
+        # caches and the host token array start with room for the prompts and GROW_STEP new tokens
+        # and grow geometrically as the rows do (make_room), up to `full`: a large max_new_tokens
+        # costs memory only when the tokens are generated
+        self.full = width0 + self.max_new + MAX_DRAFT_TOKENS + 2
+        capacity = min(self.full, width0 + GROW_STEP + MAX_DRAFT_TOKENS + 2)
+        self.tokens = np.zeros((batch, capacity), dtype=np.int64)  # host copy: prompts + generated (not padded)
+        for b, r in enumerate(rows):
+            self.tokens[b, : len(r)] = r
+        self.prompt_lengths = self.lengths.copy()
+        self.live = list(range(batch))  # batch row -> position in `rows`
+        self.out_tokens = [[] for _ in range(batch)]
+        self.reasons = ["length"] * batch
+        self.seeds = seeds.to(device)
+        # Philox offset of each row's next token: its absolute index (the sequence length), so the
+        # random numbers that decide a token depend on its position, not on the step structure
+        self.offsets = torch.from_numpy(self.lengths).to(device)
+        self.previous = np.zeros(batch, dtype=np.int64)  # the policy's previous-outcome code per row
+        self.pending = None  # [B] device: each row's last emitted token, not yet in the cache
+        self.step = 0
+        self.started = False  # drafter.start() runs before its first proposal
+        self.width = 0  # the width a model drafter was asked for this step (policy bookkeeping)
+        self.remaining = None
+
+        cache, layout = None, _PaddedLayout()
+        prefix = _common_prefix(rows) if batch > 1 and gen.share_prefix else 0
+        drafter = self.drafter
+        if prefix >= MIN_SHARED_PREFIX and not (drafter is not None and drafter.needs_target_cache):
+            cache = RaggedCache.from_model(self.target, batch_size=1, max_length=capacity)
+            if cache.sliding_window is None:  # the holes would shift the window
+                ids = torch.tensor([rows[0][:prefix]], dtype=torch.int64, device=device)
+                self.target(input_ids=ids, position_ids=cache.position_ids(prefix),
+                            attention_mask=cache.attention_mask(prefix), past_key_values=cache, use_cache=True,
+                            logits_to_keep=1)
+                cache.select_rows(torch.zeros(batch, dtype=torch.int64, device=device))
+                layout = _SharedPrefixLayout(prefix, width0 - self.lengths, device)
+            else:
+                cache = None
+        if gen._kept is not None:  # _continue: a batch of one whose first tokens are in a kept cache
+            cache, layout = gen._kept._adopt(self.target, capacity)
+        if cache is None:
+            cache = RaggedCache.from_model(self.target, batch_size=batch, max_length=capacity)
+            if (self.lengths < width0).any():
+                cache.set_left_padding(torch.from_numpy(width0 - self.lengths))
+        self.cache, self.layout = cache, layout
+
+    # -- 0. room ----------------------------------------------------------------------------------
+
+    def make_room(self) -> None:
+        """Grow the cache and the host tokens (doubling) so this step fits: at most
+        MAX_DRAFT_TOKENS drafts and MAX_DRAFT_TOKENS + 1 emitted tokens per row."""
+        room, cache = MAX_DRAFT_TOKENS + 2, self.cache
+        if cache.get_seq_length() + room > cache.max_length:
+            cache.grow(max(cache.get_seq_length() + room, min(self.full, 2 * cache.max_length)))
+        longest = int(self.lengths.max())
+        if longest + room > self.tokens.shape[1]:
+            wider = max(longest + room, min(self.full, 2 * self.tokens.shape[1]))
+            self.tokens = np.pad(self.tokens, ((0, 0), (0, wider - self.tokens.shape[1])))
+
+    # -- 1. draft ---------------------------------------------------------------------------------
+
+    def draft(self) -> Draft:
+        """The step's drafts: the drafter's proposal, cut to the width the policy picks (adaptive)."""
+        drafter, policy, opts = self.drafter, self.policy, self.opts
+        self.remaining = remaining = self.max_new - (self.lengths - self.prompt_lengths)
+        budget = np.minimum(self.k_max, remaining - 1)  # never draft past the length limit
+        self.t0 = time.perf_counter()
+        draft, self.width = None, 0
+        first = self.step == 0
+        if drafter is not None and budget.max() > 0 and not (first and drafter.needs_target_cache):
+            state = DraftState(self.tokens, self.lengths, budget, opts["temperature"], opts["top_k"], opts["top_p"],
+                               self.seeds, self.step, self.device, self.cache.max_length, self.gen.backend,
+                               self.cache, offsets=self.offsets)
+            if not self.started:
+                drafter.start(state)
+                self.started = True
+                t_started = time.perf_counter()
+                self.stats.drafter_time += t_started - self.t0
+                self.t0 = t_started  # the step's drafting time (observe_draft_time) excludes the start
+            if not opts["adaptive"]:
+                draft = drafter.propose(state)
+            elif drafter.cheap:  # propose the longest drafts, then cut them to the policy's width
+                draft = drafter.propose(state)
+                keys = policy.keys(self.sampled, draft.match, self.previous)
+                draft = draft.truncate(policy.width(draft.num_drafted, keys, remaining))
+            else:  # pick the width first: proposing runs the drafter model once per position
+                self.width = policy.width(budget, policy.keys(self.sampled, None, self.previous), remaining)
+                if self.width > 0:
+                    state.max_drafts = np.minimum(budget, self.width)
+                    draft = drafter.propose(state)
+            _sync(self.device)
+        if draft is None:
+            draft = Draft(torch.empty(len(self.live), 0, dtype=torch.int64, device=self.device), None,
+                          np.zeros(len(self.live), dtype=np.int64))
+        self.t1 = time.perf_counter()
+        return draft
+
+    # -- 2. target forward ------------------------------------------------------------------------
+
+    def forward(self, draft: Draft) -> torch.Tensor:
+        """Target logits [B, K+1, V] at the pending token and each draft (one cached forward). The
+        first step is the prefill: every row's prompt (after a shared prefix; left padded), then its
+        drafts."""
+        cache, layout, target = self.cache, self.layout, self.target
+        k = draft.token_ids.shape[1]
+        drafts = draft.token_ids.clamp_min(0)
+        if self.step == 0:
+            prefix, width0 = layout.prefix, self.width0
+            ids = np.zeros((len(self.live), width0 - prefix), dtype=np.int64)
+            for b in range(len(self.live)):
+                ids[b, width0 - self.lengths[b]:] = self.tokens[b, prefix: self.lengths[b]]
+            ids = torch.cat([torch.from_numpy(ids).to(self.device), drafts], dim=1)
+            q = width0 - prefix + k
+            return target(input_ids=ids, position_ids=layout.position_ids(cache, q),
+                          attention_mask=layout.attention_mask(cache, q), past_key_values=cache,
+                          use_cache=True, logits_to_keep=k + 1).logits
+        ids = torch.cat([self.pending[:, None], drafts], dim=1)
+        return target(input_ids=ids, position_ids=layout.position_ids(cache, k + 1),
+                      attention_mask=layout.attention_mask(cache, k + 1), past_key_values=cache,
+                      use_cache=True).logits
+
+    # -- 3. verify --------------------------------------------------------------------------------
+
+    def verify(self, logits: torch.Tensor, draft: Draft) -> _Verdict:
+        """The fused op over the live rows, then the step's one host copy of its result."""
+        from specdec import ops
+
+        opts = self.opts
+        probs = draft.probs if self.sampled else None
+        out_ids, num_acc = ops.verify(logits, draft.token_ids, probs, temperature=opts["temperature"],
+                                      top_k=opts["top_k"], top_p=opts["top_p"], seed=self.seeds,
+                                      offset=self.offsets, backend=self.gen.backend)
+        host = torch.cat([out_ids, num_acc[:, None].long()], dim=1).cpu().numpy()  # the one sync
+        return _Verdict(out_ids, num_acc, host)
+
+    # -- 4. commit --------------------------------------------------------------------------------
+
+    def commit(self, draft: Draft, verdict: _Verdict) -> None:
+        """Keep what was accepted: cache rollback, pending tokens and offsets, drafter state, the
+        policy's and the stats' counts, tokens and callbacks per row; finished rows leave."""
+        k = draft.token_ids.shape[1]
+        accepted = verdict.host[:, -1]
+        # the cache keeps pending + accepted drafts; the emitted last token becomes the new pending
+        # one (the host copy of the new lengths comes from the verdict: nothing waits)
+        self.pending = verdict.out_ids.gather(1, verdict.num_accepted[:, None].long()).squeeze(1)
+        self.offsets = self.offsets + verdict.num_accepted.long() + 1  # live rows keep all n + 1 tokens
+        self.cache.rollback(self.cache.lengths - k + verdict.num_accepted,
+                            host_lengths=self.cache.store.host_lengths - k + torch.from_numpy(accepted))
+        t2 = time.perf_counter()
+        if k > 0:
+            self.drafter.accept(accepted)
+        t3 = time.perf_counter()
+        self._count(draft, accepted, k, t2, t3)
+        keep = self._emit(draft, verdict.host, accepted)
+        self.step += 1
+        if len(keep) < len(self.live):
+            self._drop_finished(keep)
+
+    def _count(self, draft: Draft, accepted: np.ndarray, k: int, t2: float, t3: float) -> None:
+        stats, policy, adaptive = self.stats, self.policy, self.opts["adaptive"]
+        stats.drafter_time += (self.t1 - self.t0) + (t3 - t2)
+        if self.step == 0:
+            stats.prefill_time = t2 - self.t_start
+        else:
+            stats.target_time += t2 - self.t1
+            policy.cost.observe(len(self.live) * (k + 1), t2 - self.t1)
+            if adaptive and self.drafter is not None and not self.drafter.cheap:
+                policy.observe_draft_time(self.width, self.t1 - self.t0)
+        if adaptive and self.drafter is not None:
+            keys = policy.keys(self.sampled, draft.match, self.previous)
+            self.previous = policy.observe(keys, draft.num_drafted, accepted)
+        stats.target_steps += 1
+        stats.row_steps += len(self.live)
+        stats.drafted_tokens += int(draft.num_drafted.sum())
+        stats.accepted_tokens += int(accepted.sum())
+        stats._count_positions(draft.num_drafted, accepted)
+
+    def _emit(self, draft: Draft, host: np.ndarray, accepted: np.ndarray) -> list:
+        """Append each row's emitted tokens (cut at EOS and the length limit), call the callback;
+        returns the batch rows that go on."""
+        keep, emitted_total, callback = [], 0, self.opts["callback"]
+        for b in range(len(self.live)):
+            n = int(accepted[b])
+            emitted = host[b, : n + 1]
+            finished = False
+            if emitted[-1] < 0:  # no finite logit: the row cannot continue
+                emitted, finished, self.reasons[self.live[b]] = emitted[:0], True, "error"
+            emitted = emitted[: self.remaining[b]]
+            if self.eos:
+                hits = [i for i, t in enumerate(emitted.tolist()) if t in self.eos]
+                if hits:
+                    emitted, finished, self.reasons[self.live[b]] = emitted[: hits[0] + 1], True, "eos"
+            m = len(emitted)
+            self.tokens[b, self.lengths[b]: self.lengths[b] + m] = emitted
+            self.lengths[b] += m
+            self.out_tokens[self.live[b]].extend(emitted.tolist())
+            emitted_total += m
+            if self.lengths[b] - self.prompt_lengths[b] >= self.max_new:
+                finished = True
+            if callback is not None:
+                callback(Chunk(self.user_index[self.live[b]], emitted.tolist(), min(n, m),
+                               int(draft.num_drafted[b]), finished))
+            if not finished:
+                keep.append(b)
+        self.stats.generated_tokens += emitted_total
+        if self.bar is not None:
+            self.bar.update(emitted_total)
+        return keep
+
+    def _drop_finished(self, keep: list) -> None:
+        self.live = [self.live[b] for b in keep]
+        if not self.live:
+            return
+        index = torch.tensor(keep, dtype=torch.int64)
+        dev_index = index.to(self.device)
+        self.cache.select_rows(dev_index, host_index=index)
+        self.layout.select(index)
+        if self.drafter is not None and self.started:
+            self.drafter.select_rows(index)
+        index_np = np.asarray(keep)
+        self.tokens, self.lengths = self.tokens[index_np], self.lengths[index_np]
+        self.prompt_lengths, self.previous = self.prompt_lengths[index_np], self.previous[index_np]
+        self.seeds, self.offsets, self.pending = self.seeds[dev_index], self.offsets[dev_index], self.pending[dev_index]
+
+
 class SpeculativeGenerator:
     """Speculative decoding with an HF target and a drafter.
 
@@ -737,197 +995,21 @@ class SpeculativeGenerator:
 
     @torch.inference_mode()
     def _generate_batch(self, rows, user_index, seeds, opts, bar):
-        from specdec import ops
-        from specdec.cache import RaggedCache
-
-        device, target, drafter, policy = self.device, self.target, self.drafter, self.policy
-        stats = GenerationStats(drafter=self.drafter_name, num_sequences=len(rows))
-        _sync(device)
-        t_start = time.perf_counter()
-        batch = len(rows)
-        lengths = np.array([len(r) for r in rows], dtype=np.int64)
-        max_new, eos, k_max = opts["max_new_tokens"], set(opts["eos"]), opts["k0"]
-        temperature, top_k, top_p = opts["temperature"], opts["top_k"], opts["top_p"]
-        adaptive, sampled = opts["adaptive"], temperature > 0
-        width0 = int(lengths.max())  # the prompts, left padded to a common width, form the first step
-        # caches and the host token array start with room for the prompts and GROW_STEP new tokens
-        # and grow geometrically as the rows do (_Room), up to `full`: a large max_new_tokens costs
-        # memory only when the tokens are generated
-        full = width0 + max_new + MAX_DRAFT_TOKENS + 2
-        capacity = min(full, width0 + GROW_STEP + MAX_DRAFT_TOKENS + 2)
-        tokens = np.zeros((batch, capacity), dtype=np.int64)  # host copy: prompts + generated (not padded)
-        for b, r in enumerate(rows):
-            tokens[b, : len(r)] = r
-        prompt_lengths = lengths.copy()
-        live = list(range(batch))  # batch row -> position in `rows`
-        out_tokens = [[] for _ in range(batch)]
-        reasons = ["length"] * batch
-        seeds = seeds.to(device)
-        # Philox offset of each row's next token: its absolute index (the sequence length), so the
-        # random numbers that decide a token depend on its position, not on the step structure
-        offsets = torch.from_numpy(lengths).to(device)
-        previous = np.zeros(batch, dtype=np.int64)  # the policy's previous-outcome code per row
-
-        cache, layout = None, _PaddedLayout()
-        prefix = _common_prefix(rows) if batch > 1 and self.share_prefix else 0
-        if prefix >= MIN_SHARED_PREFIX and not (drafter is not None and drafter.needs_target_cache):
-            cache = RaggedCache.from_model(target, batch_size=1, max_length=capacity)
-            if cache.sliding_window is None:  # the holes would shift the window
-                ids = torch.tensor([rows[0][:prefix]], dtype=torch.int64, device=device)
-                target(input_ids=ids, position_ids=cache.position_ids(prefix),
-                       attention_mask=cache.attention_mask(prefix), past_key_values=cache, use_cache=True,
-                       logits_to_keep=1)
-                cache.select_rows(torch.zeros(batch, dtype=torch.int64, device=device))
-                layout = _SharedPrefixLayout(prefix, width0 - lengths, device)
-            else:
-                cache = None
-        if self._kept is not None:  # _continue: a batch of one whose first tokens are in a kept cache
-            cache, layout = self._kept._adopt(target, capacity)
-        if cache is None:
-            cache = RaggedCache.from_model(target, batch_size=batch, max_length=capacity)
-            if (lengths < width0).any():
-                cache.set_left_padding(torch.from_numpy(width0 - lengths))
-        prefix = layout.prefix
-        started = False  # drafter.start() runs before its first proposal
-        pending = None
-        step = 0
+        """One batch, step by step: draft -> target forward -> verify -> commit (see _BatchRun)."""
+        run = _BatchRun(self, rows, user_index, seeds, opts, bar)
         try:
-            while live:
-                first = step == 0
-                # room for this step's drafts and emitted tokens (at most MAX_DRAFT_TOKENS + 1 per row)
-                room = MAX_DRAFT_TOKENS + 2
-                if cache.get_seq_length() + room > cache.max_length:
-                    cache.grow(max(cache.get_seq_length() + room, min(full, 2 * cache.max_length)))
-                if int(lengths.max()) + room > tokens.shape[1]:
-                    wider = max(int(lengths.max()) + room, min(full, 2 * tokens.shape[1]))
-                    tokens = np.pad(tokens, ((0, 0), (0, wider - tokens.shape[1])))
-                remaining = max_new - (lengths - prompt_lengths)
-                budget = np.minimum(k_max, remaining - 1)  # never draft past the length limit
-                t0 = time.perf_counter()
-                draft, width = None, 0
-                if drafter is not None and budget.max() > 0 and not (first and drafter.needs_target_cache):
-                    state = DraftState(tokens, lengths, budget, temperature, top_k, top_p, seeds, step, device,
-                                       cache.max_length, self.backend, cache, offsets=offsets)
-                    if not started:
-                        drafter.start(state)
-                        started = True
-                        t_started = time.perf_counter()
-                        stats.drafter_time += t_started - t0
-                        t0 = t_started  # the step's drafting time (observe_draft_time) excludes the start
-                    if not adaptive:
-                        draft = drafter.propose(state)
-                    elif drafter.cheap:  # propose the longest drafts, then cut them to the policy's width
-                        draft = drafter.propose(state)
-                        keys = policy.keys(sampled, draft.match, previous)
-                        draft = draft.truncate(policy.width(draft.num_drafted, keys, remaining))
-                    else:  # pick the width first: proposing runs the drafter model once per position
-                        width = policy.width(budget, policy.keys(sampled, None, previous), remaining)
-                        if width > 0:
-                            state.max_drafts = np.minimum(budget, width)
-                            draft = drafter.propose(state)
-                    _sync(device)
-                if draft is None:
-                    draft = Draft(torch.empty(len(live), 0, dtype=torch.int64, device=device), None,
-                                  np.zeros(len(live), dtype=np.int64))
-                t1 = time.perf_counter()
-                k = draft.token_ids.shape[1]
-                drafts = draft.token_ids.clamp_min(0)
-                if first:  # prefill: every row's prompt (after a shared prefix; left padded), then its drafts
-                    ids = np.zeros((batch, width0 - prefix), dtype=np.int64)
-                    for b in range(batch):
-                        ids[b, width0 - lengths[b]:] = tokens[b, prefix: lengths[b]]
-                    ids = torch.cat([torch.from_numpy(ids).to(device), drafts], dim=1)
-                    q = width0 - prefix + k
-                    logits = target(input_ids=ids, position_ids=layout.position_ids(cache, q),
-                                    attention_mask=layout.attention_mask(cache, q), past_key_values=cache,
-                                    use_cache=True, logits_to_keep=k + 1).logits
-                else:
-                    ids = torch.cat([pending[:, None], drafts], dim=1)
-                    logits = target(input_ids=ids, position_ids=layout.position_ids(cache, k + 1),
-                                    attention_mask=layout.attention_mask(cache, k + 1), past_key_values=cache,
-                                    use_cache=True).logits
-                probs = draft.probs if sampled else None
-                out_ids, num_acc = ops.verify(logits, draft.token_ids, probs, temperature=temperature,
-                                              top_k=top_k, top_p=top_p, seed=seeds, offset=offsets,
-                                              backend=self.backend)
-                pending = out_ids.gather(1, num_acc[:, None].long()).squeeze(1)
-                offsets = offsets + num_acc.long() + 1  # live rows keep all n + 1 emitted tokens
-                host = torch.cat([out_ids, num_acc[:, None].long()], dim=1).cpu().numpy()  # the one sync
-                # keep pending + accepted drafts; the emitted last token becomes the new pending one.
-                # (after the sync above, the cache's own host copy of the lengths waits for nothing)
-                cache.rollback(cache.lengths - k + num_acc,
-                               host_lengths=cache.store.host_lengths - k + torch.from_numpy(host[:, -1]))
-                t2 = time.perf_counter()
-                accepted = host[:, -1]
-                if k > 0:
-                    drafter.accept(accepted)
-                t3 = time.perf_counter()
-                stats.drafter_time += (t1 - t0) + (t3 - t2)
-                if first:
-                    stats.prefill_time = t2 - t_start
-                else:
-                    stats.target_time += t2 - t1
-                    policy.cost.observe(len(live) * (k + 1), t2 - t1)
-                    if adaptive and drafter is not None and not drafter.cheap:
-                        policy.observe_draft_time(width, t1 - t0)
-                if adaptive and drafter is not None:
-                    keys = policy.keys(sampled, draft.match, previous)
-                    previous = policy.observe(keys, draft.num_drafted, accepted)
-                stats.target_steps += 1
-                stats.row_steps += len(live)
-                stats.drafted_tokens += int(draft.num_drafted.sum())
-                stats.accepted_tokens += int(accepted.sum())
-                stats._count_positions(draft.num_drafted, accepted)
-
-                keep, emitted_total = [], 0
-                for b in range(len(live)):
-                    n = int(accepted[b])
-                    emitted = host[b, : n + 1]
-                    finished = False
-                    if emitted[-1] < 0:  # no finite logit: the row cannot continue
-                        emitted, finished, reasons[live[b]] = emitted[:0], True, "error"
-                    emitted = emitted[: remaining[b]]
-                    if eos:
-                        hits = [i for i, t in enumerate(emitted.tolist()) if t in eos]
-                        if hits:
-                            emitted, finished, reasons[live[b]] = emitted[: hits[0] + 1], True, "eos"
-                    m = len(emitted)
-                    tokens[b, lengths[b]: lengths[b] + m] = emitted
-                    lengths[b] += m
-                    out_tokens[live[b]].extend(emitted.tolist())
-                    emitted_total += m
-                    if lengths[b] - prompt_lengths[b] >= max_new:
-                        finished = True
-                    if opts["callback"] is not None:
-                        opts["callback"](Chunk(user_index[live[b]], emitted.tolist(), min(n, m),
-                                               int(draft.num_drafted[b]), finished))
-                    if not finished:
-                        keep.append(b)
-                stats.generated_tokens += emitted_total
-                if bar is not None:
-                    bar.update(emitted_total)
-                step += 1
-                if len(keep) < len(live):
-                    live = [live[b] for b in keep]
-                    if not live:
-                        break
-                    index = torch.tensor(keep, dtype=torch.int64)
-                    cache.select_rows(index.to(device), host_index=index)
-                    layout.select(index)
-                    if drafter is not None and started:
-                        drafter.select_rows(index)
-                    index_np = np.asarray(keep)
-                    tokens, lengths, prompt_lengths = tokens[index_np], lengths[index_np], prompt_lengths[index_np]
-                    previous = previous[index_np]
-                    seeds = seeds[index.to(device)]
-                    offsets = offsets[index.to(device)]
-                    pending = pending[index.to(device)]
+            while run.live:
+                run.make_room()
+                draft = run.draft()
+                logits = run.forward(draft)
+                verdict = run.verify(logits, draft)
+                run.commit(draft, verdict)
         finally:
-            if drafter is not None:
-                drafter.finish()
-        _sync(device)
-        stats.total_time = time.perf_counter() - t_start
-        return out_tokens, reasons, stats
+            if self.drafter is not None:
+                self.drafter.finish()
+        _sync(self.device)
+        run.stats.total_time = time.perf_counter() - run.t_start
+        return run.out_tokens, run.reasons, run.stats
 
     def _continue(self, token_ids: Sequence[int], kept: KeptCache, *, callback: Callable[[Chunk], None] | None = None,
                   **kwargs) -> GenerationResult:

@@ -252,6 +252,12 @@ class _PaddedLayout:
     def attention_mask(self, cache, q: int) -> torch.Tensor:
         return cache.attention_mask(q)
 
+    def tree_position_ids(self, cache, parents, valid) -> torch.Tensor:
+        return cache.tree_position_ids(parents, valid).clamp_min(0)
+
+    def tree_attention_mask(self, cache, parents, valid) -> torch.Tensor:
+        return cache.tree_attention_mask(parents, valid)
+
     def select(self, index: torch.Tensor) -> None:
         pass
 
@@ -336,6 +342,18 @@ class _SharedPrefixLayout:
         hole = (slot[None, :] >= self.prefix) & (slot[None, :] < self.prefix + self.holes[:, None])  # [B, kv]
         qpos = cache.lengths.long()[:, None] + torch.arange(q, device=dev)  # [B, q]
         drop = hole[:, None, None, :] & (slot[None, None, None, :] != qpos[:, None, :, None])
+        if mask.dtype == torch.bool:
+            return mask & ~drop
+        return mask.masked_fill(drop, torch.finfo(mask.dtype).min)
+
+    def tree_position_ids(self, cache, parents, valid) -> torch.Tensor:
+        return (cache.tree_position_ids(parents, valid) - self.holes[:, None]).clamp_min(0)
+
+    def tree_attention_mask(self, cache, parents, valid) -> torch.Tensor:
+        mask = cache.tree_attention_mask(parents, valid)  # [B, 1, N+1, kv]: no query of a tree step sits in a hole
+        slot = torch.arange(mask.shape[-1], device=mask.device)
+        hole = (slot[None, :] >= self.prefix) & (slot[None, :] < self.prefix + self.holes[:, None])
+        drop = hole[:, None, None, :]
         if mask.dtype == torch.bool:
             return mask & ~drop
         return mask.masked_fill(drop, torch.finfo(mask.dtype).min)
@@ -498,6 +516,50 @@ class _Verdict(NamedTuple):
     out_ids: torch.Tensor  # [B, K+1] int64 device: accepted drafts, the emitted token, -1
     num_accepted: torch.Tensor  # [B] int32 device
     host: np.ndarray  # [B, K+2] int64: out_ids and num_accepted, the step's one host copy
+    accepted_nodes: torch.Tensor | None = None  # tree steps: [B, D] int64 device, the accepted path
+    host_nodes: np.ndarray | None = None  # ... and its host copy
+
+
+def _tree_depths(parents: np.ndarray, used: np.ndarray) -> np.ndarray:
+    """Depth of every node [B, N] (0 = child of the root, -1 = unused slot) from host parents
+    (parents before children)."""
+    depth = np.full(parents.shape, -1, dtype=np.int64)
+    rows = np.arange(parents.shape[0])
+    for i in range(parents.shape[1]):
+        par = parents[:, i]
+        up = np.where(par >= 0, depth[rows, np.clip(par, 0, None)], -1)
+        depth[:, i] = np.where(used[:, i] & ((par < 0) | (up >= 0)), np.where(par < 0, 0, up + 1), -1)
+    return depth
+
+
+class _Tree(NamedTuple):
+    """A tree step's drafts as the generator uses them (from a drafter's ``DraftTree``): device
+    tensors for the forward and the op, host copies for the policy and the stats."""
+
+    token_ids: torch.Tensor  # [B, N] int64 device, -1 = unused
+    parents: torch.Tensor  # [B, N] int64 device, -1 = child of the root
+    probs: torch.Tensor | None  # [B, N, Vd] or None
+    num_drafted: np.ndarray  # [B] host: used nodes
+    depth: np.ndarray  # [B] host: the longest path (in drafts) of each row's tree
+    match: np.ndarray | None
+
+    @classmethod
+    def of(cls, tree, max_depth=None, device=None) -> "_Tree":
+        """From a DraftTree; ``max_depth`` ([B] or int) prunes nodes at depth >= it (host work)."""
+        tokens, parents = np.array(tree.host_token_ids), np.array(tree.host_parents)
+        used = tokens >= 0
+        depth = _tree_depths(parents, used)
+        token_ids, parents_dev, probs = tree.token_ids, tree.parents, tree.probs
+        if max_depth is not None:
+            cut = used & (depth >= np.asarray(max_depth).reshape(-1, 1))
+            if cut.any():
+                tokens[cut], parents[cut], depth[cut], used = -1, -1, -1, used & ~cut
+                width = int(np.flatnonzero(used.any(0)).max(initial=-1)) + 1
+                tokens, parents, depth, used = tokens[:, :width], parents[:, :width], depth[:, :width], used[:, :width]
+                token_ids = torch.from_numpy(tokens).to(device)
+                parents_dev = torch.from_numpy(parents).to(device)
+                probs = None if probs is None else probs[:, :width]
+        return cls(token_ids, parents_dev, probs, used.sum(1), depth.max(1, initial=-1) + 1, tree.match)
 
 
 class _BatchRun:
@@ -604,7 +666,9 @@ class _BatchRun:
                 t_started = time.perf_counter()
                 self.stats.drafter_time += t_started - self.t0
                 self.t0 = t_started  # the step's drafting time (observe_draft_time) excludes the start
-            if not opts["adaptive"]:
+            if self.gen._tree_step(self.step):
+                draft = self._draft_tree(state, budget)
+            elif not opts["adaptive"]:
                 draft = drafter.propose(state)
             elif drafter.cheap:  # propose the longest drafts, then cut them to the policy's width
                 draft = drafter.propose(state)
@@ -622,6 +686,25 @@ class _BatchRun:
         self.t1 = time.perf_counter()
         return draft
 
+    def _draft_tree(self, state: DraftState, budget: np.ndarray) -> "_Tree | None":
+        """A tree of drafts (the drafter's ``propose_tree``, up to ``max_tree_nodes`` nodes). The
+        policy picks the depth as it picks a chain's width, from the rows' deepest paths; the
+        forward over N + 1 positions per row is what its cost model measures."""
+        drafter, policy, nodes = self.drafter, self.policy, self.gen.max_tree_nodes
+        if not self.opts["adaptive"]:
+            return _Tree.of(drafter.propose_tree(state, nodes))
+        if drafter.cheap:  # propose the full tree, cut it at the depth the policy picks
+            proposal = drafter.propose_tree(state, nodes)
+            full = _Tree.of(proposal)
+            keys = policy.keys(self.sampled, full.match, self.previous)
+            depth = policy.width(full.depth, keys, self.remaining)
+            return _Tree.of(proposal, depth, self.device) if depth > 0 else None
+        self.width = policy.width(budget, policy.keys(self.sampled, None, self.previous), self.remaining)
+        if self.width == 0:
+            return None
+        state.max_drafts = np.minimum(budget, self.width)
+        return _Tree.of(drafter.propose_tree(state, nodes))
+
     # -- 2. target forward ------------------------------------------------------------------------
 
     def forward(self, draft: Draft) -> torch.Tensor:
@@ -631,6 +714,12 @@ class _BatchRun:
         cache, layout, target = self.cache, self.layout, self.target
         k = draft.token_ids.shape[1]
         drafts = draft.token_ids.clamp_min(0)
+        if isinstance(draft, _Tree):  # every node attends the prefix and its ancestors only
+            valid = draft.token_ids >= 0
+            ids = torch.cat([self.pending[:, None], drafts], dim=1)
+            return target(input_ids=ids, position_ids=layout.tree_position_ids(cache, draft.parents, valid),
+                          attention_mask=layout.tree_attention_mask(cache, draft.parents, valid),
+                          past_key_values=cache, use_cache=True).logits
         if self.step == 0:
             prefix, width0 = layout.prefix, self.width0
             ids = np.zeros((len(self.live), width0 - prefix), dtype=np.int64)
@@ -654,6 +743,13 @@ class _BatchRun:
 
         opts = self.opts
         probs = draft.probs if self.sampled else None
+        if isinstance(draft, _Tree):
+            D = int(draft.depth.max(initial=0))
+            out_ids, num_acc, nodes = ops.verify_tree(
+                logits, draft.token_ids, draft.parents, probs, temperature=opts["temperature"], top_k=opts["top_k"],
+                top_p=opts["top_p"], seed=self.seeds, offset=self.offsets, max_depth=D, backend=self.gen.backend)
+            host = torch.cat([out_ids, num_acc[:, None].long(), nodes.long()], dim=1).cpu().numpy()  # the one sync
+            return _Verdict(out_ids, num_acc, host[:, : D + 2], nodes, host[:, D + 2:])
         out_ids, num_acc = ops.verify(logits, draft.token_ids, probs, temperature=opts["temperature"],
                                       top_k=opts["top_k"], top_p=opts["top_p"], seed=self.seeds,
                                       offset=self.offsets, backend=self.gen.backend)
@@ -671,10 +767,15 @@ class _BatchRun:
         # one (the host copy of the new lengths comes from the verdict: nothing waits)
         self.pending = verdict.out_ids.gather(1, verdict.num_accepted[:, None].long()).squeeze(1)
         self.offsets = self.offsets + verdict.num_accepted.long() + 1  # live rows keep all n + 1 tokens
-        self.cache.rollback(self.cache.lengths - k + verdict.num_accepted,
-                            host_lengths=self.cache.store.host_lengths - k + torch.from_numpy(accepted))
+        new_host = self.cache.store.host_lengths - k + torch.from_numpy(accepted)
+        if isinstance(draft, _Tree):  # keep the root and the accepted path, moved next to the prefix
+            self.cache.compact_tree(verdict.accepted_nodes, verdict.num_accepted, num_nodes=k, host_lengths=new_host)
+        else:
+            self.cache.rollback(self.cache.lengths - k + verdict.num_accepted, host_lengths=new_host)
         t2 = time.perf_counter()
-        if k > 0:
+        if isinstance(draft, _Tree):
+            self.drafter.accept_tree(verdict.host_nodes, accepted)
+        elif k > 0:
             self.drafter.accept(accepted)
         t3 = time.perf_counter()
         self._count(draft, accepted, k, t2, t3)
@@ -693,14 +794,16 @@ class _BatchRun:
             policy.cost.observe(len(self.live) * (k + 1), t2 - self.t1)
             if adaptive and self.drafter is not None and not self.drafter.cheap:
                 policy.observe_draft_time(self.width, self.t1 - self.t0)
+        # a tree counts like a chain as deep as its longest path (the policy's width is a depth)
+        depth = draft.depth if isinstance(draft, _Tree) else draft.num_drafted
         if adaptive and self.drafter is not None:
             keys = policy.keys(self.sampled, draft.match, self.previous)
-            self.previous = policy.observe(keys, draft.num_drafted, accepted)
+            self.previous = policy.observe(keys, depth, accepted)
         stats.target_steps += 1
         stats.row_steps += len(self.live)
-        stats.drafted_tokens += int(draft.num_drafted.sum())
+        stats.drafted_tokens += int(draft.num_drafted.sum())  # tree steps: nodes
         stats.accepted_tokens += int(accepted.sum())
-        stats._count_positions(draft.num_drafted, accepted)
+        stats._count_positions(depth, accepted)
 
     def _emit(self, draft: Draft, host: np.ndarray, accepted: np.ndarray) -> list:
         """Append each row's emitted tokens (cut at EOS and the length limit), call the callback;
@@ -770,6 +873,9 @@ class SpeculativeGenerator:
             the target's cache, nor sliding-window attention).
         backend: implementation of the ops (``specdec.ops.verify``/``sample``): "auto", "cpp",
             "triton" or "reference".
+        tree: verify a tree of drafts per row (``specdec.verify_tree``) instead of a chain, from the
+            second step on: None (default) = when the drafter proposes trees (``supports_tree``).
+        max_tree_nodes: node budget of a tree (default ``2 * num_draft_tokens``, 4..64).
         policy: the :class:`DraftLengthPolicy` (default: one that measures forward costs online);
             ``DraftLengthPolicy(forward_cost="prior")`` makes the widths, and so greedy statistics,
             independent of timing.
@@ -777,7 +883,8 @@ class SpeculativeGenerator:
 
     def __init__(self, target, drafter="ngram", tokenizer=None, *, drafter_tokenizer=None,
                  num_draft_tokens: int | None = None, adaptive: bool = True, early_exit_layers: int | None = None,
-                 share_prefix: bool = True, backend: str = "auto", policy: "DraftLengthPolicy | None" = None):
+                 share_prefix: bool = True, backend: str = "auto", policy: "DraftLengthPolicy | None" = None,
+                 tree: bool | None = None, max_tree_nodes: int | None = None):
         self.target = target
         self.tokenizer = tokenizer
         self.vocab_size = model_vocab_size(target)
@@ -790,6 +897,15 @@ class SpeculativeGenerator:
             raise ValueError(f"num_draft_tokens must be in 0..{MAX_DRAFT_TOKENS}, got {num_draft_tokens}")
         self.num_draft_tokens = num_draft_tokens
         self.adaptive = adaptive
+        supports_tree = bool(getattr(self.drafter, "supports_tree", False))
+        if tree and not supports_tree:
+            raise ValueError(f"tree=True, but the {self.drafter_name} drafter does not propose trees")
+        self.tree = supports_tree if tree is None else bool(tree)
+        if max_tree_nodes is None:
+            max_tree_nodes = min(64, max(4, 2 * num_draft_tokens))
+        if not 1 <= max_tree_nodes <= 256:
+            raise ValueError(f"max_tree_nodes must be in 1..256, got {max_tree_nodes}")
+        self.max_tree_nodes = max_tree_nodes
         self.share_prefix = share_prefix
         self.device = _model_device(target)
         self.backend = backend
@@ -817,6 +933,10 @@ class SpeculativeGenerator:
         return cls(model, drafter, tokenizer, drafter_tokenizer=drafter_tokenizer, **kwargs)
 
     _kept = None  # set by _continue only, for its one generate call: a KeptCache
+
+    def _tree_step(self, step: int) -> bool:
+        """Whether this step drafts a tree: the first step (the prefill) always drafts a chain."""
+        return self.tree and step > 0
 
     @property
     def drafter_name(self) -> str:

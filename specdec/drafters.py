@@ -306,19 +306,19 @@ class NGramDrafter(Drafter):
         length = tokens.shape[0]
         if length < 2:
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-        # candidate start s = 1 .. L-1; match length grows while tokens[s - n] == tokens[L - n]
-        ok = np.ones(length - 1, dtype=bool)
-        n = np.zeros(length - 1, dtype=np.int64)
-        for m in range(1, min(self.max_ngram, length - 1) + 1):
-            # s - m >= 0  <=>  index s - 1 >= m - 1: the first m - 1 candidates cannot match m tokens
-            eq = np.zeros(length - 1, dtype=bool)
-            eq[m - 1:] = tokens[: length - m] == tokens[length - m]
-            ok &= eq
-            if not ok.any():
+        # one pass over the text for 1-token matches (start s: tokens[s - 1] == the last token), then the
+        # few candidates are extended while tokens[s - m] == tokens[L - m]
+        starts = np.flatnonzero(tokens[: length - 1] == tokens[length - 1]) + 1
+        n = np.ones(starts.shape[0], dtype=np.int64)
+        alive = starts
+        for m in range(2, min(self.max_ngram, length - 1) + 1):
+            alive = alive[alive >= m]
+            alive = alive[tokens[alive - m] == tokens[length - m]]
+            if alive.size == 0:
                 break
-            n += ok
-        hit = np.flatnonzero(n >= self.min_ngram)
-        return hit + 1, n[hit]
+            n[np.searchsorted(starts, alive)] += 1
+        keep = n >= self.min_ngram
+        return starts[keep], n[keep]
 
     def tree(self, tokens: np.ndarray, max_depth: int, max_nodes: int) -> tuple[np.ndarray, np.ndarray, int]:
         """One row's n-gram tree: ``(token_ids [M], parents [M], matched n)`` with ``M <= max_nodes`` nodes and
@@ -344,41 +344,41 @@ class NGramDrafter(Drafter):
         if starts.size == 0:
             return empty, empty, 0
         matched = int(n.max())
-        # continuations [S, depth], -1 past the end of the text; sort them to group common prefixes
-        idx = starts[:, None] + np.arange(depth)[None, :]
+        S = starts.shape[0]
+        if S == 1:  # one occurrence: its continuation is a chain
+            cont = tokens[starts[0]: starts[0] + min(depth, max_nodes)].astype(np.int64)
+            return cont, np.arange(-1, cont.shape[0] - 1, dtype=np.int64), matched
+        # continuations [depth, S] (depth-major), -1 past the end of the text; sorting them (first token
+        # first) makes every trie node a run of consecutive columns
+        idx = starts[None, :] + np.arange(depth)[:, None]
         cont = np.where(idx < length, tokens[np.minimum(idx, length - 1)], -1)
-        order = np.lexsort(cont.T[::-1])
-        cont, starts, n = cont[order], starts[order], n[order]
-        S = cont.shape[0]
-        # new[i, d]: row i starts a new trie node at depth d (its prefix 0..d differs from row i-1's)
-        new = np.ones((S, depth), dtype=bool)
-        if S > 1:
-            new[1:] = ~np.logical_and.accumulate(cont[1:] == cont[:-1], axis=1)
-        # column-major node ids: nodes of depth d are contiguous, in sorted-prefix order
-        flat_new = new.T.ravel()
-        node = (np.cumsum(flat_new) - 1).reshape(depth, S).T  # [S, depth]
-        num = int(node[-1, -1]) + 1
-        first = np.flatnonzero(flat_new)  # flat (column-major) position of each node's first row
-        tok = cont.T.ravel()[first]
+        order = np.lexsort(cont[::-1])
+        cont, starts, n = cont[:, order], starts[order], n[order]
+        # new[d, i]: column i starts a new trie node at depth d (its prefix 0..d differs from column i-1's)
+        new = np.ones((depth, S), dtype=bool)
+        new[:, 1:] = ~np.logical_and.accumulate(cont[:, 1:] == cont[:, :-1], axis=0)
+        flat_new = new.ravel()
+        flat_node = np.cumsum(flat_new) - 1  # node id of every (depth, column), depth-major
+        first = np.flatnonzero(flat_new)  # each node's first (depth, column), flat
+        num = first.shape[0]
+        tok = cont.ravel()[first]
         dep = first // S
-        row0 = first % S
-        parent = np.where(dep > 0, node[row0, np.maximum(dep - 1, 0)], -1)
+        parent = np.where(first >= S, flat_node[first - S], -1)  # the same column one level up
         # score: weighted occurrences through the node times decay^depth; ties: recency, then depth
         weight = float(self.tree_weight) ** (n - self.min_ngram)  # [S] integers: the sums are exact
-        count = np.bincount(node.T.ravel(), weights=np.broadcast_to(weight[None, :], (depth, S)).ravel(),
-                            minlength=num)
+        count = np.bincount(flat_node, weights=np.tile(weight, depth), minlength=num)
         score = count * (self.tree_decay ** np.arange(depth, dtype=np.float64))[dep]
-        rec = np.broadcast_to(starts[None, :], (depth, S)).ravel()
+        rec = np.tile(starts, depth)
         if self.prefer == "recent":
             recency = -np.maximum.reduceat(rec, first)
         else:
             recency = np.minimum.reduceat(rec, first)
-        valid = tok >= 0
         order = np.lexsort([dep, recency, -score])
-        order = order[valid[order]][:max_nodes]
+        order = order[tok[order] >= 0][:max_nodes]
         out = np.full(num, -1, dtype=np.int64)
-        out[order] = np.arange(order.size)
-        return tok[order].astype(np.int64), np.where(parent[order] >= 0, out[np.maximum(parent[order], 0)], -1), matched
+        out[order] = np.arange(order.shape[0])
+        par = parent[order]
+        return tok[order].astype(np.int64), np.where(par >= 0, out[par], -1), matched
 
     def propose_tree(self, state: DraftState, max_nodes: int) -> DraftTree:
         """Per row :meth:`tree` with depth ``max_drafts[b]``; host numpy only, one non-blocking copy to the
@@ -427,6 +427,9 @@ class ModelDrafter(Drafter):
     After verification the cache is rolled back per row to the accepted prefix: no re-prefill.
     Sampling uses :func:`specdec.ops.sample` with the request's temperature/top-k/top-p, so the
     returned ``probs`` are exactly the distributions the drafts were drawn from; greedy uses argmax.
+    Trees (:meth:`propose_tree`, EAGLE-2 style top-k, ``tree_children`` children per expanded node,
+    ``tree_expand`` nodes expanded per level): one forward per level over the drafter cache's tree steps;
+    :meth:`accept_tree` compacts the cache to the accepted path (no re-prefill either).
     """
 
     stochastic = True

@@ -149,7 +149,7 @@ def race_in_block(weights, competes, offs, seed, offset, stream: tl.constexpr, p
     return winner
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["K", "tiles_per_split", "num_splits"])
 def softmax_stats_kernel(
     logits_ptr,  # [B * (K+1), V] float logits, contiguous
     drafts_ptr,  # [B, K] int64 draft ids (K = 0: unused)
@@ -209,7 +209,7 @@ def combine_row_stats(m_ptr, z_ptr, a_ptr, ai_ptr, row, num_splits, c, BLOCK_S: 
 # ------------------------------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["K", "S1", "blocks_per_split", "S2"])
 def _sample_probs_kernel(
     logits_ptr,  # [R, V] float logits, R = B * (K+1)
     temperature_ptr, seed_ptr, offset_ptr,  # [B] each
@@ -270,7 +270,7 @@ def _sample_probs_kernel(
     tl.store(race_id_ptr + row * S2 + split, top_id)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["K", "S1", "S2"])
 def _sample_finish_kernel(
     logits_ptr,  # [R, V] float logits, R = B * (K+1)
     temperature_ptr, seed_ptr, offset_ptr,  # [B] each
@@ -353,17 +353,38 @@ def filter_thresholds(logits, temperature, top_k, top_p):
 
 
 _SM_COUNT = {}
+# Pass 1 (75 registers x 256 threads) fits 3 programs per SM; aim for 2 waves of them, and split a
+# row's vocabulary over programs whenever the rows alone would give fewer.
+PROGRAMS_PER_SM = 3
+WAVES = 2
+MIN_BLOCK_S = 16  # partial-result tiles are at least this wide: fewer compiled variants
 
 
-def num_splits_for(rows: int, n_tiles: int, device: torch.device) -> int:
-    """How many programs share a row's vocabulary: enough programs to fill the GPU (about 4 per
-    SM) when there are few rows. Under the interpreter programs run one after another, so 1."""
+def _sm_count(device: torch.device):
+    """Streaming multiprocessors of a CUDA device; None elsewhere (the interpreter runs programs
+    one after another, so splitting a row buys nothing there)."""
     if device.type != "cuda":
-        return 1
+        return None
     idx = device.index if device.index is not None else torch.cuda.current_device()
     if idx not in _SM_COUNT:
         _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return max(1, min(n_tiles, (4 * _SM_COUNT[idx]) // max(rows, 1)))
+    return _SM_COUNT[idx]
+
+
+def num_splits_for(rows: int, n_tiles: int, device: torch.device) -> int:
+    """How many programs share a row's vocabulary: enough for WAVES waves of PROGRAMS_PER_SM
+    programs per SM when the rows alone do not fill them; at most one tile per program."""
+    sms = _sm_count(device)
+    if sms is None:
+        return 1
+    target = WAVES * PROGRAMS_PER_SM * sms
+    return max(1, min(n_tiles, -(-target // max(rows, 1))))
+
+
+def _block_s(splits: int) -> int:
+    """Width of the tile that loads a row's per-split partials: a power of two >= MIN_BLOCK_S
+    (bucketed: the split count changes with the batch, the compiled kernel need not)."""
+    return max(MIN_BLOCK_S, triton.next_power_of_2(splits))
 
 
 def split_plan(V: int, rows: int, device, block_v=None, num_splits=None):
@@ -374,25 +395,30 @@ def split_plan(V: int, rows: int, device, block_v=None, num_splits=None):
     tiles_per_split = triton.cdiv(n_tiles, max(1, min(splits, n_tiles)))
     splits = triton.cdiv(n_tiles, tiles_per_split)  # no empty split
     num_warps = 8 if BLOCK_V >= 2048 else 4
-    return BLOCK_V, tiles_per_split, splits, triton.next_power_of_2(splits), num_warps
+    return BLOCK_V, tiles_per_split, splits, _block_s(splits), num_warps
 
 
 def race_plan(V: int, rows: int, device, block_v=None, num_splits=None):
     """(blocks_per_split, num_splits, BLOCK_S, TILE_BLOCKS, num_warps) of a race pass over rows
     of V ids. Splits own whole race blocks; a tile is TILE_BLOCKS whole blocks, about as wide as
-    the stats pass's tile (``block_v``, default up to 2048 ids) but no wider than a split."""
+    the stats pass's tile (``block_v``, default up to 2048 ids); a split smaller than a tile masks
+    the rest (one compiled variant whatever the batch)."""
     race_block = RACE_BLOCK.value
     n_blocks = triton.cdiv(V, race_block)
     width = block_v or min(2048, triton.next_power_of_2(max(V, 16)))
-    tile_max = max(1, width // race_block)
+    tile_blocks = max(1, width // race_block)
     # by default a split gets at least a full tile: more, smaller programs would each redo the
     # row's setup (in verify: combining the partials and the acceptance tests)
-    splits = num_splits or num_splits_for(rows, triton.cdiv(n_blocks, tile_max), device)
+    splits = num_splits or num_splits_for(rows, triton.cdiv(n_blocks, tile_blocks), device)
     blocks_per_split = triton.cdiv(n_blocks, max(1, min(splits, n_blocks)))
     splits = triton.cdiv(n_blocks, blocks_per_split)  # no empty split
-    tile_blocks = min(tile_max, triton.next_power_of_2(blocks_per_split))
     num_warps = 8 if tile_blocks * race_block >= 2048 else 4
-    return blocks_per_split, splits, triton.next_power_of_2(splits), tile_blocks, num_warps
+    return blocks_per_split, splits, _block_s(splits), tile_blocks, num_warps
+
+
+def block_k(k: int) -> int:
+    """Width of a tile over K draft positions: a power of two >= 8 (bucketed, as _block_s)."""
+    return max(8, triton.next_power_of_2(max(k, 1)))
 
 
 def race_rows(logits, temperature, thr, seed, offset, stats, stats_id, K, tokens, probs,
@@ -409,7 +435,7 @@ def race_rows(logits, temperature, thr, seed, offset, stats, stats_id, K, tokens
     blocks_per_split, S2, BLOCK_S2, TILE_BLOCKS, warps2 = race_plan(V, R, dev, block_v, num_splits)
     race = torch.empty((R, S2), dtype=torch.float32, device=dev)
     race_id = torch.empty((R, S2), dtype=torch.int32, device=dev)
-    BLOCK_S1 = triton.next_power_of_2(S1)
+    BLOCK_S1 = _block_s(S1)
     _sample_probs_kernel[(R, S2)](
         logits, temperature, seed, offset, thr_arg, stats[0], stats[1], stats[2], stats_id,
         probs if probs is not None else race, race, race_id, V, K, S1, blocks_per_split, S2,

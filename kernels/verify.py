@@ -57,6 +57,7 @@ from specdec.kernels.philox import (
 from specdec.kernels.sample import (
     _BIG_ID,
     RACE_BLOCK,
+    block_k,
     clean_logits,
     exp2_scale,
     filter_thresholds,
@@ -87,7 +88,7 @@ def _residual(p, q_row_ptr, offs, q_lim, resid_draft, HAS_Q: tl.constexpr):
     return tl.where(use, tl.maximum(p - q, 0.0), 0.0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["K", "S1", "blocks_per_split", "S2"])
 def _verify_accept_race_kernel(
     logits_ptr,  # [B, K+1, Vt] float target logits
     drafts_ptr,  # [B, K] int64 draft ids
@@ -225,7 +226,7 @@ def _verify_accept_race_kernel(
     tl.store(resid_ptr + out, tl.sum(resid_mass, 0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["K", "S2"])
 def _verify_finish_kernel(
     logits_ptr,  # [B, K+1, Vt] float target logits
     q_ptr,  # [B, K, Vd] float draft probabilities (HAS_Q)
@@ -270,7 +271,7 @@ def _verify_finish_kernel(
         tl.store(out_ptr + b * K1 + s, token.to(tl.int64))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["K"])
 def _sample_compare_kernel(
     own_ptr,  # [B, K+1] int64: the target's own token at each position (-1: none)
     drafts_ptr,  # [B, K] int64 draft ids
@@ -344,7 +345,7 @@ def verify(target_logits, draft_token_ids, draft_probs, temperature, top_k, top_
     BLOCK_V, tps1, S1, BLOCK_S1, warps1 = split_plan(Vt, rows, dev, block_v, num_splits)
     stats = torch.empty((3, rows, S1), dtype=torch.float32, device=dev)  # max, sum, argmax value
     stats_id = torch.empty((rows, S1), dtype=torch.int32, device=dev)
-    BLOCK_K = triton.next_power_of_2(max(K, 1))
+    BLOCK_K = block_k(K)
     softmax_stats_kernel[(rows, S1)](
         logits, drafts_arg, temperature, thr_arg, stats[0], stats[1], stats[2], stats_id,
         Vt, K, tps1, S1,
@@ -357,7 +358,7 @@ def verify(target_logits, draft_token_ids, draft_probs, temperature, top_k, top_
         race_rows(logits.view(rows, Vt), temperature, thr, seed, offset, stats, stats_id, K, own,
                   None, block_v, num_race_splits)
         _sample_compare_kernel[(B,)](own, drafts_arg, out, num_acc, K,
-                                     BLOCK_K1=triton.next_power_of_2(K1), num_warps=1)
+                                     BLOCK_K1=block_k(K1), num_warps=1)
         return out, num_acc
 
     # pass 2: acceptance, then the block races at the emit position over (row, split of blocks)
@@ -372,7 +373,7 @@ def verify(target_logits, draft_token_ids, draft_probs, temperature, top_k, top_
         stats[0], stats[1], stats[2], stats_id, out, num_acc, row_i[0], row_i[1],
         row_f[0], row_f[1], row_f[2], races[0], race_ids[0], races[1], race_ids[1], races[2],
         K, Vt, Vd, S1, blocks_per_split, S2,
-        HAS_Q=has_q, HAS_THR=thr is not None, BLOCK_K1=triton.next_power_of_2(K1),
+        HAS_Q=has_q, HAS_THR=thr is not None, BLOCK_K1=block_k(K1),
         BLOCK_S1=BLOCK_S1, TILE_BLOCKS=TILE_BLOCKS, num_warps=warps2)
 
     # the race inside the winning block

@@ -435,7 +435,7 @@ def _check_verify_tree(target_logits, tree_token_ids, tree_parents, draft_probs,
         b, i = (int(x) for x in bad.nonzero()[0])
         raise ValueError(f"tree_parents[{b}, {i}] = {int(parents[b, i])}: a node's parent must be -1 (the root) "
                          f"or an earlier node index in [0, {i}) (parents before children)")
-    orphan = used & (parents >= 0) & ~used.gather(1, parents.clamp(min=0))
+    orphan = used & (parents >= 0) & ~used.gather(1, parents.clamp(0, max(N - 1, 0)))
     if bool(orphan.any()):
         b, i = (int(x) for x in orphan.nonzero()[0])
         raise ValueError(f"tree_parents[{b}, {i}] = {int(parents[b, i])} is an unused slot "

@@ -178,8 +178,11 @@ def _race(weights: torch.Tensor, seed, offset, stream: int, block_stream: int, p
     blocks = torch.nn.functional.pad(weights, (0, nb * RACE_BLOCK - V)).view(B, nb, RACE_BLOCK)
     block_ids = torch.arange(nb, dtype=torch.int64, device=dev).expand(B, nb)
     block = _race_flat(blocks.sum(-1), seed, offset, block_stream, position, block_ids)
-    ids = block[:, None] * RACE_BLOCK + torch.arange(RACE_BLOCK, dtype=torch.int64, device=dev)
-    inner = blocks[torch.arange(B, device=dev), block]  # [B, RACE_BLOCK], zero past V
+    # ids past V weigh 0 and never win (nor does column 0 change for an all-zero row), so a
+    # vocabulary smaller than one block draws only V numbers: the same tokens, less work
+    width = min(RACE_BLOCK, V)
+    ids = block[:, None] * RACE_BLOCK + torch.arange(width, dtype=torch.int64, device=dev)
+    inner = blocks[torch.arange(B, device=dev), block, :width]  # [B, width], zero past V
     return block * RACE_BLOCK + _race_flat(inner, seed, offset, stream, position, ids)
 
 
@@ -308,6 +311,14 @@ def sample(logits, temperature, top_k, top_p, seed, offset):
     return token, probs.float()
 
 
+def _residual(p_cur: torch.Tensor, q: torch.Tensor):
+    """The target after a rejection: norm(max(0, p_cur - q)) per row [B, V], and whether it has
+    mass (rows without mass keep p_cur; the returned row is then meaningless)."""
+    resid = (p_cur - q).clamp(min=0)
+    mass = resid.sum(1, keepdim=True)
+    return resid / torch.where(mass > 0, mass, torch.ones_like(mass)), mass[:, 0] > 0
+
+
 def tree_structure(tree_token_ids, tree_parents, max_depth: int):
     """Which nodes of a token tree take part, and their depths.
 
@@ -399,6 +410,7 @@ def verify_tree(target_logits, tree_token_ids, tree_parents, draft_probs, temper
     in_range = (tokens >= 0) & (tokens < Vd)
     safe = tokens.clamp(0, Vd - 1)
     node_ids = torch.arange(N, device=dev)
+    q_all = draft_probs.to(dev).double() if draft_probs is not None else None
 
     out = torch.full((B, D + 1), -1, dtype=torch.int64, device=dev)
     accepted_nodes = torch.full((B, D), -1, dtype=torch.int64, device=dev)
@@ -407,8 +419,13 @@ def verify_tree(target_logits, tree_token_ids, tree_parents, draft_probs, temper
     active = ~bad_t  # rows still walking
     cur = torch.full((B,), -1, dtype=torch.int64, device=dev)  # current node, -1 = the root
 
-    def own_sample(p, off):  # the target's own sample: the sample op's race
-        return _race(p, seed, off, STREAM_SAMPLE, STREAM_SAMPLE_BLOCK, torch.zeros_like(off))
+    def race(p, off, need, stream, block_stream):
+        """_race over the rows in ``need`` (the others get 0: never used)."""
+        tok = torch.zeros(B, dtype=torch.int64, device=dev)
+        idx = need.nonzero()[:, 0]
+        if len(idx):
+            tok[idx] = _race(p[idx], seed[idx], off[idx], stream, block_stream, torch.zeros_like(idx))
+        return tok
 
     for j in range(D + 1):
         if not bool(active.any()):
@@ -421,10 +438,16 @@ def verify_tree(target_logits, tree_token_ids, tree_parents, draft_probs, temper
         active &= finite[rows, v]
         children = valid & (parents == cur[:, None]) & active[:, None]  # [B, N]
         has_child = children.any(1)
-        first = lambda m: torch.where(m, node_ids, N).min(1).values  # noqa: E731  lowest node, N if none
+        # the lowest node where m holds, N if none
+        first = lambda m: torch.where(m, node_ids, N).amin(1) if N else torch.zeros_like(cur)  # noqa: E731
 
+        # the target's own sample at v (the sample op's race); with draft probabilities it is
+        # only the bonus of a node without children
+        own_needed = active & ~greedy
+        if draft_probs is not None:
+            own_needed &= ~has_child
+        own = race(p_v, off, own_needed, STREAM_SAMPLE, STREAM_SAMPLE_BLOCK)
         # greedy rows and sample and compare: the first child equal to the target's token
-        own = own_sample(p_v, off)
         target_tok = torch.where(greedy, argmax[rows, v], own)
         match = first(children & in_range & (tokens == target_tok[:, None]))
         accepted = torch.where(match < N, match, torch.full_like(match, -1))
@@ -432,7 +455,6 @@ def verify_tree(target_logits, tree_token_ids, tree_parents, draft_probs, temper
 
         if draft_probs is not None:
             # recursive rejection sampling over v's children, in index order (sampled rows)
-            q_all = draft_probs.to(dev).double()
             sampled = active & ~greedy
             p_cur = p_v.clone()
             decided = ~sampled | ~has_child
@@ -452,12 +474,12 @@ def verify_tree(target_logits, tree_token_ids, tree_parents, draft_probs, temper
                 acc_q = torch.where(acc, torch.full_like(acc_q, i), acc_q)
                 decided |= acc
                 rejected = tried & ~acc
-                resid = (p_cur - q_i).clamp(min=0)
-                mass = resid.sum(1, keepdim=True)
-                update = rejected & in_range[:, i] & (mass[:, 0] > 0)
-                p_cur = torch.where(update[:, None], resid / torch.where(mass > 0, mass, 1.0), p_cur)
+                resid, has_mass = _residual(p_cur, q_i)
+                update = rejected & in_range[:, i] & has_mass
+                p_cur = torch.where(update[:, None], resid, p_cur)
                 rank += tried.long()
-            resampled = _race(p_cur, seed, off, STREAM_RESAMPLE, STREAM_RESAMPLE_BLOCK, torch.zeros_like(off))
+            all_rejected = sampled & has_child & (acc_q < 0)
+            resampled = race(p_cur, off, all_rejected, STREAM_RESAMPLE, STREAM_RESAMPLE_BLOCK)
             q_token = torch.where(has_child, resampled, own)  # no child: the bonus, own sample
             accepted = torch.where(greedy, accepted, acc_q)
             token = torch.where(greedy, token, q_token)

@@ -30,6 +30,9 @@ equal the target's own samples and the first mismatch emits it, so the emitted t
 text that plain sampling (``sample`` with offset = token index, no drafter) produces with the same
 seed, whatever the drafts, K or batch. With draft probabilities the bonus token (no rejection) is
 the target's own sample too; a rejection draws the residual from ``STREAM_RESAMPLE*``.
+``verify_tree`` keys the same way by depth: everything about the children of a node at depth j
+(the root is at depth 0) uses ``offset + j``, and the r-th child tried there uses index r of
+``STREAM_ACCEPT``; on a chain this is ``verify``'s layout.
 
 Sampling from a weight vector w >= 0 (not necessarily normalised) is a two-level exponential race
 (``_race``). An exponential race draws argmax_j w_j / e_j over w_j > 0 (ties to the lowest index),
@@ -178,8 +181,8 @@ def _race(weights: torch.Tensor, seed, offset, stream: int, block_stream: int, p
     blocks = torch.nn.functional.pad(weights, (0, nb * RACE_BLOCK - V)).view(B, nb, RACE_BLOCK)
     block_ids = torch.arange(nb, dtype=torch.int64, device=dev).expand(B, nb)
     block = _race_flat(blocks.sum(-1), seed, offset, block_stream, position, block_ids)
-    # ids past V weigh 0 and never win (nor does column 0 change for an all-zero row), so a
-    # vocabulary smaller than one block draws only V numbers: the same tokens, less work
+    # ids past V weigh 0 and never win (an all-zero row still gives column 0), so a vocabulary
+    # smaller than one block draws only V numbers: the same tokens, less work
     width = min(RACE_BLOCK, V)
     ids = block[:, None] * RACE_BLOCK + torch.arange(width, dtype=torch.int64, device=dev)
     inner = blocks[torch.arange(B, device=dev), block, :width]  # [B, width], zero past V

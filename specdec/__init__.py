@@ -1,13 +1,13 @@
 """specdec: fused kernels for exact speculative decoding.
 
-``specdec.ops`` holds the fused ops (``verify``, ``sample``), ``specdec.cache`` the ragged KV cache,
+``specdec.ops`` holds the fused ops (``verify``, ``verify_tree``, ``sample``), ``specdec.cache`` the ragged KV cache,
 and the top level the Hugging Face layer (``load_model``, ``SpeculativeGenerator``), imported lazily
 so that ``import specdec`` stays light.
 """
 __version__ = "0.1.0"
 
 from specdec import ops  # noqa: E402
-from specdec.ops import backends, sample, verify  # noqa: E402
+from specdec.ops import backends, sample, verify, verify_tree  # noqa: E402
 
 _LAZY = {
     "load_model": "specdec.models",
@@ -30,4 +30,4 @@ def __getattr__(name):
     raise AttributeError(f"module 'specdec' has no attribute {name!r}")
 
 
-__all__ = ["ops", "verify", "sample", "backends", *_LAZY]
+__all__ = ["ops", "verify", "verify_tree", "sample", "backends", *_LAZY]

@@ -1,6 +1,7 @@
-"""Public op API: ``verify`` (fused chain verification) and ``sample`` (fused sampling).
+"""Public op API: ``verify`` (fused chain verification), ``verify_tree`` (tree verification) and
+``sample`` (fused sampling).
 
-Each op is a ``torch.library`` custom op (``torch.ops.specdec.verify`` / ``torch.ops.specdec.sample``)
+Each op is a ``torch.library`` custom op (``torch.ops.specdec.verify`` / ``verify_tree`` / ``sample``)
 with a fake implementation, so it traces under ``torch.compile``. The Python functions below turn
 scalar or per-row arguments into per-row tensors (on the device, no host sync), optionally validate
 them (``check=True``), and call the op, which dispatches to one of three implementations:
@@ -22,7 +23,7 @@ import torch
 
 from specdec import reference
 
-__all__ = ["verify", "sample", "backends", "row_seeds", "BACKENDS"]
+__all__ = ["verify", "verify_tree", "sample", "backends", "row_seeds", "BACKENDS"]
 
 BACKENDS = ("auto", "reference", "cpp", "triton")
 Scalar = Union[int, float]
@@ -48,6 +49,7 @@ def _load_triton():
         try:
             import specdec.kernels.sample  # noqa: F401
             import specdec.kernels.verify  # noqa: F401
+            import specdec.kernels.verify_tree  # noqa: F401
 
             if os.environ.get("TRITON_INTERPRET") == "1":
                 msg = "triton kernels loaded (interpreter on: CPU tensors allowed, slow)"
@@ -135,6 +137,49 @@ def _(target_logits, draft_token_ids, draft_probs, temperature, top_k, top_p, se
     B, K1, _ = target_logits.shape
     return (target_logits.new_empty((B, K1), dtype=torch.int64),
             target_logits.new_empty((B,), dtype=torch.int32))
+
+
+@torch.library.custom_op("specdec::verify_tree", mutates_args=())
+def _verify_tree_op(
+    target_logits: torch.Tensor,
+    tree_token_ids: torch.Tensor,
+    tree_parents: torch.Tensor,
+    draft_probs: Optional[torch.Tensor],
+    temperature: torch.Tensor,
+    top_k: Optional[torch.Tensor],
+    top_p: Optional[torch.Tensor],
+    seed: torch.Tensor,
+    offset: torch.Tensor,
+    max_depth: int,
+    backend: str,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    impl = _pick(backend, target_logits.device)
+    if impl == "reference":
+        top_k, top_p = _materialise(top_k, top_p, temperature)
+        return reference.verify_tree(target_logits, tree_token_ids, tree_parents, draft_probs, temperature,
+                                     top_k, top_p, seed, offset, max_depth)
+    t_ok = torch.nan_to_num(temperature, nan=1.0, posinf=1.0)  # the kernels never see NaN / inf
+    if impl == "triton":
+        from specdec.kernels import verify_tree as tvt
+
+        out = tvt.verify_tree(target_logits, tree_token_ids, tree_parents, draft_probs, t_ok, top_k, top_p,
+                              seed, offset, max_depth)
+    else:
+        top_k, top_p = _materialise(top_k, top_p, temperature)
+        out = torch.ops.specdec_cpp.verify_tree(target_logits, tree_token_ids, tree_parents, draft_probs, t_ok,
+                                                top_k, top_p, seed, offset, max_depth)
+    out_ids, num_accepted = _void_bad_temperature(temperature, out[0], out[1])
+    nodes, _ = _void_bad_temperature(temperature, out[2], out[1])
+    return out_ids, num_accepted, nodes
+
+
+@_verify_tree_op.register_fake
+def _(target_logits, tree_token_ids, tree_parents, draft_probs, temperature, top_k, top_p, seed, offset,
+      max_depth, backend):
+    B = target_logits.shape[0]
+    return (target_logits.new_empty((B, max_depth + 1), dtype=torch.int64),
+            target_logits.new_empty((B,), dtype=torch.int32),
+            target_logits.new_empty((B, max_depth), dtype=torch.int64))
 
 
 @torch.library.custom_op("specdec::sample", mutates_args=())
@@ -341,6 +386,69 @@ def _check_verify(target_logits, draft_token_ids, draft_probs, temperature, top_
     # the position where a row's token is drawn matters, which the op tells (verify's check)
 
 
+def _check_int_tensor(t, name: str, shape, like: torch.Tensor):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name} must be int32 or int64, got {t.dtype}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must be [B, N] = {list(shape)} to match target_logits "
+                         f"{tuple(like.shape)}, got {tuple(t.shape)}")
+    if t.device != like.device:
+        raise ValueError(f"{name} is on {t.device}, target_logits on {like.device}")
+
+
+def _check_verify_tree(target_logits, tree_token_ids, tree_parents, draft_probs, max_depth,
+                       temperature, top_k, top_p):
+    _check_float(target_logits, "target_logits")
+    if target_logits.dim() != 3:
+        raise ValueError(f"target_logits must be [B, N+1, V], got shape {tuple(target_logits.shape)}")
+    B, N1, Vt = target_logits.shape
+    if N1 < 1 or Vt < 1 or B < 1:
+        raise ValueError(f"target_logits must have B >= 1, N+1 >= 1, V >= 1, got {tuple(target_logits.shape)}")
+    N = N1 - 1
+    _check_int_tensor(tree_token_ids, "tree_token_ids", (B, N), target_logits)
+    _check_int_tensor(tree_parents, "tree_parents", (B, N), target_logits)
+    Vd = Vt
+    if draft_probs is not None:
+        _check_float(draft_probs, "draft_probs")
+        if draft_probs.dim() != 3 or tuple(draft_probs.shape[:2]) != (B, N):
+            raise ValueError(f"draft_probs must be [B, N, Vd] = [{B}, {N}, Vd], got {tuple(draft_probs.shape)}")
+        Vd = draft_probs.shape[2]
+        if not 1 <= Vd <= Vt:
+            raise ValueError(f"draft_probs vocabulary Vd={Vd} must be in [1, Vt={Vt}]")
+        if draft_probs.device != target_logits.device:
+            raise ValueError(f"draft_probs is on {draft_probs.device}, target_logits on {target_logits.device}")
+        if bool((draft_probs < 0).any()) or not bool(torch.isfinite(draft_probs).all()):
+            raise ValueError("draft_probs must be finite and >= 0")
+    tokens = tree_token_ids.long().cpu()
+    parents = tree_parents.long().cpu()
+    used = tokens != -1
+    oob = used & ((tokens < 0) | (tokens >= Vd))
+    if bool(oob.any()):
+        b, i = (int(x) for x in oob.nonzero()[0])
+        raise ValueError(f"tree_token_ids[{b}, {i}] = {int(tokens[b, i])} is outside the draft vocabulary "
+                         f"[0, {Vd}) (-1 marks an unused slot)")
+    idx = torch.arange(N)
+    bad = used & (parents != -1) & ((parents < 0) | (parents >= idx[None]))
+    if bool(bad.any()):
+        b, i = (int(x) for x in bad.nonzero()[0])
+        raise ValueError(f"tree_parents[{b}, {i}] = {int(parents[b, i])}: a node's parent must be -1 (the root) "
+                         f"or an earlier node index in [0, {i}) (parents before children)")
+    orphan = used & (parents >= 0) & ~used.gather(1, parents.clamp(0, max(N - 1, 0)))
+    if bool(orphan.any()):
+        b, i = (int(x) for x in orphan.nonzero()[0])
+        raise ValueError(f"tree_parents[{b}, {i}] = {int(parents[b, i])} is an unused slot "
+                         f"(tree_token_ids[{b}, {int(parents[b, i])}] = -1): a used node needs a used parent")
+    _, depth = reference.tree_structure(tokens, parents, N)
+    deep = depth > max_depth
+    if bool(deep.any()):
+        b, i = (int(x) for x in deep.nonzero()[0])
+        raise ValueError(f"max_depth={max_depth} but node [{b}, {i}] is at depth {int(depth[b, i])}: "
+                         "nodes deeper than max_depth would be ignored")
+    _check_params(B, target_logits.device, temperature, top_k, top_p)
+
+
 # ---------------------------------------------------------------------------------------------
 # public functions
 
@@ -416,6 +524,96 @@ def verify(
             raise ValueError(f"target_logits row {b}: the position its token is drawn from (after "
                              "its accepted drafts) has no finite logit; the row emits nothing")
     return out, num_accepted
+
+
+def verify_tree(
+    target_logits: torch.Tensor,
+    tree_token_ids: torch.Tensor,
+    tree_parents: torch.Tensor,
+    draft_probs: Optional[torch.Tensor] = None,
+    *,
+    temperature: PerRow = 1.0,
+    top_k: PerRow = 0,
+    top_p: PerRow = 1.0,
+    seed: Optional[PerRow] = None,
+    offset: PerRow = 0,
+    max_depth: Optional[int] = None,
+    check: bool = False,
+    backend: str = "auto",
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exact verification of a token tree per row (multi-draft speculative sampling: SpecInfer's
+    recursive rejection sampling with the real draft distributions; ``specdec.reference.verify_tree``
+    is the specification).
+
+    Args:
+        target_logits: [B, N+1, Vt] float32/float16/bfloat16. Index 0 is the root (the last
+            committed token), index i+1 is tree node i; the logits at index n predict n's children.
+        tree_token_ids: [B, N] int32/int64, node i's token; -1 marks an unused slot (ragged trees).
+        tree_parents: [B, N] int32/int64, node i's parent: -1 = the root, else a node index < i
+            (parents before children). Siblings are tried in index order.
+        draft_probs: [B, N, Vd] float, Vd <= Vt: the distribution node i's token was drawn from
+            (for siblings drawn without replacement, the conditional one that excluded the earlier
+            siblings), or None for deterministic children (n-gram / argmax trees): then a node
+            accepts the first child equal to the target's own sample there (what ``sample`` draws
+            with offset + depth), drawn once.
+        temperature, top_k, top_p, seed, offset: as in ``verify``. The draws that decide the
+            children of a node at depth j (the root is at depth 0) use counter offset + j, so on a
+            chain (node i's parent is i - 1) this op gives ``verify``'s tokens.
+        max_depth: D, the longest path accepted (static output shape, no host sync); default N.
+            Nodes deeper than D are ignored (``check=True`` raises instead).
+        check: validate eagerly (host sync) and raise ValueError/TypeError naming the argument:
+            shapes, dtypes, devices, parents (-1 or an earlier used node), tokens in [0, Vd) or -1,
+            depths, sampling parameters, and a row that emits nothing. Without it, invalid nodes
+            (bad parent, parent an unused slot, too deep) are simply never anyone's child, and
+            tokens outside [0, Vd) are rejected: nothing is read out of bounds.
+        backend: "auto", "cpp", "triton" or "reference".
+
+    Returns:
+        output_ids: [B, D+1] int64: the accepted path's tokens, one emitted token (a recovered
+            token or the bonus), then -1.
+        num_accepted: [B] int32 in [0, D]; tokens emitted per row = num_accepted + 1.
+        accepted_nodes: [B, D] int64: node indices of the accepted path, -1 padded (for cache
+            compaction). A row emits nothing (all -1, num_accepted 0) only when the node where its
+            token is drawn has no finite logit, or its temperature is NaN / +inf.
+    """
+    if check:
+        _check_float(target_logits, "target_logits")
+        if target_logits.dim() != 3:
+            raise ValueError(f"target_logits must be [B, N+1, V], got shape {tuple(target_logits.shape)}")
+    _same_device(target_logits, "target_logits", tree_token_ids=tree_token_ids, tree_parents=tree_parents,
+                 draft_probs=draft_probs)
+    target_logits = _as_kernel_float(target_logits)
+    if draft_probs is not None:
+        draft_probs = _as_kernel_float(draft_probs)
+    B, N1 = target_logits.shape[0], target_logits.shape[1]
+    if max_depth is None:
+        max_depth = N1 - 1
+    if isinstance(max_depth, bool) or not isinstance(max_depth, int):
+        raise TypeError(f"max_depth must be an int or None, got {type(max_depth).__name__}")
+    if max_depth < 0:
+        raise ValueError(f"max_depth must be >= 0, got {max_depth}")
+    dev = target_logits.device
+    temperature_t = _per_row(temperature, B, torch.float32, dev, "temperature")
+    top_k_t, top_p_t = _filters(top_k, top_p, B, dev)
+    if check:
+        _check_verify_tree(target_logits, tree_token_ids, tree_parents, draft_probs, max_depth, temperature_t,
+                           *_materialise(top_k_t, top_p_t, temperature_t))
+    seed_t = _seeds(seed, B, dev)
+    offset_t = _per_row(offset, B, torch.int64, dev, "offset")
+    if draft_probs is not None:
+        draft_probs = draft_probs.contiguous()
+    out, num_accepted, nodes = torch.ops.specdec.verify_tree(
+        target_logits.contiguous(), tree_token_ids.to(torch.int64).contiguous(),
+        tree_parents.to(torch.int64).contiguous(), draft_probs, temperature_t, top_k_t, top_p_t, seed_t,
+        offset_t, max_depth, backend,
+    )
+    if check:
+        void = out[:, 0] < 0
+        if bool(void.any()):
+            b = int(void.nonzero()[0])
+            raise ValueError(f"target_logits row {b}: the node its token is drawn from (after its accepted "
+                             "path) has no finite logit; the row emits nothing")
+    return out, num_accepted, nodes
 
 
 def sample(

@@ -30,6 +30,9 @@ equal the target's own samples and the first mismatch emits it, so the emitted t
 text that plain sampling (``sample`` with offset = token index, no drafter) produces with the same
 seed, whatever the drafts, K or batch. With draft probabilities the bonus token (no rejection) is
 the target's own sample too; a rejection draws the residual from ``STREAM_RESAMPLE*``.
+``verify_tree`` keys the same way by depth: everything about the children of a node at depth j
+(the root is at depth 0) uses ``offset + j``, and the r-th child tried there uses index r of
+``STREAM_ACCEPT``; on a chain this is ``verify``'s layout.
 
 Sampling from a weight vector w >= 0 (not necessarily normalised) is a two-level exponential race
 (``_race``). An exponential race draws argmax_j w_j / e_j over w_j > 0 (ties to the lowest index),
@@ -178,8 +181,11 @@ def _race(weights: torch.Tensor, seed, offset, stream: int, block_stream: int, p
     blocks = torch.nn.functional.pad(weights, (0, nb * RACE_BLOCK - V)).view(B, nb, RACE_BLOCK)
     block_ids = torch.arange(nb, dtype=torch.int64, device=dev).expand(B, nb)
     block = _race_flat(blocks.sum(-1), seed, offset, block_stream, position, block_ids)
-    ids = block[:, None] * RACE_BLOCK + torch.arange(RACE_BLOCK, dtype=torch.int64, device=dev)
-    inner = blocks[torch.arange(B, device=dev), block]  # [B, RACE_BLOCK], zero past V
+    # ids past V weigh 0 and never win (an all-zero row still gives column 0), so a vocabulary
+    # smaller than one block draws only V numbers: the same tokens, less work
+    width = min(RACE_BLOCK, V)
+    ids = block[:, None] * RACE_BLOCK + torch.arange(width, dtype=torch.int64, device=dev)
+    inner = blocks[torch.arange(B, device=dev), block, :width]  # [B, width], zero past V
     return block * RACE_BLOCK + _race_flat(inner, seed, offset, stream, position, ids)
 
 
@@ -306,3 +312,193 @@ def sample(logits, temperature, top_k, top_p, seed, offset):
     token = torch.where(row_ok, token, torch.full_like(token, -1))
     probs = torch.where(row_ok[:, None], probs, torch.zeros_like(probs))
     return token, probs.float()
+
+
+def _residual(p_cur: torch.Tensor, q: torch.Tensor):
+    """The target after a rejection: norm(max(0, p_cur - q)) per row [B, V], and whether it has
+    mass (rows without mass keep p_cur; the returned row is then meaningless)."""
+    resid = (p_cur - q).clamp(min=0)
+    mass = resid.sum(1, keepdim=True)
+    return resid / torch.where(mass > 0, mass, torch.ones_like(mass)), mass[:, 0] > 0
+
+
+def tree_structure(tree_token_ids, tree_parents, max_depth: int):
+    """Which nodes of a token tree take part, and their depths.
+
+    tree_token_ids, tree_parents [B, N] int. Node i is *valid* iff its token is not -1, its parent
+    is -1 (the root) or a valid node with a smaller index, and its depth (1 for a child of the
+    root, parent's depth + 1 below) is at most ``max_depth``. Invalid nodes (unused -1 slots, bad
+    parents, nodes under an invalid node, nodes too deep) are never anyone's child: nothing about
+    them is read. A valid node whose token lies outside the draft vocabulary stays in the tree and
+    is simply rejected when tried. Returns (valid [B, N] bool, depth [B, N] int64, 0 if invalid).
+    """
+    tokens = tree_token_ids.long()
+    parents = tree_parents.long()
+    B, N = tokens.shape
+    dev = tokens.device
+    rows = torch.arange(B, device=dev)
+    valid = torch.zeros(B, N, dtype=torch.bool, device=dev)
+    depth = torch.zeros(B, N, dtype=torch.int64, device=dev)
+    for i in range(N):
+        par = parents[:, i]
+        at_root = par == -1
+        inner = (par >= 0) & (par < i)
+        safe = par.clamp(0, max(i - 1, 0))
+        parent_ok = inner & valid[rows, safe] if i > 0 else torch.zeros_like(inner)
+        d = torch.where(at_root, torch.ones_like(par), depth[rows, safe] + 1)
+        ok = (tokens[:, i] != -1) & (at_root | parent_ok) & (d <= max_depth)
+        valid[:, i] = ok
+        depth[:, i] = torch.where(ok, d, torch.zeros_like(d))
+    return valid, depth
+
+
+def verify_tree(target_logits, tree_token_ids, tree_parents, draft_probs, temperature, top_k, top_p,
+                seed, offset, max_depth: int):
+    """Tree verification, reference implementation (float64 inside): exact multi-draft
+    speculative sampling over a token tree (SpecInfer; recursive rejection sampling, RSD).
+
+    target_logits [B, N+1, Vt] float: index 0 is the root (the last committed token), index i+1 is
+    tree node i; the logits at index n predict n's children. tree_token_ids [B, N] int (node i's
+    token; -1 = unused slot); tree_parents [B, N] int (node i's parent: -1 = the root, else a node
+    index < i); draft_probs [B, N, Vd] float (the distribution node i's token was drawn from, for
+    siblings drawn without replacement the conditional one that excluded the earlier siblings) or
+    None (deterministic children); temperature / top_k / top_p / seed / offset [B] as in
+    ``verify``; max_depth D: nodes deeper than D are ignored (``tree_structure``).
+    Returns (output_ids [B, D+1] int64: the accepted path's tokens, one emitted token, then -1;
+    num_accepted [B] int32; accepted_nodes [B, D] int64: the accepted path's node indices, -1 pad).
+
+    The walk starts at the root. At the current node v, at depth j (the root's children are
+    decided at j = 0, theirs at j = 1, ...; every draw about them uses counter offset + j), v's
+    valid children are tried in index order; the first accepted one becomes the current node, and
+    a node where none is accepted emits one token and ends the row:
+      - greedy rows (temperature <= 0): accept the first child whose token is argmax p_v (and in
+        [0, Vd)); else emit argmax p_v;
+      - draft_probs None (sample and compare): y = the target's own sample at v, exactly what
+        ``sample(logits_v, seed, offset + j)`` draws (streams STREAM_SAMPLE*), drawn once; accept
+        the first child whose token is y, else emit y;
+      - with draft_probs: p_cur = p_v; the r-th child c tried (r = 0, 1, ...) is accepted iff
+        p_cur(x_c) > 0 and u * q_c(x_c) <= p_cur(x_c), u = uniform_open_closed of Philox
+        (STREAM_ACCEPT, index r); a token outside [0, Vd) is rejected and leaves p_cur as it is;
+        otherwise a rejection sets p_cur = norm(max(0, p_cur - q_c)), unless that has no mass
+        (p_cur <= q_c everywhere), where p_cur stays. When every child is rejected the token is
+        a race over p_cur on STREAM_RESAMPLE*; a node without children emits the bonus, the
+        target's own sample at v (STREAM_SAMPLE*, as ``verify``).
+    On a chain (parent of node i = i - 1) this is ``verify``, token for token.
+    A row emits nothing (all -1, num_accepted 0) only when the node where its emitted token is
+    drawn has no finite logit, or its temperature is NaN / +inf; nodes off the walked path are
+    never looked at.
+    """
+    B, N1, Vt = target_logits.shape
+    N = N1 - 1
+    D = int(max_depth)
+    dev = target_logits.device
+    logits = _clean(target_logits)
+    temperature = temperature.double().to(dev)
+    bad_t = _bad_temperature(temperature)
+    temperature = torch.where(bad_t, torch.ones_like(temperature), temperature)
+    greedy = temperature <= 0
+    rep = lambda x: x.to(dev).repeat_interleave(N1)  # noqa: E731  per row -> per (row, node)
+    probs, argmax = _target_probs(
+        logits.reshape(B * N1, Vt), rep(temperature), rep(top_k), rep(top_p.double())
+    )
+    probs, argmax = probs.view(B, N1, Vt), argmax.view(B, N1)
+    finite = torch.isfinite(logits).any(-1)  # [B, N+1]
+    seed, offset = seed.to(dev, torch.int64), offset.to(dev, torch.int64)
+    rows = torch.arange(B, device=dev)
+
+    tokens = tree_token_ids.to(dev, torch.int64)
+    parents = tree_parents.to(dev, torch.int64)
+    valid, _ = tree_structure(tokens, parents, D)
+    Vd = draft_probs.shape[-1] if draft_probs is not None else Vt
+    in_range = (tokens >= 0) & (tokens < Vd)
+    safe = tokens.clamp(0, Vd - 1)
+    node_ids = torch.arange(N, device=dev)
+    q_all = draft_probs.to(dev).double() if draft_probs is not None else None
+
+    out = torch.full((B, D + 1), -1, dtype=torch.int64, device=dev)
+    accepted_nodes = torch.full((B, D), -1, dtype=torch.int64, device=dev)
+    num_accepted = torch.zeros(B, dtype=torch.int64, device=dev)
+    void = bad_t.clone()
+    active = ~bad_t  # rows still walking
+    cur = torch.full((B,), -1, dtype=torch.int64, device=dev)  # current node, -1 = the root
+
+    def race(p, off, need, stream, block_stream):
+        """_race over the rows in ``need`` (the others get 0: never used)."""
+        tok = torch.zeros(B, dtype=torch.int64, device=dev)
+        idx = need.nonzero()[:, 0]
+        if len(idx):
+            tok[idx] = _race(p[idx], seed[idx], off[idx], stream, block_stream, torch.zeros_like(idx))
+        return tok
+
+    for j in range(D + 1):
+        if not bool(active.any()):
+            break
+        v = cur + 1  # index into target_logits
+        p_v = probs[rows, v]
+        off = offset + j
+        # the token is drawn at v: a node without a finite logit voids its row
+        void |= active & ~finite[rows, v]
+        active &= finite[rows, v]
+        children = valid & (parents == cur[:, None]) & active[:, None]  # [B, N]
+        has_child = children.any(1)
+        # the lowest node where m holds, N if none
+        first = lambda m: torch.where(m, node_ids, N).amin(1) if N else torch.zeros_like(cur)  # noqa: E731
+
+        # the target's own sample at v (the sample op's race); with draft probabilities it is
+        # only the bonus of a node without children
+        own_needed = active & ~greedy
+        if draft_probs is not None:
+            own_needed &= ~has_child
+        own = race(p_v, off, own_needed, STREAM_SAMPLE, STREAM_SAMPLE_BLOCK)
+        # greedy rows and sample and compare: the first child equal to the target's token
+        target_tok = torch.where(greedy, argmax[rows, v], own)
+        match = first(children & in_range & (tokens == target_tok[:, None]))
+        accepted = torch.where(match < N, match, torch.full_like(match, -1))
+        token = target_tok
+
+        if draft_probs is not None:
+            # recursive rejection sampling over v's children, in index order (sampled rows)
+            sampled = active & ~greedy
+            p_cur = p_v.clone()
+            decided = ~sampled | ~has_child
+            rank = torch.zeros(B, dtype=torch.int64, device=dev)
+            acc_q = torch.full((B,), -1, dtype=torch.int64, device=dev)
+            for i in range(N):
+                tried = children[:, i] & ~decided
+                if not bool(tried.any()):
+                    continue
+                q_i = torch.zeros_like(p_v)
+                q_i[:, :Vd] = q_all[:, i]
+                x = safe[:, i, None]
+                px = p_cur.gather(1, x).squeeze(1)
+                qx = q_i.gather(1, x).squeeze(1)
+                u = uniform_open_closed(philox_bits(seed, off, STREAM_ACCEPT, 0, rank))
+                acc = tried & in_range[:, i] & (px > 0) & (u * qx <= px)
+                acc_q = torch.where(acc, torch.full_like(acc_q, i), acc_q)
+                decided |= acc
+                rejected = tried & ~acc
+                resid, has_mass = _residual(p_cur, q_i)
+                update = rejected & in_range[:, i] & has_mass
+                p_cur = torch.where(update[:, None], resid, p_cur)
+                rank += tried.long()
+            all_rejected = sampled & has_child & (acc_q < 0)
+            resampled = race(p_cur, off, all_rejected, STREAM_RESAMPLE, STREAM_RESAMPLE_BLOCK)
+            q_token = torch.where(has_child, resampled, own)  # no child: the bonus, own sample
+            accepted = torch.where(greedy, accepted, acc_q)
+            token = torch.where(greedy, token, q_token)
+
+        go_on = active & (accepted >= 0)
+        stop = active & ~go_on
+        out[:, j] = torch.where(stop, token, out[:, j])
+        if j < D:
+            safe_acc = accepted.clamp(min=0)
+            out[:, j] = torch.where(go_on, tokens[rows, safe_acc], out[:, j])
+            accepted_nodes[:, j] = torch.where(go_on, accepted, accepted_nodes[:, j])
+        num_accepted += go_on.long()
+        cur = torch.where(go_on, accepted, cur)
+        active = go_on
+
+    out = torch.where(void[:, None], torch.full_like(out, -1), out)
+    accepted_nodes = torch.where(void[:, None], torch.full_like(accepted_nodes, -1), accepted_nodes)
+    num_accepted = torch.where(void, torch.zeros_like(num_accepted), num_accepted)
+    return out, num_accepted.to(torch.int32), accepted_nodes

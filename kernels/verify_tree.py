@@ -45,13 +45,13 @@ from specdec.kernels.sample import (
     RACE_BLOCK,
     clean_logits,
     combine_row_stats,
-    effective_temperature,
+    exp2_scale,
     filter_thresholds,
     race_in_block,
     race_tile,
     race_update,
     race_winner,
-    scale_and_filter,
+    kept,
     softmax_stats_kernel,
     split_plan,
     target_probs,
@@ -59,14 +59,14 @@ from specdec.kernels.sample import (
 
 
 @triton.jit
-def _weights(row_ptr, buf_ptr, use_buf, offs, Vt, temp, thr, row_max, row_sum):
+def _weights(row_ptr, buf_ptr, use_buf, offs, Vt, c, thr, row_max, row_sum):
     """Race weights at vocabulary ids ``offs`` and whether each competes: p of the node's logits
     (use_buf == 0; competes = kept) or the residual buffer's values (competes = > 0). Only one of
     the two is read: the other load is masked off entirely."""
     lim_logits = tl.where(use_buf != 0, 0, Vt)
     lim_buf = tl.where(use_buf != 0, Vt, 0)
     raw = tl.load(row_ptr + offs, mask=offs < lim_logits, other=float("-inf"))
-    p, keep = target_probs(raw, temp, thr, row_max, row_sum)
+    p, keep = target_probs(raw, c, thr, row_max, row_sum)
     bw = tl.load(buf_ptr + offs, mask=offs < lim_buf, other=0.0)
     w = tl.where(use_buf != 0, bw, p)
     competes = tl.where(use_buf != 0, bw > 0, keep)
@@ -74,7 +74,7 @@ def _weights(row_ptr, buf_ptr, use_buf, offs, Vt, temp, thr, row_max, row_sum):
 
 
 @triton.jit
-def _race_node(row_ptr, buf_ptr, use_buf, temp, thr, row_max, row_sum, seed, off, Vt,
+def _race_node(row_ptr, buf_ptr, use_buf, c, thr, row_max, row_sum, seed, off, Vt,
                stream: tl.constexpr, block_stream: tl.constexpr, TILE_BLOCKS: tl.constexpr):
     """The two-level race (reference._race) over one node's weights (``_weights``): the block
     race over all race blocks on ``block_stream``, then the race inside the winning block on
@@ -84,18 +84,18 @@ def _race_node(row_ptr, buf_ptr, use_buf, temp, thr, row_max, row_sum, seed, off
     best_id = tl.full([TILE_BLOCKS], _BIG_ID, tl.int32)
     for i in range(tl.cdiv(n_blocks, TILE_BLOCKS)):
         blocks, offs, _ = race_tile(i * TILE_BLOCKS, n_blocks, Vt, TILE_BLOCKS)
-        w, competes = _weights(row_ptr, buf_ptr, use_buf, offs, Vt, temp, thr, row_max, row_sum)
+        w, competes = _weights(row_ptr, buf_ptr, use_buf, offs, Vt, c, thr, row_max, row_sum)
         e = exponential(philox_bits(seed, off, block_stream, 0, blocks))
         has = tl.max(competes.to(tl.int32), 1) > 0  # W_b > 0 in the reference
         best, best_id = race_update(tl.where(has, tl.sum(w, 1) / e, -1.0), blocks, best, best_id)
     _, blk = race_winner(best, best_id)
     offs = blk * RACE_BLOCK + tl.arange(0, RACE_BLOCK)
-    w, competes = _weights(row_ptr, buf_ptr, use_buf, offs, Vt, temp, thr, row_max, row_sum)
+    w, competes = _weights(row_ptr, buf_ptr, use_buf, offs, Vt, c, thr, row_max, row_sum)
     return race_in_block(w, competes, offs, seed, off, stream, 0)
 
 
 @triton.jit
-def _residual_pass(row_ptr, src_ptr, use_src, scale, q_row_ptr, Vd, dst_ptr, Vt, temp, thr,
+def _residual_pass(row_ptr, src_ptr, use_src, scale, q_row_ptr, Vd, dst_ptr, Vt, c, thr,
                    row_max, row_sum, BLOCK_V: tl.constexpr):
     """dst = max(0, p_cur - q) over the vocabulary, p_cur = p of the node's logits (use_src == 0)
     or src * scale; q = 0 at ids >= Vd. Returns the residual's mass (float32)."""
@@ -105,7 +105,7 @@ def _residual_pass(row_ptr, src_ptr, use_src, scale, q_row_ptr, Vd, dst_ptr, Vt,
     for i in range(tl.cdiv(Vt, BLOCK_V)):
         offs = i * BLOCK_V + tl.arange(0, BLOCK_V)
         raw = tl.load(row_ptr + offs, mask=offs < lim_logits, other=float("-inf"))
-        p, _ = target_probs(raw, temp, thr, row_max, row_sum)
+        p, _ = target_probs(raw, c, thr, row_max, row_sum)
         s = tl.load(src_ptr + offs, mask=offs < lim_src, other=0.0) * scale
         p_cur = tl.where(use_src != 0, s, p)
         q = tl.load(q_row_ptr + offs, mask=offs < Vd, other=0.0).to(tl.float32)
@@ -136,7 +136,7 @@ def _tree_walk_kernel(
     b = tl.program_id(0)
     N1 = N + 1
     t = tl.load(temperature_ptr + b)
-    temp = effective_temperature(t)
+    c = exp2_scale(t)
     sampled = t > 0
     seed = tl.load(seed_ptr + b)
     offset = tl.load(offset_ptr + b)
@@ -168,7 +168,7 @@ def _tree_walk_kernel(
     buf0 = scratch_ptr + (b * 2).to(tl.int64) * Vt
     while live != 0:
         row = b * N1 + cur + 1
-        row_max, row_sum, best, best_id = combine_row_stats(m_ptr, z_ptr, a_ptr, ai_ptr, row, S1,
+        row_max, row_sum, best, best_id = combine_row_stats(m_ptr, z_ptr, a_ptr, ai_ptr, row, S1, c,
                                                             BLOCK_S1)
         finite = best > float("-inf")
         row_max = tl.where(finite, row_max, 0.0)
@@ -188,7 +188,7 @@ def _tree_walk_kernel(
         if HAS_Q:
             need_own = need_own & (has_child == 0)
         if need_own:
-            target = _race_node(row_ptr, buf0, 0, temp, thr, row_max, row_sum, seed, off, Vt,
+            target = _race_node(row_ptr, buf0, 0, c, thr, row_max, row_sum, seed, off, Vt,
                                 STREAM_SAMPLE, STREAM_SAMPLE_BLOCK, TILE_BLOCKS)
         match = is_child & (tok >= 0) & (tok < Vd) & (tok == target)
         first = tl.min(tl.where(match, idx, _BIG_ID), 0)
@@ -209,12 +209,12 @@ def _tree_walk_kernel(
                         in_range = (d >= 0) & (d < Vd)
                         safe = tl.where(in_range, d, 0)
                         x = clean_logits(tl.load(row_ptr + safe, mask=in_range, other=float("-inf")))
-                        scaled, kept = scale_and_filter(x, temp, thr)
-                        p_logit = tl.where(kept, tl.exp(scaled - row_max) / row_sum, 0.0)
+                        keep_x = kept(x, thr)
+                        p_logit = tl.where(keep_x, tl.math.exp2((x - row_max) * c) / row_sum, 0.0)
                         cur_buf = buf0 + tl.maximum(which, 0).to(tl.int64) * Vt
                         p_buf = tl.load(cur_buf + safe, mask=in_range & (which >= 0), other=0.0) * scale
                         p = tl.where(which >= 0, p_buf, p_logit)
-                        positive = tl.where(which >= 0, p_buf > 0, kept)
+                        positive = tl.where(which >= 0, p_buf > 0, keep_x)
                         qd = tl.load(q_ptr + (b * N + i).to(tl.int64) * Vd + safe, mask=in_range,
                                      other=0.0).to(tl.float32)
                         u = uniform_open_closed(philox_bits(seed, off, STREAM_ACCEPT, 0, rank))
@@ -226,7 +226,7 @@ def _tree_walk_kernel(
                             dst = tl.where(which < 0, 0, 1 - which)
                             mass = _residual_pass(row_ptr, cur_buf, (which >= 0).to(tl.int32), scale,
                                                   q_ptr + (b * N + i).to(tl.int64) * Vd, Vd,
-                                                  buf0 + dst.to(tl.int64) * Vt, Vt, temp, thr,
+                                                  buf0 + dst.to(tl.int64) * Vt, Vt, c, thr,
                                                   row_max, row_sum, TILE_BLOCKS * RACE_BLOCK)
                             tl.debug_barrier()  # the buffer is read back by other threads
                             if mass > 0:
@@ -235,10 +235,10 @@ def _tree_walk_kernel(
                 accepted = acc_q
                 if acc_q < 0:
                     if which < 0:  # every rejection left p_cur = p_v
-                        emit = _race_node(row_ptr, buf0, 0, temp, thr, row_max, row_sum, seed, off,
+                        emit = _race_node(row_ptr, buf0, 0, c, thr, row_max, row_sum, seed, off,
                                           Vt, STREAM_RESAMPLE, STREAM_RESAMPLE_BLOCK, TILE_BLOCKS)
                     else:
-                        emit = _race_node(row_ptr, buf0 + which.to(tl.int64) * Vt, 1, temp, thr,
+                        emit = _race_node(row_ptr, buf0 + which.to(tl.int64) * Vt, 1, c, thr,
                                           row_max, row_sum, seed, off, Vt, STREAM_RESAMPLE,
                                           STREAM_RESAMPLE_BLOCK, TILE_BLOCKS)
 

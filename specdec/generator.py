@@ -399,8 +399,10 @@ class GenerationStats:
     generated_tokens: int = 0  # tokens emitted (EOS included), not characters
     target_steps: int = 0  # batched target forwards, the prefill included (it verifies drafts and emits too)
     row_steps: int = 0  # sum over target steps of the live rows
-    drafted_tokens: int = 0
+    drafted_tokens: int = 0  # draft positions: a tree counts its deepest path (acceptance = accepted / this)
     accepted_tokens: int = 0
+    draft_nodes: int = 0  # tokens drafted and sent through the target: a tree's nodes, a chain's drafts
+    tree_steps: int = 0  # target steps that verified trees
     drafted_per_position: list = field(default_factory=list)  # [i]: drafts at position i
     accepted_per_position: list = field(default_factory=list)  # [i]: of those, accepted
     prefill_time: float = 0.0  # the first forward (prompts + drafts from them) and its verification
@@ -439,7 +441,7 @@ class GenerationStats:
 
     def merge(self, other: "GenerationStats") -> None:
         for name in ("num_sequences", "generated_tokens", "target_steps", "row_steps", "drafted_tokens",
-                     "accepted_tokens", "prefill_time", "target_time", "drafter_time", "total_time"):
+                     "accepted_tokens", "draft_nodes", "tree_steps", "prefill_time", "target_time", "drafter_time", "total_time"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         n = max(len(self.drafted_per_position), len(other.drafted_per_position))
         pad = lambda xs: xs + [0] * (n - len(xs))  # noqa: E731
@@ -450,7 +452,8 @@ class GenerationStats:
     def as_dict(self) -> dict:
         return {
             "drafter": self.drafter, "sequences": self.num_sequences, "generated_tokens": self.generated_tokens,
-            "target_steps": self.target_steps, "acceptance_rate": round(self.acceptance_rate, 4),
+            "target_steps": self.target_steps, "tree_steps": self.tree_steps, "draft_nodes": self.draft_nodes,
+            "acceptance_rate": round(self.acceptance_rate, 4),
             "tokens_per_step": round(self.tokens_per_step, 3), "tokens_per_second": round(self.tokens_per_second, 2),
             "prefill_time_s": round(self.prefill_time, 4), "target_time_s": round(self.target_time, 4),
             "drafter_time_s": round(self.drafter_time, 4), "total_time_s": round(self.total_time, 4),
@@ -463,7 +466,8 @@ class GenerationStats:
         return (
             f"drafter {self.drafter or 'none'}: {self.generated_tokens} tokens in {self.total_time:.2f} s "
             f"= {self.tokens_per_second:.1f} tokens/s; acceptance {self.acceptance_rate:.1%} "
-            f"({self.accepted_tokens}/{self.drafted_tokens}), {self.tokens_per_step:.2f} tokens per target step; "
+            f"({self.accepted_tokens}/{self.drafted_tokens}), {self.tokens_per_step:.2f} tokens per target step"
+            + (f" ({self.tree_steps} tree steps, {self.draft_nodes} nodes)" if self.tree_steps else "") + "; "
             f"time: prefill {self.prefill_time:.2f} s, target {self.target_time:.2f} s, drafter {self.drafter_time:.2f} s"
             + (f"\naccepted/drafted by draft position: {hist}" if hist else "")
         )
@@ -801,7 +805,9 @@ class _BatchRun:
             self.previous = policy.observe(keys, depth, accepted)
         stats.target_steps += 1
         stats.row_steps += len(self.live)
-        stats.drafted_tokens += int(draft.num_drafted.sum())  # tree steps: nodes
+        stats.drafted_tokens += int(depth.sum())
+        stats.draft_nodes += int(draft.num_drafted.sum())
+        stats.tree_steps += isinstance(draft, _Tree)
         stats.accepted_tokens += int(accepted.sum())
         stats._count_positions(depth, accepted)
 

@@ -40,8 +40,12 @@ def test_greedy_equals_target_generate(family_setup, kind, adaptive):
     assert result.finish_reasons == ["length"] * len(PROMPTS)
     stats = result.stats
     assert stats.generated_tokens == N_NEW * len(PROMPTS)
-    if kind == "self":  # the target drafting for itself: every draft accepted
-        assert stats.acceptance_rate == 1.0
+    if kind == "self":  # the target drafting for itself: every draft accepted (of a tree: its argmax
+        # path, which need not be its deepest one)
+        if gen.tree:
+            assert stats.tree_steps > 0 and stats.accepted_tokens > 0.8 * stats.drafted_tokens
+        else:
+            assert stats.acceptance_rate == 1.0
     if kind != "none" and not adaptive:  # (the adaptive policy may rightly draft nothing for a tiny model;
         assert stats.drafted_tokens > 0  # tests/test_draft_policy.py forces widths)
 
@@ -332,3 +336,27 @@ def test_caches_grow_on_demand(monkeypatch, kind):
     out = gen.generate(PROMPTS[:1], max_new_tokens=1_000_000, eos_token_id=eos).sequences[0]
     assert out == refs[0][: refs[0].index(eos) + 1]
     assert max(sizes) < 100
+
+
+@pytest.mark.parametrize("kind", ["ngram", "model"])
+def test_tree_steps_equal_chain_steps_greedy(monkeypatch, kind):
+    """Tree steps (the default for drafters that propose trees) give the target's greedy output,
+    like chain steps, and really go through verify_tree and the tree cache path."""
+    from specdec import ops
+
+    target = tiny_model("llama", seed=0, layers=2)
+    drafter = tiny_model("llama", seed=1, layers=1, hidden_size=32) if kind == "model" else "ngram"
+    prompts = PROMPTS + [[1, 5, 6, 7, 5, 6, 8, 5, 6, 7, 5, 6]]  # several continuations of "5 6"
+    refs = [hf_greedy(target, p, N_NEW) for p in prompts]
+    calls = []
+    real = ops.verify_tree
+    monkeypatch.setattr(ops, "verify_tree", lambda *a, **k: (calls.append(a[1].shape), real(*a, **k))[1])
+    tree = SpeculativeGenerator(target, drafter, num_draft_tokens=4, adaptive=False)
+    assert tree.tree
+    result = tree.generate(prompts, max_new_tokens=N_NEW, eos_token_id=None)
+    assert result.sequences == refs
+    assert calls and max(n for _, n in calls) > 1  # trees of several nodes were verified
+    chain = SpeculativeGenerator(target, drafter, num_draft_tokens=4, adaptive=False, tree=False)
+    assert chain.generate(prompts, max_new_tokens=N_NEW, eos_token_id=None).sequences == refs
+    with pytest.raises(ValueError, match="tree"):
+        SpeculativeGenerator(target, "early-exit", tree=True)

@@ -5,6 +5,8 @@ what ``sample`` draws at offset + position. Generator level: a seeded sampled ro
 deterministic drafter is the text of plain sampling, whatever K, the width policy, the batch or the
 call; with a sampling model drafter it is reproducible for a fixed seed and K.
 """
+import dataclasses
+
 import pytest
 import torch
 
@@ -70,6 +72,9 @@ class ArgmaxDrafter(ModelDrafter):
     def _sample(self, logits, state, offset):
         return logits.argmax(dim=-1), None
 
+    def propose_tree(self, state, max_nodes):  # the drafter's greedy top-k tree, no probabilities
+        return super().propose_tree(dataclasses.replace(state, temperature=0.0), max_nodes)
+
 
 @pytest.fixture(scope="module")
 def target():
@@ -96,11 +101,13 @@ def test_deterministic_drafter_text_is_plain_sampling_text(target):
         # random tiny models rarely repeat themselves: an argmax drafter gets drafts accepted
         "argmax K=3": _gen(target, ArgmaxDrafter(target), num_draft_tokens=3, adaptive=False),
         "argmax adaptive": _gen(target, ArgmaxDrafter(target), num_draft_tokens=6, adaptive=True),
+        "argmax chain": _gen(target, ArgmaxDrafter(target), num_draft_tokens=3, adaptive=False, tree=False),
     }
     for name, gen in runs.items():
         result = gen.generate(PROMPTS8, seed=SEEDS8, **OPTS)
         assert result.sequences == plain, name
-        if name == "argmax K=3":  # the drafts really were tried: some accepted, some rejected
+        if name == "argmax K=3":  # the drafts (trees) really were tried: some accepted, some rejected
+            assert result.stats.tree_steps > 0, name
             assert 0 < result.stats.accepted_tokens < result.stats.drafted_tokens, name
     # another order, one row at a time: each prompt keeps its seed, so its text
     gen = runs["ngram adaptive"]

@@ -12,9 +12,11 @@ skipped with a note, or is an error when named explicitly in ``--providers``):
                   like specdec-early-exit, outside --quick: without LayerSkip training it accepts ~nothing)
   hf-assistant    HF assisted generation with ``--assistant MODEL`` (batch 1; only when given)
   specdec-none    specdec's loop without a drafter (plain decoding through the ragged cache)
-  specdec-ngram   specdec, n-gram (prompt lookup) drafter, fixed K (like for like with HF) ...
-  specdec-ngram-adaptive  ... and with the default adaptive draft length (width <= K chosen per step
-                  from the measured forward cost and acceptance)
+  specdec-ngram   specdec, n-gram (prompt lookup) drafter, fixed K (like for like with HF), verifying
+                  a tree of the matched n-grams' continuations (the default; up to 2K nodes) ...
+  specdec-ngram-chain  ... the same verifying one chain (``tree=False``) ...
+  specdec-ngram-adaptive(-chain)  ... and with the default adaptive draft length (the depth <= K
+                  chosen per step from the measured forward cost and acceptance)
   specdec-early-exit      specdec, the target's first L layers as drafter
   specdec-model   specdec with ``--assistant MODEL`` as drafter (only when given)
 
@@ -46,7 +48,8 @@ import torch
 from benchmarks import harness as H
 
 ALL_PROVIDERS = ("hf", "hf-prompt-lookup", "hf-early-exit", "hf-assistant", "specdec-none", "specdec-ngram",
-                 "specdec-ngram-adaptive", "specdec-early-exit", "specdec-model")
+                 "specdec-ngram-chain", "specdec-ngram-adaptive", "specdec-ngram-adaptive-chain",
+                 "specdec-early-exit", "specdec-model")
 HF_BATCH1_ONLY = ("hf-prompt-lookup", "hf-early-exit", "hf-assistant")
 
 # Input-grounded tasks: (instruction, text). The texts are written for this benchmark.
@@ -190,10 +193,11 @@ def run_hf(model, prompts, *, batch, max_new, sampled, temperature, seed, kwargs
 
 
 def run_specdec(model, prompts, *, drafter, batch, max_new, sampled, temperature, seed, K, adaptive,
-                backend="auto"):
+                backend="auto", tree=None):
     from specdec.generator import SpeculativeGenerator
 
-    gen = SpeculativeGenerator(model, drafter=drafter, num_draft_tokens=K, adaptive=adaptive, backend=backend)
+    gen = SpeculativeGenerator(model, drafter=drafter, num_draft_tokens=K, adaptive=adaptive, backend=backend,
+                               tree=tree)
     tokens, times, agg = 0, [], None
     for start in range(0, len(prompts), batch):
         part = prompts[start:start + batch]
@@ -208,7 +212,8 @@ def run_specdec(model, prompts, *, drafter, batch, max_new, sampled, temperature
             agg.merge(res.stats)
     stats = {}
     if agg is not None:
-        stats = {"tokens_per_step": agg.tokens_per_step, "steps": agg.row_steps}
+        stats = {"tokens_per_step": agg.tokens_per_step, "steps": agg.row_steps,
+                 "tree_steps": agg.tree_steps, "draft_nodes": agg.draft_nodes}
         if drafter not in (None, "none"):
             stats.update(acceptance_rate=agg.acceptance_rate, drafted=agg.drafted_tokens,
                          accepted=agg.accepted_tokens)
@@ -417,8 +422,10 @@ def _resolve_backend(backend, device):
 
 def _note(name, batch, backend=""):
     parts = []
-    if name == "specdec-ngram":
+    if name in ("specdec-ngram", "specdec-ngram-chain"):
         parts.append("fixed draft length (adaptive off), like for like with HF prompt lookup")
+    if name.startswith("specdec-ngram"):
+        parts.append("chain" if name.endswith("-chain") else "tree")
     if name == "hf" and batch > 1:
         parts.append("left padded batch")
     if name.startswith("specdec"):
@@ -465,10 +472,11 @@ def _run(name, model, assistant, prompts, batch, sampled, K, L, args):
                       count_steps=name in ("hf", "hf-prompt-lookup"))
                for rep in range(reps)]
     else:
-        drafter = {"specdec-none": "none", "specdec-ngram": "ngram", "specdec-ngram-adaptive": "ngram",
-                   "specdec-early-exit": "early-exit", "specdec-model": assistant}[name]
-        adaptive = name == "specdec-ngram-adaptive"
-        skw = dict(drafter=drafter, K=K if K else None, adaptive=adaptive, backend=args.backend)
+        drafter = "ngram" if name.startswith("specdec-ngram") else {
+            "specdec-none": "none", "specdec-early-exit": "early-exit", "specdec-model": assistant}[name]
+        adaptive = name.startswith("specdec-ngram-adaptive")
+        tree = False if name.endswith("-chain") else None
+        skw = dict(drafter=drafter, K=K if K else None, adaptive=adaptive, backend=args.backend, tree=tree)
         if name == "specdec-early-exit":
             from specdec.generator import SpeculativeGenerator  # noqa: F401
         run_specdec(model, prompts[:1], **{**kw, "max_new": 4, "batch": 1}, **skw)

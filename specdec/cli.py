@@ -44,6 +44,10 @@ def _add_model_options(p) -> None:
     p.add_argument("--no-adaptive", action="store_true",
                    help="draft K tokens every step instead of choosing the width per step from the measured "
                         "forward cost and acceptance")
+    p.add_argument("--no-tree", action="store_true",
+                   help="verify a chain of drafts per step instead of a tree (n-gram and model drafters draft "
+                        "trees by default)")
+    p.add_argument("--tree-nodes", type=int, default=None, help="node budget of a draft tree (default 2K, 4..64)")
 
 
 def _add_sampling_options(p, *, max_new_tokens: int) -> None:
@@ -200,7 +204,8 @@ def _load_generator(args, parser):
         _log(f"specdec: loading drafter {args.drafter} ...")
     return SpeculativeGenerator.from_pretrained(args.target, args.drafter, quantization=quant, device=device,
                                                 num_draft_tokens=args.num_draft_tokens, adaptive=not args.no_adaptive,
-                                                early_exit_layers=args.early_exit_layers)
+                                                early_exit_layers=args.early_exit_layers,
+                                                tree=False if args.no_tree else None, max_tree_nodes=args.tree_nodes)
 
 
 def cmd_generate(args, parser) -> int:

@@ -60,6 +60,7 @@ from specdec.models import check_compatible, model_vocab_size
 _DRAFTER_NAMES = ("ngram", "n-gram", "prompt-lookup", "early-exit", "earlyexit", "self", "none")
 MAX_DRAFT_TOKENS = 32  # cap for K
 GROW_STEP = 256  # new tokens the caches have room for at first; they double as rows grow
+TREE_COST_SLACK = 0.25  # adaptive trees: side branches may add this much to a forward's predicted cost
 
 
 class ForwardCostModel:
@@ -524,6 +525,30 @@ class _Verdict(NamedTuple):
     host_nodes: np.ndarray | None = None  # ... and its host copy
 
 
+def _over_budget(parents: np.ndarray, used: np.ndarray, max_nodes: int) -> np.ndarray:
+    """[B, N] bool: the nodes beyond a budget of ``max_nodes`` per row. Kept first: the row's
+    first-child path from the root (the drafter's best guess), then the other nodes in index order
+    whose parent is kept."""
+    B, N = parents.shape
+    drop = np.zeros((B, N), dtype=bool)
+    for b in np.flatnonzero(used.sum(1) > max_nodes):
+        keep = np.zeros(N, dtype=bool)
+        node, n = -1, 0
+        while n < max_nodes:
+            kids = np.flatnonzero(used[b] & (parents[b] == node))
+            if kids.size == 0:
+                break
+            node = int(kids[0])
+            keep[node], n = True, n + 1
+        for i in range(N):
+            if n >= max_nodes:
+                break
+            if used[b, i] and not keep[i] and (parents[b, i] < 0 or keep[parents[b, i]]):
+                keep[i], n = True, n + 1
+        drop[b] = used[b] & ~keep
+    return drop
+
+
 def _tree_depths(parents: np.ndarray, used: np.ndarray) -> np.ndarray:
     """Depth of every node [B, N] (0 = child of the root, -1 = unused slot) from host parents
     (parents before children)."""
@@ -548,14 +573,20 @@ class _Tree(NamedTuple):
     match: np.ndarray | None
 
     @classmethod
-    def of(cls, tree, max_depth=None, device=None) -> "_Tree":
-        """From a DraftTree; ``max_depth`` ([B] or int) prunes nodes at depth >= it (host work)."""
+    def of(cls, tree, max_depth=None, device=None, max_nodes=None) -> "_Tree":
+        """From a DraftTree; ``max_depth`` ([B] or int) prunes nodes at depth >= it, ``max_nodes``
+        keeps each row's first-child path and then other nodes in index order up to that many
+        (host work; the drafters number parents first, best sibling first)."""
         tokens, parents = np.array(tree.host_token_ids), np.array(tree.host_parents)
         used = tokens >= 0
         depth = _tree_depths(parents, used)
         token_ids, parents_dev, probs = tree.token_ids, tree.parents, tree.probs
-        if max_depth is not None:
-            cut = used & (depth >= np.asarray(max_depth).reshape(-1, 1))
+        if max_depth is not None or max_nodes is not None:
+            cut = used & (depth < 0)  # invalid nodes stay (the op ignores them); nothing cut yet
+            if max_depth is not None:
+                cut |= used & (depth >= np.asarray(max_depth).reshape(-1, 1))
+            if max_nodes is not None:
+                cut |= _over_budget(parents, used & ~cut, max_nodes)
             if cut.any():
                 tokens[cut], parents[cut], depth[cut], used = -1, -1, -1, used & ~cut
                 width = int(np.flatnonzero(used.any(0)).max(initial=-1)) + 1
@@ -702,12 +733,25 @@ class _BatchRun:
             full = _Tree.of(proposal)
             keys = policy.keys(self.sampled, full.match, self.previous)
             depth = policy.width(full.depth, keys, self.remaining)
-            return _Tree.of(proposal, depth, self.device) if depth > 0 else None
+            if depth == 0:
+                return None
+            return _Tree.of(proposal, depth, self.device, max_nodes=self._node_budget(depth))
         self.width = policy.width(budget, policy.keys(self.sampled, None, self.previous), self.remaining)
         if self.width == 0:
             return None
         state.max_drafts = np.minimum(budget, self.width)
         return _Tree.of(drafter.propose_tree(state, nodes))
+
+    def _node_budget(self, depth: int) -> int:
+        """Nodes a tree of this depth may have: side branches may add up to TREE_COST_SLACK to the
+        predicted cost of the forward over the main path alone (the cost model's: on a CPU past its
+        knee every node costs; on a GPU, below the compute knee, nodes are nearly free)."""
+        batch, cost = len(self.live), self.policy.cost
+        limit = (1.0 + TREE_COST_SLACK) * cost.predict(batch * (depth + 1))
+        n = depth
+        while n < self.gen.max_tree_nodes and cost.predict(batch * (n + 2)) <= limit:
+            n += 1
+        return n
 
     # -- 2. target forward ------------------------------------------------------------------------
 

@@ -360,3 +360,17 @@ def test_tree_steps_equal_chain_steps_greedy(monkeypatch, kind):
     assert chain.generate(prompts, max_new_tokens=N_NEW, eos_token_id=None).sequences == refs
     with pytest.raises(ValueError, match="tree"):
         SpeculativeGenerator(target, "early-exit", tree=True)
+
+
+def test_tree_depths_and_node_budget():
+    """Host helpers of tree steps: node depths, and a node budget that keeps the first-child path
+    first, then the other nodes in index order whose parent is kept."""
+    from specdec.generator import _over_budget, _tree_depths
+
+    parents = np.array([[-1, -1, 0, 1, 2, 0, -1], [-1, 0, 1, 2, -1, -1, -1]])
+    used = np.array([[1, 1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 0, 0, 0]], dtype=bool)
+    assert _tree_depths(parents, used).tolist() == [[0, 0, 1, 1, 2, 1, -1], [0, 1, 2, 3, -1, -1, -1]]
+    drop = _over_budget(parents, used, 4)
+    assert np.flatnonzero(drop[0]).tolist() == [3, 5]  # kept: path 0-2-4, then node 1
+    assert not drop[1].any()  # within budget
+    assert np.flatnonzero(_over_budget(parents, used, 2)[1]).tolist() == [2, 3]

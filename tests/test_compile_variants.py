@@ -26,7 +26,7 @@ class Recorder:
     """Stands in for a kernel: ``kernel[grid](*args, **kwargs)`` records the launch's variant key."""
 
     def __init__(self, kernel):
-        fn = kernel.fn
+        fn = self.kernel_fn = kernel.fn
         params = list(inspect.signature(fn).parameters.values())
         self.name = fn.__name__
         self.names = [p.name for p in params]
@@ -103,3 +103,48 @@ def test_the_recorder_sees_specialisation(recorders):
     for K in (1, 2, 3, 16):
         rec.launch(None, None, None, None, K, BLOCK_K1=8)
     assert len(rec.keys["x"]) == 3
+
+
+def test_production_splits_compile_for_sm90(recorders, tmp_path):
+    """The launch configurations that B = 8/64/256, K = 4, V = 151936 select on a 132-SM GPU (the
+    vocabulary splits, bucketed tiles) compile for sm_90 with the interpreter off
+    (tests/triton_compile.py): the interpreter alone would not catch a configuration the compiler
+    rejects."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from triton_compile import describe_launch
+
+    launches = {}
+    for rec in recorders.values():
+        rec.group = "prod"
+
+        def describe(*args, _fn=rec.kernel_fn, _launch=rec.launch, **kwargs):
+            launches[json.dumps(describe_launch(_fn, args, kwargs), sort_keys=True, default=str)] = 1
+            return _launch(*args, **kwargs)
+
+        rec.launch = describe
+    dev = "meta"
+    for dtype in (torch.float32, torch.bfloat16):
+        for B in (8, 64, 256):
+            K = 4
+            t = torch.empty(B, device=dev)
+            seed = torch.empty(B, dtype=torch.int64, device=dev)
+            logits = torch.empty(B, K + 1, V, dtype=dtype, device=dev)
+            drafts = torch.empty(B, K, dtype=torch.int64, device=dev)
+            for q in (None, torch.empty(B, K, V, device=dev)):
+                for tp in (None, torch.empty(B, device=dev)):
+                    kverify.verify(logits, drafts, q, t, None, tp, seed, seed)
+            ksample.sample(logits[:, 0], t, None, None, seed, seed)
+    assert len(launches) >= 10
+    path = tmp_path / "launches.json"
+    path.write_text(json.dumps([json.loads(k) for k in launches]))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")  # compile for real, not from a cache
+    here = os.path.dirname(os.path.abspath(__file__))
+    proc = subprocess.run([sys.executable, os.path.join(here, "triton_compile.py"), str(path)],
+                          capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert f"{len(launches)} compiled, 0 failed" in proc.stdout

@@ -374,3 +374,35 @@ def test_tree_depths_and_node_budget():
     assert np.flatnonzero(drop[0]).tolist() == [3, 5]  # kept: path 0-2-4, then node 1
     assert not drop[1].any()  # within budget
     assert np.flatnonzero(_over_budget(parents, used, 2)[1]).tolist() == [2, 3]
+
+
+@pytest.mark.parametrize("kind", ["model", "ngram"])
+def test_sampled_tree_steps_match_target_distribution(kind):
+    """Three sampled tokens: rows whose prefill emitted one token draft trees for the next ones
+    (the model drafter: several children drawn without replacement, with their probabilities; the
+    n-gram drafter: a trie of continuations). The joint of tokens 2 and 3 follows the target."""
+    scipy_stats = pytest.importorskip("scipy.stats")
+    V, temperature, n = 12, 0.9, 6000
+    target = tiny_model("llama", seed=0, layers=2, vocab_size=V, initializer_range=0.1)
+    drafter = tiny_model("llama", seed=3, layers=1, vocab_size=V, hidden_size=32, initializer_range=0.1)
+    prompt = [1, 5, 6, 7, 5, 6, 8, 5, 6, 9, 5, 6]  # "5 6" has three continuations: an n-gram tree
+    with torch.no_grad():
+        p1 = torch.softmax(target(torch.tensor([prompt])).logits[0, -1].double() / temperature, -1)
+        two = torch.tensor([prompt + [a] for a in range(V)])
+        p2 = torch.softmax(target(two).logits[:, -1].double() / temperature, -1)  # [V, V]
+        three = torch.tensor([prompt + [a, b] for a in range(V) for b in range(V)])
+        p3 = torch.softmax(target(three).logits[:, -1].double() / temperature, -1).view(V, V, V)
+    joint23 = (p1[:, None, None] * p2[:, :, None] * p3).sum(0).flatten().numpy()  # tokens 2 and 3
+    gen = SpeculativeGenerator(target, drafter if kind == "model" else "ngram", num_draft_tokens=2,
+                               adaptive=False, max_tree_nodes=6)
+    result = gen.generate([prompt] * n, max_new_tokens=3, temperature=temperature, seed=11, eos_token_id=None)
+    assert result.stats.tree_steps > 0 and result.stats.draft_nodes > result.stats.drafted_tokens
+    counts = np.zeros(V * V)
+    for _, b, c in result.sequences:
+        counts[b * V + c] += 1
+    expected = joint23 * n
+    big = expected >= 5
+    obs = np.append(counts[big], counts[~big].sum())
+    exp = np.append(expected[big], expected[~big].sum())
+    _, pvalue = scipy_stats.chisquare(obs, exp)
+    assert pvalue > 1e-3, pvalue

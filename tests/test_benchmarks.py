@@ -134,3 +134,23 @@ def test_gpu_check_dry_run(tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "gpu_check.csv")))
     assert {r["part"] for r in rows} == {"correct", "chi2"}
     assert all(r["ok"] == "True" for r in rows), rows
+
+
+def test_bench_verify_tree_smoke_and_baseline(tmp_path):
+    """The tree benchmark runs, and its eager PyTorch baseline verifies greedy trees exactly like
+    the op (the same accepted paths and emitted tokens)."""
+    from benchmarks import bench_verify_tree as T
+    from specdec import ops
+
+    rc = T.main(["--quick", "--out", str(tmp_path), "--B", "1,2", "--N", "8", "--V", "1000", "--runs", "3",
+                 "--max-time", "0.05", "--no-plot", "--modes", "sampled,ngram,greedy"])
+    assert rc == 0
+    rows = _rows(tmp_path / "verify_tree_cpu_quick.csv")
+    assert {r["provider"] for r in rows} >= {"reference", "torch_fp32", "cpp", "cpp_chain"}
+    assert all(float(r["median_ms"]) > 0 for r in rows if r["median_ms"])
+    for B, N in ((3, 8), (2, 16)):
+        logits, tokens, parents, _ = T.make_inputs(B, N, 500, torch.float32, torch.device("cpu"), "greedy", seed=B)
+        out, n = T.torch_fp32_verify_tree(logits, tokens, parents, None, 0.0)
+        ref_out, ref_n, _ = ops.verify_tree(logits, tokens, parents, None, temperature=0.0, backend="reference")
+        assert torch.equal(n.long(), ref_n.long()) and n.max() > 0
+        assert torch.equal(out[:, : ref_out.shape[1]], ref_out)

@@ -165,7 +165,7 @@ class _Printer:
             out = _GREEN + self._piece(chunk.token_ids[:n]) + _RESET if n else ""
             last = chunk.token_ids[n:]
             if last:
-                resampled = chunk.num_drafted > n  # the target rejected a draft here
+                resampled = not chunk.is_bonus  # the target rejected a draft here
                 piece = self._piece(last)
                 out += (_RED + piece + _RESET) if resampled else piece
         sys.stdout.write(out)

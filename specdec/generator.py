@@ -377,8 +377,10 @@ class Chunk(NamedTuple):
     """What one step emitted for one row, passed to the streaming callback.
 
     ``token_ids[:num_accepted]`` are accepted drafts; the last id is the target's own token
-    (``is_bonus``: all drafts accepted; else a resample at the first rejection). ``row`` is the
-    prompt's index in the caller's list.
+    (``is_bonus``: no draft was rejected where it was drawn, i.e. every draft of a chain was
+    accepted, or a tree's accepted path ended at a leaf; else a resample after a rejection).
+    ``num_drafted``: the row's drafts this step (a tree's nodes). ``row`` is the prompt's index in
+    the caller's list.
     """
 
     row: int
@@ -386,9 +388,12 @@ class Chunk(NamedTuple):
     num_accepted: int
     num_drafted: int
     finished: bool
+    leaf: bool | None = None  # tree steps: the accepted path ended at a node without children
 
     @property
     def is_bonus(self) -> bool:
+        if self.leaf is not None:
+            return self.leaf
         return self.num_accepted == self.num_drafted
 
 
@@ -571,6 +576,17 @@ class _Tree(NamedTuple):
     num_drafted: np.ndarray  # [B] host: used nodes
     depth: np.ndarray  # [B] host: the longest path (in drafts) of each row's tree
     match: np.ndarray | None
+    host_parents: np.ndarray  # [B, N] host parents, -1 where unused too
+    used: np.ndarray  # [B, N] host bool: the node is part of the tree
+
+    def leaf_stop(self, host_nodes: np.ndarray, accepted: np.ndarray) -> np.ndarray:
+        """[B] bool: the accepted path (node indices [B, D], lengths [B]) ended at a node with no
+        children, so the emitted token is the bonus, not a resample after a rejection."""
+        rows = np.arange(accepted.shape[0])
+        last = np.full(accepted.shape[0], -1)
+        if host_nodes.shape[1]:
+            last = np.where(accepted > 0, host_nodes[rows, np.clip(accepted - 1, 0, host_nodes.shape[1] - 1)], -1)
+        return ~(self.used & (self.host_parents == last[:, None])).any(1)
 
     @classmethod
     def of(cls, tree, max_depth=None, device=None, max_nodes=None) -> "_Tree":
@@ -594,7 +610,8 @@ class _Tree(NamedTuple):
                 token_ids = torch.from_numpy(tokens).to(device)
                 parents_dev = torch.from_numpy(parents).to(device)
                 probs = None if probs is None else probs[:, :width]
-        return cls(token_ids, parents_dev, probs, used.sum(1), depth.max(1, initial=-1) + 1, tree.match)
+        return cls(token_ids, parents_dev, probs, used.sum(1), depth.max(1, initial=-1) + 1, tree.match,
+                   np.where(used, parents, -1), used)
 
 
 class _BatchRun:
@@ -827,7 +844,8 @@ class _BatchRun:
             self.drafter.accept(accepted)
         t3 = time.perf_counter()
         self._count(draft, accepted, k, t2, t3)
-        keep = self._emit(draft, verdict.host, accepted)
+        leaf = draft.leaf_stop(verdict.host_nodes, accepted) if isinstance(draft, _Tree) else None
+        keep = self._emit(draft, verdict.host, accepted, leaf)
         self.step += 1
         if len(keep) < len(self.live):
             self._drop_finished(keep)
@@ -855,7 +873,7 @@ class _BatchRun:
         stats.accepted_tokens += int(accepted.sum())
         stats._count_positions(depth, accepted)
 
-    def _emit(self, draft: Draft, host: np.ndarray, accepted: np.ndarray) -> list:
+    def _emit(self, draft: Draft, host: np.ndarray, accepted: np.ndarray, leaf: np.ndarray | None) -> list:
         """Append each row's emitted tokens (cut at EOS and the length limit), call the callback;
         returns the batch rows that go on."""
         keep, emitted_total, callback = [], 0, self.opts["callback"]
@@ -879,7 +897,7 @@ class _BatchRun:
                 finished = True
             if callback is not None:
                 callback(Chunk(self.user_index[self.live[b]], emitted.tolist(), min(n, m),
-                               int(draft.num_drafted[b]), finished))
+                               int(draft.num_drafted[b]), finished, None if leaf is None else bool(leaf[b])))
             if not finished:
                 keep.append(b)
         self.stats.generated_tokens += emitted_total

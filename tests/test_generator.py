@@ -353,9 +353,16 @@ def test_tree_steps_equal_chain_steps_greedy(monkeypatch, kind):
     monkeypatch.setattr(ops, "verify_tree", lambda *a, **k: (calls.append(a[1].shape), real(*a, **k))[1])
     tree = SpeculativeGenerator(target, drafter, num_draft_tokens=4, adaptive=False)
     assert tree.tree
-    result = tree.generate(prompts, max_new_tokens=N_NEW, eos_token_id=None)
+    chunks = []
+    result = tree.generate(prompts, max_new_tokens=N_NEW, eos_token_id=None, callback=chunks.append)
     assert result.sequences == refs
     assert calls and max(n for _, n in calls) > 1  # trees of several nodes were verified
+    # streaming: a tree chunk says whether its last token is the bonus (the path ended at a leaf)
+    # or a resample; rejected chunks drafted more than they accepted
+    tree_chunks = [c for c in chunks if c.leaf is not None]
+    assert tree_chunks and all(c.is_bonus == c.leaf for c in tree_chunks)
+    assert all(c.num_drafted > c.num_accepted for c in tree_chunks if not c.is_bonus)
+    assert any(not c.is_bonus for c in tree_chunks)
     chain = SpeculativeGenerator(target, drafter, num_draft_tokens=4, adaptive=False, tree=False)
     assert chain.generate(prompts, max_new_tokens=N_NEW, eos_token_id=None).sequences == refs
     with pytest.raises(ValueError, match="tree"):

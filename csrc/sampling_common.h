@@ -508,6 +508,38 @@ inline int64_t race_in_block(const T* x, int64_t V, int64_t k, const Weights& w,
   return idx;
 }
 
+// p's race-block sums, normalised like Weights, from one position's statistics pass (chunk_stats
+// with want_sum): block k's max logit bmax[k] and its sum of exp((x - bmax[k]) * inv_t) bsum[k].
+inline void p_block_sums(const float* bmax, const double* bsum, int64_t nblock, const PosStats& st, double inv_t,
+                         double* sums) {
+  for (int64_t k = 0; k < nblock; ++k)
+    sums[k] = bsum[k] > 0.0 ? bsum[k] * std::exp((double(bmax[k]) - double(st.max)) * inv_t) / st.z : 0.0;
+}
+
+// The two-level race over p at one position: row `x` of V logits with statistics `st`. Block sums
+// from the statistics pass (bmax / bsum of this position) or, for top-k/top-p rows, one sweep
+// (chunks through `exec`, as for_rows hands it out); the block race on `block_key`, the race inside
+// the winning block on `key`. On the sample streams this is the target's own sample (the sample op's
+// numbers). Returns the argmax if rounding zeroed every weight. `sums`: scratch of nblock doubles.
+template <typename T, typename Exec>
+inline int64_t race_p(const T* x, int64_t V, const PosStats& st, double inv_t, float inv_t_f, bool filtered,
+                      const float* bmax, const double* bsum, double* sums, Exec&& exec, const PhiloxKey& block_key,
+                      const PhiloxKey& key) {
+  const int64_t nblock = (V + kRaceBlock - 1) / kRaceBlock, nchunk = (V + kChunk - 1) / kChunk;
+  const Weights w(st, inv_t_f);
+  if (filtered) {
+    exec(nchunk, [&](int64_t c) {
+      const int64_t j0 = c * kChunk, j1 = std::min(V, j0 + kChunk);
+      race_block_sums<T, float>(x, j0, j1, w, false, nullptr, 0, -1, nullptr, sums);
+    });
+  } else {
+    p_block_sums(bmax, bsum, nblock, st, inv_t, sums);
+  }
+  const int64_t k = race_blocks(sums, nblock, block_key);
+  const int64_t t = k < 0 ? -1 : race_in_block<T, float>(x, V, k, w, false, nullptr, 0, -1, key);
+  return t >= 0 ? t : st.argmax;
+}
+
 // Per-row sampling parameters ([B] each) normalised to the dtypes the kernels read; the copies cost
 // nothing at this size. `op` names the caller in the error message.
 struct RowParams {

@@ -103,28 +103,12 @@ std::tuple<at::Tensor, at::Tensor> verify_cpu(const at::Tensor& target_logits_in
 
       // The sample op's draw from p at (b, pos), whose statistics `st` are the latest computed for
       // the row (bmax / bsum hold that position's blocks): sample and compare's own token.
-      auto race_p = [&](int64_t b, int64_t pos, const PosStats& st, auto&& exec, int block_stream,
-                        int stream) -> int64_t {
+      auto own_sample = [&](int64_t b, int64_t pos, const PosStats& st, auto&& exec) -> int64_t {
         const RowInfo& r = rows[b];
-        const T* x = L + (b * K1 + pos) * Vt;
-        const Weights w(st, r.inv_t_f);
-        double* sums = &block_sums[b * nblock];
-        if (r.filtered) {
-          exec(nchunk, [&](int64_t c) {
-            const int64_t j0 = c * kChunk, j1 = std::min(Vt, j0 + kChunk);
-            race_block_sums<T, Q>(x, j0, j1, w, false, nullptr, Vd, -1, nullptr, sums);
-          });
-        } else {
-          for (int64_t k = 0; k < nblock; ++k)  // p's block sums from the statistics pass
-            sums[k] = bsum[b * nblock + k] > 0.0
-                          ? bsum[b * nblock + k] *
-                                std::exp((double(bmax[b * nblock + k]) - double(st.max)) * r.inv_t) / st.z
-                          : 0.0;
-        }
-        const int64_t k = race_blocks(sums, nblock, PhiloxKey(rp.seed[b], at(b, pos), block_stream, 0));
-        const int64_t tok = k < 0 ? -1 : race_in_block<T, Q>(x, Vt, k, w, false, nullptr, Vd, -1,
-                                                             PhiloxKey(rp.seed[b], at(b, pos), stream, 0));
-        return tok >= 0 ? tok : st.argmax;  // tok < 0 only if rounding zeroed every weight
+        return race_p(L + (b * K1 + pos) * Vt, Vt, st, r.inv_t, r.inv_t_f, r.filtered, &bmax[b * nblock],
+                      &bsum[b * nblock], &block_sums[b * nblock], exec,
+                      PhiloxKey(rp.seed[b], at(b, pos), kStreamSampleBlock, 0),
+                      PhiloxKey(rp.seed[b], at(b, pos), kStreamSample, 0));
       };
 
       // One row, start to finish. `exec(n, f)` runs f(0..n-1): inline when rows are the parallel
@@ -155,7 +139,7 @@ std::tuple<at::Tensor, at::Tensor> verify_cpu(const at::Tensor& target_logits_in
             filter_stats(x, Vt, r.inv_t, rp.top_k[b], double(rp.top_p[b]), st, buf);
           }
           if (!Qp && !r.greedy) {  // sample and compare
-            own = race_p(b, pos, st, exec, kStreamSampleBlock, kStreamSample);
+            own = own_sample(b, pos, st, exec);
             if (pos == r.n_drafts || dr[b * K + pos] != own) {
               s = pos;
               break;
@@ -218,11 +202,7 @@ std::tuple<at::Tensor, at::Tensor> verify_cpu(const at::Tensor& target_logits_in
         };
         const bool reuse = !r.filtered && q == nullptr;
         if (reuse) {
-          for (int64_t k = 0; k < nblock; ++k)  // p's block sums, normalised like Weights
-            sums[k] = bsum[b * nblock + k] > 0.0
-                          ? bsum[b * nblock + k] *
-                                std::exp((double(bmax[b * nblock + k]) - double(st.max)) * r.inv_t) / st.z
-                          : 0.0;
+          p_block_sums(&bmax[b * nblock], &bsum[b * nblock], nblock, st, r.inv_t, sums);
           if (resid) block_of_d(true);  // one-hot q: the residual is p without d
         } else {
           sweep(resid);

@@ -144,28 +144,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_tree_cpu(
       // The race over p at node `node` (index into target_logits) whose statistics `st` are the
       // row's latest (bmax / bsum hold its blocks): on the sample streams, the target's own
       // sample; on the resample streams, the token after rejections that left p as it was.
-      auto race_p = [&](int64_t b, int64_t node, int64_t j, const PosStats& st, auto&& exec,
-                        int block_stream, int stream) -> int64_t {
+      auto race_at = [&](int64_t b, int64_t node, int64_t j, const PosStats& st, auto&& exec,
+                         int block_stream, int stream) -> int64_t {
         const RowInfo& r = rows[b];
-        const T* x = L + (b * N1 + node) * Vt;
-        const Weights w(st, r.inv_t_f);
-        double* sums = &block_sums[b * nblock];
-        if (r.filtered) {
-          exec(nchunk, [&](int64_t c) {
-            const int64_t j0 = c * kChunk, j1 = std::min(Vt, j0 + kChunk);
-            race_block_sums<T, Q>(x, j0, j1, w, false, nullptr, Vd, -1, nullptr, sums);
-          });
-        } else {
-          for (int64_t k = 0; k < nblock; ++k)
-            sums[k] = bsum[b * nblock + k] > 0.0
-                          ? bsum[b * nblock + k] *
-                                std::exp((double(bmax[b * nblock + k]) - double(st.max)) * r.inv_t) / st.z
-                          : 0.0;
-        }
-        const int64_t k = race_blocks(sums, nblock, PhiloxKey(rp.seed[b], at(b, j), block_stream, 0));
-        const int64_t t = k < 0 ? -1 : race_in_block<T, Q>(x, Vt, k, w, false, nullptr, Vd, -1,
-                                                           PhiloxKey(rp.seed[b], at(b, j), stream, 0));
-        return t >= 0 ? t : st.argmax;  // t < 0 only if rounding zeroed every weight
+        return race_p(L + (b * N1 + node) * Vt, Vt, st, r.inv_t, r.inv_t_f, r.filtered, &bmax[b * nblock],
+                      &bsum[b * nblock], &block_sums[b * nblock], exec,
+                      PhiloxKey(rp.seed[b], at(b, j), block_stream, 0), PhiloxKey(rp.seed[b], at(b, j), stream, 0));
       };
 
       auto run_row = [&](int64_t b, auto&& exec) {
@@ -205,7 +189,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_tree_cpu(
           int64_t accepted = -1;
           if (r.greedy || !Qp) {
             const int64_t target = r.greedy ? st.argmax
-                                            : race_p(b, node, j, st, exec, kStreamSampleBlock, kStreamSample);
+                                            : race_at(b, node, j, st, exec, kStreamSampleBlock, kStreamSample);
             for (int64_t i = cur + 1; i < N; ++i) {
               if (depth[i] == 0 || pr[i] != cur) continue;
               has_child = true;
@@ -262,9 +246,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_tree_cpu(
             }
             if (accepted < 0) {
               if (!has_child) {  // the bonus: the target's own sample
-                token = race_p(b, node, j, st, exec, kStreamSampleBlock, kStreamSample);
+                token = race_at(b, node, j, st, exec, kStreamSampleBlock, kStreamSample);
               } else if (which < 0) {  // every rejection left p_cur = p_v
-                token = race_p(b, node, j, st, exec, kStreamResampleBlock, kStreamResample);
+                token = race_at(b, node, j, st, exec, kStreamResampleBlock, kStreamResample);
               } else {
                 const int64_t k = race_blocks(rsums[which].data(), nblock,
                                               PhiloxKey(rp.seed[b], at(b, j), kStreamResampleBlock, 0));

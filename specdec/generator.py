@@ -54,7 +54,7 @@ from typing import Callable, NamedTuple, Sequence
 import numpy as np
 import torch
 
-from specdec.drafters import Draft, Drafter, DraftState, make_drafter
+from specdec.drafters import Draft, Drafter, DraftState, _tree_depths, make_drafter
 from specdec.models import check_compatible, model_vocab_size
 
 _DRAFTER_NAMES = ("ngram", "n-gram", "prompt-lookup", "early-exit", "earlyexit", "self", "none")
@@ -552,18 +552,6 @@ def _over_budget(parents: np.ndarray, used: np.ndarray, max_nodes: int) -> np.nd
                 keep[i], n = True, n + 1
         drop[b] = used[b] & ~keep
     return drop
-
-
-def _tree_depths(parents: np.ndarray, used: np.ndarray) -> np.ndarray:
-    """Depth of every node [B, N] (0 = child of the root, -1 = unused slot) from host parents
-    (parents before children)."""
-    depth = np.full(parents.shape, -1, dtype=np.int64)
-    rows = np.arange(parents.shape[0])
-    for i in range(parents.shape[1]):
-        par = parents[:, i]
-        up = np.where(par >= 0, depth[rows, np.clip(par, 0, None)], -1)
-        depth[:, i] = np.where(used[:, i] & ((par < 0) | (up >= 0)), np.where(par < 0, 0, up + 1), -1)
-    return depth
 
 
 class _Tree(NamedTuple):

@@ -196,6 +196,23 @@ def _bad_temperature(temperature):
     return torch.isnan(temperature) | (temperature == float("inf"))
 
 
+def _positions(target_logits, temperature, top_k, top_p):
+    """What verification needs at every position of [B, P, V] target logits: (cleaned logits
+    float64, p [B, P, V] float64, argmax [B, P], temperature [B] float64 with NaN/+inf rows set
+    to 1, greedy [B] bool, bad_t [B] bool: rows that emit nothing)."""
+    B, P, Vt = target_logits.shape
+    dev = target_logits.device
+    logits = _clean(target_logits)
+    temperature = temperature.double().to(dev)
+    bad_t = _bad_temperature(temperature)
+    temperature = torch.where(bad_t, torch.ones_like(temperature), temperature)
+    rep = lambda x: x.to(dev).repeat_interleave(P)  # noqa: E731  per row -> per (row, position)
+    probs, argmax = _target_probs(
+        logits.reshape(B * P, Vt), rep(temperature), rep(top_k), rep(top_p.double())
+    )
+    return logits, probs.view(B, P, Vt), argmax.view(B, P), temperature, temperature <= 0, bad_t
+
+
 def verify(target_logits, draft_token_ids, draft_probs, temperature, top_k, top_p, seed, offset):
     """Chain verification, reference implementation (float64 inside).
 
@@ -208,16 +225,8 @@ def verify(target_logits, draft_token_ids, draft_probs, temperature, top_k, top_
     B, K1, Vt = target_logits.shape
     K = K1 - 1
     dev = target_logits.device
-    logits = _clean(target_logits)
-    temperature = temperature.double().to(dev)
-    bad_t = _bad_temperature(temperature)
-    temperature = torch.where(bad_t, torch.ones_like(temperature), temperature)
-    greedy = temperature <= 0
+    logits, probs, argmax, temperature, greedy, bad_t = _positions(target_logits, temperature, top_k, top_p)
     rep = lambda x: x.to(dev).repeat_interleave(K1)  # noqa: E731  per row -> per (row, position)
-    probs, argmax = _target_probs(
-        logits.reshape(B * K1, Vt), rep(temperature), rep(top_k), rep(top_p.double())
-    )
-    probs, argmax = probs.view(B, K1, Vt), argmax.view(B, K1)
     seed, offset = seed.to(dev, torch.int64), offset.to(dev, torch.int64)
     positions = torch.arange(K1, device=dev)
     offsets = offset[:, None] + positions[None]  # [B, K+1]: position j draws with offset + j
@@ -392,16 +401,7 @@ def verify_tree(target_logits, tree_token_ids, tree_parents, draft_probs, temper
     N = N1 - 1
     D = int(max_depth)
     dev = target_logits.device
-    logits = _clean(target_logits)
-    temperature = temperature.double().to(dev)
-    bad_t = _bad_temperature(temperature)
-    temperature = torch.where(bad_t, torch.ones_like(temperature), temperature)
-    greedy = temperature <= 0
-    rep = lambda x: x.to(dev).repeat_interleave(N1)  # noqa: E731  per row -> per (row, node)
-    probs, argmax = _target_probs(
-        logits.reshape(B * N1, Vt), rep(temperature), rep(top_k), rep(top_p.double())
-    )
-    probs, argmax = probs.view(B, N1, Vt), argmax.view(B, N1)
+    logits, probs, argmax, temperature, greedy, bad_t = _positions(target_logits, temperature, top_k, top_p)
     finite = torch.isfinite(logits).any(-1)  # [B, N+1]
     seed, offset = seed.to(dev, torch.int64), offset.to(dev, torch.int64)
     rows = torch.arange(B, device=dev)

@@ -813,6 +813,16 @@ class RaggedCache(_HFCache):
         self._host_start = host
         self.start = host.to(device=self.store.device, dtype=torch.int32)
 
+    def _mask(self, allowed: torch.Tensor, additive: bool | None) -> torch.Tensor:
+        """A bool attention mask (True = attend) as the model wants it: bool, or (``additive``,
+        default for ``eager`` attention, which adds the mask to the scores) 0 / finfo.min."""
+        if additive is None:
+            additive = self.attn_implementation == "eager"
+        if not additive:
+            return allowed
+        dtype = self.store.dtype
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)
+
     def position_ids(self, q: int) -> torch.Tensor:
         """``[B, q]`` int64 position ids of the next ``q`` tokens: ``lengths[b] - start[b] + arange(q)``."""
         base = (self.store.lengths - self.start).long()
@@ -836,13 +846,7 @@ class RaggedCache(_HFCache):
         if self.sliding_window is not None:
             allowed &= slot > qpos - self.sliding_window
         allowed |= slot == qpos
-        mask = allowed[:, None]
-        if additive is None:
-            additive = self.attn_implementation == "eager"
-        if additive:
-            dtype = self.store.dtype
-            return torch.zeros(mask.shape, dtype=dtype, device=dev).masked_fill_(~mask, torch.finfo(dtype).min)
-        return mask
+        return self._mask(allowed[:, None], additive)
 
     def __repr__(self) -> str:
         s = self.store
@@ -920,13 +924,7 @@ class RaggedCache(_HFCache):
             key_pos = torch.where(in_step, pos.gather(1, rel_c), slot - self.start.long()[:, None])  # [B, kv]
             allowed &= (pos[:, :, None] - key_pos[:, None, :]) < self.sliding_window
         allowed |= rel[:, None, :] == torch.arange(q, device=dev)[None, :, None]  # every query sees itself
-        mask = allowed[:, None]
-        if additive is None:
-            additive = self.attn_implementation == "eager"
-        if additive:
-            dtype = self.store.dtype
-            return torch.zeros(mask.shape, dtype=dtype, device=dev).masked_fill_(~mask, torch.finfo(dtype).min)
-        return mask
+        return self._mask(allowed[:, None], additive)
 
     def compact_tree(self, accepted_nodes: torch.Tensor, num_accepted: torch.Tensor, *,
                      num_nodes: int | None = None, host_lengths: torch.Tensor | None = None) -> None:

@@ -111,11 +111,8 @@ def test_production_splits_compile_for_sm90(recorders, tmp_path):
     (tests/triton_compile.py): the interpreter alone would not catch a configuration the compiler
     rejects."""
     import json
-    import os
-    import subprocess
-    import sys
 
-    from triton_compile import describe_launch
+    from triton_compile import compile_in_child, describe_launch
 
     launches = {}
     for rec in recorders.values():
@@ -139,12 +136,5 @@ def test_production_splits_compile_for_sm90(recorders, tmp_path):
                     kverify.verify(logits, drafts, q, t, None, tp, seed, seed)
             ksample.sample(logits[:, 0], t, None, None, seed, seed)
     assert len(launches) >= 10
-    path = tmp_path / "launches.json"
-    path.write_text(json.dumps([json.loads(k) for k in launches]))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")  # compile for real, not from a cache
-    here = os.path.dirname(os.path.abspath(__file__))
-    proc = subprocess.run([sys.executable, os.path.join(here, "triton_compile.py"), str(path)],
-                          capture_output=True, text=True, env=env, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert f"{len(launches)} compiled, 0 failed" in proc.stdout
+    ok, out = compile_in_child([json.loads(k) for k in launches], tmp_path)
+    assert ok, out

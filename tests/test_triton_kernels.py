@@ -423,12 +423,10 @@ def test_triton_compiles_for_sm90(tmp_path):
     (every kernel; fp32 and bf16 logits; with and without draft_probs and top-k/top-p) and compile
     each for sm_90 in a child process with the interpreter off (tests/triton_compile.py)."""
     import json
-    import subprocess
-    import sys
 
     from triton.runtime import interpreter
 
-    from triton_compile import describe_launch
+    from triton_compile import compile_in_child, describe_launch
 
     launches = {}
     run = interpreter.InterpretedFunction.run
@@ -453,12 +451,5 @@ def test_triton_compiles_for_sm90(tmp_path):
             ksample.sample(logits[:, 0], t, None, None, seed, offset)
             ksample.sample(logits[:, 0], t, torch.tensor([0, 5]), torch.tensor([1.0, 0.9]), seed, offset)
     assert len(launches) >= 6  # every kernel at least once
-    path = tmp_path / "launches.json"
-    path.write_text(json.dumps([json.loads(k) for k in launches]))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")  # compile for real, not from a cache
-    here = os.path.dirname(os.path.abspath(__file__))
-    proc = subprocess.run([sys.executable, os.path.join(here, "triton_compile.py"), str(path)],
-                          capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert f"{len(launches)} compiled, 0 failed" in proc.stdout
+    ok, out = compile_in_child([json.loads(k) for k in launches], tmp_path)
+    assert ok, out

@@ -512,16 +512,13 @@ def test_triton_compiles_for_sm90(tmp_path):
     """The interpreter accepts code that the compiler rejects: record the launches of a few
     verify_tree calls and compile each for sm_90 with the interpreter off (tests/triton_compile.py)."""
     import json
-    import os
-    import subprocess
-    import sys
 
     if not backend_available("triton"):
         pytest.skip("triton unavailable")
     from triton.runtime import interpreter
 
     from specdec.kernels import verify_tree as kvt
-    from triton_compile import describe_launch
+    from triton_compile import compile_in_child, describe_launch
 
     launches = {}
     real_run = interpreter.InterpretedFunction.run
@@ -544,12 +541,5 @@ def test_triton_compiles_for_sm90(tmp_path):
                 for top_k, top_p in ((None, None), (torch.tensor([0, 5]), torch.tensor([1.0, 0.9]))):
                     kvt.verify_tree(logits, tokens, parents, draft_probs, t, top_k, top_p, seed, offset, N)
     assert len(launches) >= 4
-    path = tmp_path / "launches.json"
-    path.write_text(json.dumps([json.loads(k) for k in launches]))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
-    here = os.path.dirname(os.path.abspath(__file__))
-    proc = subprocess.run([sys.executable, os.path.join(here, "triton_compile.py"), str(path)],
-                          capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert f"{len(launches)} compiled, 0 failed" in proc.stdout
+    ok, out = compile_in_child([json.loads(k) for k in launches], tmp_path)
+    assert ok, out

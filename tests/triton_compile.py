@@ -61,6 +61,22 @@ def compile_all(launches, arch=90):
     return failures
 
 
+def compile_in_child(launches, tmp_path, timeout=900):
+    """Compile ``launches`` (describe_launch lists) for sm_90 in a child process with the
+    interpreter off and a fresh cache; returns (ok, output)."""
+    import os
+    import subprocess
+
+    path = tmp_path / "launches.json"
+    path.write_text(json.dumps(launches))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")  # compile for real, not from a cache
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), str(path)], capture_output=True, text=True,
+                          env=env, timeout=timeout)
+    out = proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc.returncode == 0 and f"{len(launches)} compiled, 0 failed" in proc.stdout, out
+
+
 if __name__ == "__main__":
     import triton
 

@@ -556,16 +556,55 @@ def _over_budget(parents: np.ndarray, used: np.ndarray, max_nodes: int) -> np.nd
 
 class _Tree(NamedTuple):
     """A tree step's drafts as the generator uses them (from a drafter's ``DraftTree``): device
-    tensors for the forward and the op, host copies for the policy and the stats."""
+    tensors for the forward and the op, host copies for the policy, the stats and pruning."""
 
     token_ids: torch.Tensor  # [B, N] int64 device, -1 = unused
     parents: torch.Tensor  # [B, N] int64 device, -1 = child of the root
     probs: torch.Tensor | None  # [B, N, Vd] or None
-    num_drafted: np.ndarray  # [B] host: used nodes
-    depth: np.ndarray  # [B] host: the longest path (in drafts) of each row's tree
     match: np.ndarray | None
+    host_tokens: np.ndarray  # [B, N] host copy of token_ids
     host_parents: np.ndarray  # [B, N] host parents, -1 where unused too
-    used: np.ndarray  # [B, N] host bool: the node is part of the tree
+    node_depth: np.ndarray  # [B, N] host: each node's depth (0 = child of the root), -1 where unused
+
+    @property
+    def used(self) -> np.ndarray:
+        return self.host_tokens >= 0
+
+    @property
+    def num_drafted(self) -> np.ndarray:
+        """[B] host: used nodes per row."""
+        return self.used.sum(1)
+
+    @property
+    def depth(self) -> np.ndarray:
+        """[B] host: the longest path (in drafts) of each row's tree."""
+        return self.node_depth.max(1, initial=-1) + 1
+
+    @classmethod
+    def of(cls, tree) -> "_Tree":
+        """From a drafter's DraftTree."""
+        tokens, parents = np.asarray(tree.host_token_ids), np.asarray(tree.host_parents)
+        used = tokens >= 0
+        return cls(tree.token_ids, tree.parents, tree.probs, tree.match, tokens, np.where(used, parents, -1),
+                   _tree_depths(parents, used))
+
+    def cut(self, max_depth, max_nodes: int, device) -> "_Tree":
+        """The tree without nodes at depth >= ``max_depth`` ([B] or int) and beyond ``max_nodes``
+        per row (each row's first-child path first, then the other nodes in index order: the drafters
+        number parents first, best sibling first). Host work, one copy to the device if anything goes."""
+        used = self.used
+        cut = used & (self.node_depth >= np.asarray(max_depth).reshape(-1, 1))
+        cut |= _over_budget(self.host_parents, used & ~cut, max_nodes)
+        if not cut.any():
+            return self
+        keep = used & ~cut
+        width = int(np.flatnonzero(keep.any(0)).max(initial=-1)) + 1
+        tokens = np.where(keep, self.host_tokens, -1)[:, :width]
+        parents = np.where(keep, self.host_parents, -1)[:, :width]
+        depth = np.where(keep, self.node_depth, -1)[:, :width]
+        probs = None if self.probs is None else self.probs[:, :width]
+        return _Tree(torch.from_numpy(tokens).to(device), torch.from_numpy(parents).to(device), probs, self.match,
+                     tokens, parents, depth)
 
     def leaf_stop(self, host_nodes: np.ndarray, accepted: np.ndarray) -> np.ndarray:
         """[B] bool: the accepted path (node indices [B, D], lengths [B]) ended at a node with no
@@ -575,31 +614,6 @@ class _Tree(NamedTuple):
         if host_nodes.shape[1]:
             last = np.where(accepted > 0, host_nodes[rows, np.clip(accepted - 1, 0, host_nodes.shape[1] - 1)], -1)
         return ~(self.used & (self.host_parents == last[:, None])).any(1)
-
-    @classmethod
-    def of(cls, tree, max_depth=None, device=None, max_nodes=None) -> "_Tree":
-        """From a DraftTree; ``max_depth`` ([B] or int) prunes nodes at depth >= it, ``max_nodes``
-        keeps each row's first-child path and then other nodes in index order up to that many
-        (host work; the drafters number parents first, best sibling first)."""
-        tokens, parents = np.array(tree.host_token_ids), np.array(tree.host_parents)
-        used = tokens >= 0
-        depth = _tree_depths(parents, used)
-        token_ids, parents_dev, probs = tree.token_ids, tree.parents, tree.probs
-        if max_depth is not None or max_nodes is not None:
-            cut = used & (depth < 0)  # invalid nodes stay (the op ignores them); nothing cut yet
-            if max_depth is not None:
-                cut |= used & (depth >= np.asarray(max_depth).reshape(-1, 1))
-            if max_nodes is not None:
-                cut |= _over_budget(parents, used & ~cut, max_nodes)
-            if cut.any():
-                tokens[cut], parents[cut], depth[cut], used = -1, -1, -1, used & ~cut
-                width = int(np.flatnonzero(used.any(0)).max(initial=-1)) + 1
-                tokens, parents, depth, used = tokens[:, :width], parents[:, :width], depth[:, :width], used[:, :width]
-                token_ids = torch.from_numpy(tokens).to(device)
-                parents_dev = torch.from_numpy(parents).to(device)
-                probs = None if probs is None else probs[:, :width]
-        return cls(token_ids, parents_dev, probs, used.sum(1), depth.max(1, initial=-1) + 1, tree.match,
-                   np.where(used, parents, -1), used)
 
 
 class _BatchRun:
@@ -734,13 +748,12 @@ class _BatchRun:
         if not self.opts["adaptive"]:
             return _Tree.of(drafter.propose_tree(state, nodes))
         if drafter.cheap:  # propose the full tree, cut it at the depth the policy picks
-            proposal = drafter.propose_tree(state, nodes)
-            full = _Tree.of(proposal)
-            keys = policy.keys(self.sampled, full.match, self.previous)
-            depth = policy.width(full.depth, keys, self.remaining)
+            tree = _Tree.of(drafter.propose_tree(state, nodes))
+            keys = policy.keys(self.sampled, tree.match, self.previous)
+            depth = policy.width(tree.depth, keys, self.remaining)
             if depth == 0:
                 return None
-            return _Tree.of(proposal, depth, self.device, max_nodes=self._node_budget(depth))
+            return tree.cut(depth, self._node_budget(depth), self.device)
         self.width = policy.width(budget, policy.keys(self.sampled, None, self.previous), self.remaining)
         if self.width == 0:
             return None
@@ -865,6 +878,7 @@ class _BatchRun:
         """Append each row's emitted tokens (cut at EOS and the length limit), call the callback;
         returns the batch rows that go on."""
         keep, emitted_total, callback = [], 0, self.opts["callback"]
+        drafted = draft.num_drafted
         for b in range(len(self.live)):
             n = int(accepted[b])
             emitted = host[b, : n + 1]
@@ -885,7 +899,7 @@ class _BatchRun:
                 finished = True
             if callback is not None:
                 callback(Chunk(self.user_index[self.live[b]], emitted.tolist(), min(n, m),
-                               int(draft.num_drafted[b]), finished, None if leaf is None else bool(leaf[b])))
+                               int(drafted[b]), finished, None if leaf is None else bool(leaf[b])))
             if not finished:
                 keep.append(b)
         self.stats.generated_tokens += emitted_total

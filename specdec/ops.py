@@ -168,9 +168,7 @@ def _verify_tree_op(
         top_k, top_p = _materialise(top_k, top_p, temperature)
         out = torch.ops.specdec_cpp.verify_tree(target_logits, tree_token_ids, tree_parents, draft_probs, t_ok,
                                                 top_k, top_p, seed, offset, max_depth)
-    out_ids, num_accepted = _void_bad_temperature(temperature, out[0], out[1])
-    nodes, _ = _void_bad_temperature(temperature, out[2], out[1])
-    return out_ids, num_accepted, nodes
+    return _void_bad_temperature(temperature, *out)
 
 
 @_verify_tree_op.register_fake
@@ -317,13 +315,14 @@ def _as_kernel_float(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.dtype == torch.float64 else t
 
 
-def _void_bad_temperature(temperature, out_ids, second):
+def _void_bad_temperature(temperature, out_ids, second, *more_ids):
     """Rows whose temperature is NaN or +inf emit nothing (ids -1; num_accepted 0 / probs 0), on
-    every backend: the same rule as ``reference._bad_temperature``. Device ops, no sync."""
+    every backend: the same rule as ``reference._bad_temperature``. ``more_ids``: further id
+    outputs of the op (-1 too). Device ops, no sync."""
     bad = reference._bad_temperature(temperature)
-    out_ids = out_ids.masked_fill(bad.view(-1, *([1] * (out_ids.dim() - 1))), -1)
-    second = second.masked_fill(bad.view(-1, *([1] * (second.dim() - 1))), 0)
-    return out_ids, second
+    per_row = lambda t: bad.view(-1, *([1] * (t.dim() - 1)))  # noqa: E731
+    second = second.masked_fill(per_row(second), 0)
+    return (out_ids.masked_fill(per_row(out_ids), -1), second, *(t.masked_fill(per_row(t), -1) for t in more_ids))
 
 
 def _check_float(t: torch.Tensor, name: str):

@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from specdec import cache as C
-from specdec.cache import KVStore, RaggedCache, compact_tree_, tree_ancestors
+from specdec.cache import RaggedCache, compact_tree_, tree_ancestors
 
 from _tiny_models import VOCAB, tiny_model
+from test_cache import _filled_store
 
 BACKENDS = ["cpp", "torch"] if C.has_extension() else ["torch"]
 
@@ -204,14 +205,8 @@ def test_tree_ancestors_closure_deep_and_garbage():
 # ------------------------------------------------------------------------------------------------------
 # compaction kernel against an index reference, checks, memory safety
 
-def _store(backend, lengths, L=2, B=3, H=2, T=16, D=4, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    s = KVStore(L, B, H, D, T, backend=backend)
-    s.keys.copy_(torch.randn(s.keys.shape, generator=g))
-    s.values.copy_(torch.randn(s.values.shape, generator=g))
-    s.lengths.copy_(torch.tensor(lengths, dtype=torch.int32))
-    s._set_host(torch.tensor(lengths))
-    return s
+def _store(backend, lengths):
+    return _filled_store(backend, B=len(lengths), D=4, lengths=lengths)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -184,6 +184,16 @@ def _children(tree, b, node):
     return [i for i in range(int(tree.num_nodes[b])) if tree.host_parents[b, i] == node]
 
 
+def _expanded(tree, model, b, seq):
+    """(children, the drafter's fresh last logits after the node's root-to-node path) for every
+    node of row b (the root included) that has children."""
+    for node in [-1] + list(range(int(tree.num_nodes[b]))):
+        kids = _children(tree, b, node)
+        if kids:
+            path = [] if node < 0 else tree.host_token_ids[b, _path(tree.host_parents[b], node)].tolist()
+            yield node, kids, _fresh_logits(model, seq + path)
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_model_tree_greedy_children_are_the_drafters_top_k(arch):
     model = tiny_model(arch, seed=1, layers=2)
@@ -200,12 +210,8 @@ def test_model_tree_greedy_children_are_the_drafters_top_k(arch):
         _check_structure(tree, max_drafts, max_nodes)
         assert tree.num_nodes.sum() > 0
         for b, seq in enumerate(SEQS):
-            for node in [-1] + list(range(int(tree.num_nodes[b]))):
-                kids = _children(tree, b, node)
-                if not kids:
-                    continue
-                path = [] if node < 0 else tree.host_token_ids[b, _path(tree.host_parents[b], node)].tolist()
-                top = _fresh_logits(model, seq + path).topk(3).indices.tolist()
+            for node, kids, logits in _expanded(tree, model, b, seq):
+                top = logits.topk(3).indices.tolist()
                 assert tree.host_token_ids[b, kids].tolist() == top[: len(kids)], (b, node)
     # the first child of the root is the chain's first draft
     chain = ModelDrafter(model)
@@ -225,12 +231,7 @@ def test_model_tree_sampled_distributions(drafter_model):
     probs = tree.probs
     assert probs is not None and probs.shape[:2] == tree.token_ids.shape and probs.dtype == torch.float32
     for b, seq in enumerate(SEQS):
-        for node in [-1] + list(range(int(tree.num_nodes[b]))):
-            kids = _children(tree, b, node)
-            if not kids:
-                continue
-            path = [] if node < 0 else tree.host_token_ids[b, _path(tree.host_parents[b], node)].tolist()
-            logits = _fresh_logits(model, seq + path)
+        for node, kids, logits in _expanded(tree, model, b, seq):
             for j, c in enumerate(kids):  # siblings in drawing order, each without the earlier ones
                 row = probs[b, c]
                 assert abs(float(row.sum()) - 1) < 1e-5 and float(row.min()) >= 0

@@ -140,6 +140,10 @@ class DraftTree(NamedTuple):
     host_token_ids: np.ndarray  # [B, N] int64 host copy of token_ids
     host_parents: np.ndarray  # [B, N] int64 host copy of parents
     match: np.ndarray | None = None  # [B] like Draft.match (n-gram: matched n-gram length, 0 = no match)
+    # [B, N] float64 host or None: the share of the drafter's evidence that goes through node i (n-gram: its
+    # weighted occurrences over all of them; 1 along a single continuation): the generator's tree policy
+    # estimates P(node accepted) as P(depth reached) * share. A child's share is at most its parent's.
+    host_share: np.ndarray | None = None
 
     def depths(self) -> np.ndarray:
         """[B, N] int64 host: each used node's depth (0 = child of the root), -1 for unused slots."""
@@ -335,19 +339,23 @@ class NGramDrafter(Drafter):
         occurrences disagree and deep where they agree, instead of letting one long continuation take it
         all. Nodes are numbered in score order (parents before children, the best sibling first).
         """
+        return self._tree(tokens, max_depth, max_nodes)[:3]
+
+    def _tree(self, tokens: np.ndarray, max_depth: int, max_nodes: int):
+        """:meth:`tree` plus each node's share [M] float64: its weighted occurrences over all of them."""
         empty = np.zeros(0, dtype=np.int64)
         length = tokens.shape[0]
         depth = min(int(max_depth), int(max_nodes))
         if depth <= 0:
-            return empty, empty, 0
+            return empty, empty, 0, empty.astype(np.float64)
         starts, n = self.occurrences(tokens)
         if starts.size == 0:
-            return empty, empty, 0
+            return empty, empty, 0, empty.astype(np.float64)
         matched = int(n.max())
         S = starts.shape[0]
         if S == 1:  # one occurrence: its continuation is a chain
             cont = tokens[starts[0]: starts[0] + min(depth, max_nodes)].astype(np.int64)
-            return cont, np.arange(-1, cont.shape[0] - 1, dtype=np.int64), matched
+            return cont, np.arange(-1, cont.shape[0] - 1, dtype=np.int64), matched, np.ones(cont.shape[0])
         # continuations [depth, S] (depth-major), -1 past the end of the text; sorting them (first token
         # first) makes every trie node a run of consecutive columns
         idx = starts[None, :] + np.arange(depth)[:, None]
@@ -378,7 +386,8 @@ class NGramDrafter(Drafter):
         out = np.full(num, -1, dtype=np.int64)
         out[order] = np.arange(order.shape[0])
         par = parent[order]
-        return tok[order].astype(np.int64), np.where(par >= 0, out[par], -1), matched
+        share = count[order] / weight.sum()
+        return tok[order].astype(np.int64), np.where(par >= 0, out[par], -1), matched, share
 
     def propose_tree(self, state: DraftState, max_nodes: int) -> DraftTree:
         """Per row :meth:`tree` with depth ``max_drafts[b]``; host numpy only, one non-blocking copy to the
@@ -388,19 +397,21 @@ class NGramDrafter(Drafter):
         rows = []
         for b in range(batch):
             length, k = int(state.lengths[b]), int(state.max_drafts[b])
-            ids, par, m = self.tree(state.tokens[b, :length], k, max_nodes)
-            rows.append((ids, par))
+            ids, par, m, share = self._tree(state.tokens[b, :length], k, max_nodes)
+            rows.append((ids, par, share))
             match[b] = m
         num = np.array([r[0].size for r in rows], dtype=np.int64)
         width = int(num.max()) if batch else 0
         if width == 0:
             return _empty_tree(batch, state.device, match)
         host = np.full((2, batch, width), -1, dtype=np.int64)
+        share = np.zeros((batch, width))
         for b in np.flatnonzero(num):
             host[0, b, : num[b]] = rows[b][0]
             host[1, b, : num[b]] = rows[b][1]
+            share[b, : num[b]] = rows[b][2]
         dev = torch.from_numpy(host).to(state.device, non_blocking=True)
-        return DraftTree(dev[0], dev[1], None, num, host[0], host[1], match)
+        return DraftTree(dev[0], dev[1], None, num, host[0], host[1], match, share)
 
 
 def _forward(model, cache, input_ids: torch.Tensor) -> torch.Tensor:

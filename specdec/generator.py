@@ -224,6 +224,41 @@ class DraftLengthPolicy:
         step_cost = self.cost.predict(rows_left[:, None] * (ws[None, :] + 1)) + ws[None, :] * self.draft_cost
         return int(np.argmin((intervals * step_cost).sum(axis=0)))
 
+    def tree_nodes(self, node_depth: np.ndarray, share: np.ndarray, keys: np.ndarray) -> np.ndarray:
+        """[B, N] bool: the nodes of the proposed trees worth verifying this step.
+
+        node_depth [B, N] int (-1 = unused slot), share [B, N] float (the drafter's evidence share per
+        node, ``DraftTree.host_share``), keys [B] (row classes, :meth:`keys`). Node i of row b is on the
+        accepted path with probability about ``P = survival_b[depth_i] * share_i``: the row class's
+        chance to accept more than depth_i drafts, split between the nodes of that depth as the
+        drafter's evidence is. Each row's nodes are ranked by P (index order on ties: parents first,
+        as P never grows from parent to child, so every prefix of the ranking is a tree), and the
+        policy keeps each row's n best, with the n in 0..N that maximises the expected tokens per
+        predicted second of the step, ``sum_b (1 + sum of row b's n best P) / cost(B * (n + 1))``.
+        Where a forward over one more token costs little (a GPU below its knee), that is every node
+        worth anything; on a CPU only the likely ones.
+        """
+        B, N = node_depth.shape
+        used = node_depth >= 0
+        if N == 0 or not used.any():
+            return used
+        top = min(N, self.acceptance.max_drafts)
+        P = np.full((B, N), -1.0)
+        for key in np.unique(keys):
+            rows = keys == key
+            surv = self.acceptance.survival(int(key))
+            d = np.clip(node_depth[rows], 0, top - 1)
+            P[rows] = np.where(used[rows] & (node_depth[rows] < top), surv[d] * share[rows], -1.0)
+        order = np.argsort(-P, axis=1, kind="stable")
+        ranked = np.take_along_axis(P, order, axis=1)
+        gain = 1.0 + np.concatenate([np.zeros((B, 1)), np.cumsum(np.maximum(ranked, 0.0), axis=1)], axis=1)
+        ns = np.arange(N + 1)
+        rate = gain.sum(0) / self.cost.predict(B * (ns + 1))
+        n = int(np.argmax(rate))
+        rank = np.empty_like(order)
+        np.put_along_axis(rank, order, np.arange(N)[None, :].repeat(B, 0), axis=1)
+        return used & (rank < n) & (P >= 0)
+
     def observe(self, keys: np.ndarray, drafted: np.ndarray, accepted: np.ndarray) -> np.ndarray:
         """Count one step's outcomes; returns each row's previous-outcome code for the next step."""
         previous = np.full(drafted.shape[0], self.NO_DRAFT, dtype=np.int64)
@@ -565,6 +600,7 @@ class _Tree(NamedTuple):
     host_tokens: np.ndarray  # [B, N] host copy of token_ids
     host_parents: np.ndarray  # [B, N] host parents, -1 where unused too
     node_depth: np.ndarray  # [B, N] host: each node's depth (0 = child of the root), -1 where unused
+    share: np.ndarray | None = None  # [B, N] host: the drafter's evidence share per node (DraftTree.host_share)
 
     @property
     def used(self) -> np.ndarray:
@@ -586,7 +622,7 @@ class _Tree(NamedTuple):
         tokens, parents = np.asarray(tree.host_token_ids), np.asarray(tree.host_parents)
         used = tokens >= 0
         return cls(tree.token_ids, tree.parents, tree.probs, tree.match, tokens, np.where(used, parents, -1),
-                   _tree_depths(parents, used))
+                   _tree_depths(parents, used), tree.host_share)
 
     def cut(self, max_depth, max_nodes: int, device) -> "_Tree":
         """The tree without nodes at depth >= ``max_depth`` ([B] or int) and beyond ``max_nodes``
@@ -595,16 +631,22 @@ class _Tree(NamedTuple):
         used = self.used
         cut = used & (self.node_depth >= np.asarray(max_depth).reshape(-1, 1))
         cut |= _over_budget(self.host_parents, used & ~cut, max_nodes)
-        if not cut.any():
+        return self.keep(used & ~cut, device)
+
+    def keep(self, keep: np.ndarray, device) -> "_Tree":
+        """The tree with only the nodes ``keep`` [B, N] bool (closed under parents: the caller's
+        duty). Host work, one copy to the device if anything goes."""
+        keep = keep & self.used
+        if (keep == self.used).all():
             return self
-        keep = used & ~cut
         width = int(np.flatnonzero(keep.any(0)).max(initial=-1)) + 1
         tokens = np.where(keep, self.host_tokens, -1)[:, :width]
         parents = np.where(keep, self.host_parents, -1)[:, :width]
         depth = np.where(keep, self.node_depth, -1)[:, :width]
         probs = None if self.probs is None else self.probs[:, :width]
+        share = None if self.share is None else np.where(keep, self.share, 0.0)[:, :width]
         return _Tree(torch.from_numpy(tokens).to(device), torch.from_numpy(parents).to(device), probs, self.match,
-                     tokens, parents, depth)
+                     tokens, parents, depth, share)
 
     def leaf_stop(self, host_nodes: np.ndarray, accepted: np.ndarray) -> np.ndarray:
         """[B] bool: the accepted path (node indices [B, D], lengths [B]) ended at a node with no
@@ -747,9 +789,13 @@ class _BatchRun:
         drafter, policy, nodes = self.drafter, self.policy, self.gen.max_tree_nodes
         if not self.opts["adaptive"]:
             return _Tree.of(drafter.propose_tree(state, nodes))
-        if drafter.cheap:  # propose the full tree, cut it at the depth the policy picks
+        if drafter.cheap:  # propose the full tree, keep what the policy picks
             tree = _Tree.of(drafter.propose_tree(state, nodes))
             keys = policy.keys(self.sampled, tree.match, self.previous)
+            if tree.share is not None:  # node by node, from each node's estimated acceptance
+                keep = policy.tree_nodes(tree.node_depth, tree.share, keys)
+                return tree.keep(keep, self.device) if keep.any() else None
+            # without shares: cut at the depth the policy picks for a chain, side branches within a budget
             depth = policy.width(tree.depth, keys, self.remaining)
             if depth == 0:
                 return None
@@ -933,7 +979,7 @@ class SpeculativeGenerator:
             decoding through the same loop).
         tokenizer: target tokenizer; needed for string prompts and decoded texts.
         drafter_tokenizer: when given, checked against ``tokenizer`` (IncompatibleModelsError).
-        num_draft_tokens: K, the most drafts per row and step (default 10 for n-gram, 4 for model
+        num_draft_tokens: K, the most drafts per row and step (default 16 for n-gram, 4 for model
             drafters).
         adaptive: pick each step's draft width in 0..K with :class:`DraftLengthPolicy` (default on);
             False: draft K every step.
@@ -962,7 +1008,7 @@ class SpeculativeGenerator:
             check_compatible(target, drafter, tokenizer, drafter_tokenizer)
         self.drafter = make_drafter(drafter, target, num_layers=early_exit_layers, vocab_size=self.vocab_size)
         if num_draft_tokens is None:
-            num_draft_tokens = 10 if type(self.drafter).__name__ == "NGramDrafter" else 4
+            num_draft_tokens = 16 if type(self.drafter).__name__ == "NGramDrafter" else 4
         if not 0 <= num_draft_tokens <= MAX_DRAFT_TOKENS:
             raise ValueError(f"num_draft_tokens must be in 0..{MAX_DRAFT_TOKENS}, got {num_draft_tokens}")
         self.num_draft_tokens = num_draft_tokens

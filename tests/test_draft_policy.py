@@ -111,6 +111,68 @@ def test_width_follows_costs_and_acceptance():
         assert p.width(avail, keys, remaining) == _brute_force(p, avail, keys, remaining)
 
 
+def test_tree_nodes_keep_the_likely_nodes_where_they_pay():
+    """Tree steps: node i's acceptance is estimated as survival[depth_i] * share_i; each row keeps its n
+    most likely nodes, n chosen for the most expected tokens per predicted second."""
+    # a star of three siblings (shares 0.6, 0.3, 0.1) and a chain of two under the first
+    depth = np.array([[0, 0, 0, 1, 2]])
+    share = np.array([[0.6, 0.3, 0.1, 0.6, 0.6]])
+    keys = np.array([0])
+    p = _policy(lambda n: 1.0 + 0.25 * (n - 1))
+    p.acceptance.survival = lambda key: np.ones(32)  # every depth reached: P = share
+    # gains 1, 1.6, 2.2, 2.8, 3.1, 3.2 over costs 1, 1.25, ..., 2.25: three nodes, the chain
+    assert p.tree_nodes(depth, share, keys).tolist() == [[True, False, False, True, True]]
+    flat = _policy(lambda n: 1.0)  # a forward over more tokens costs nothing more: every node
+    flat.acceptance.survival = p.acceptance.survival
+    assert flat.tree_nodes(depth, share, keys).all()
+    steep = _policy(lambda n: float(n))  # each token costs a whole forward: nothing pays
+    steep.acceptance.survival = p.acceptance.survival
+    assert not steep.tree_nodes(depth, share, keys).any()
+    # deeper nodes count less as the row's survival falls: the chain's tail loses to the 0.3 sibling
+    # (P = 0.6, 0.3, 0.1, 0.24, 0.06; with each token at a tenth of a forward the best is three nodes)
+    cheaper = _policy(lambda n: 1.0 + 0.1 * (n - 1))
+    cheaper.acceptance.survival = lambda key: np.array([1.0, 0.4, 0.1] + [0.05] * 29)
+    assert cheaper.tree_nodes(depth, share, keys).tolist() == [[True, True, False, True, False]]
+    assert not p.tree_nodes(np.full((2, 3), -1), np.zeros((2, 3)), np.array([0, 1])).any()
+
+
+def test_tree_nodes_random_trees_closed_and_optimal():
+    """On n-gram trees of random texts with random survivals and batches: the kept nodes form a tree
+    (every kept node's parent is kept), each row keeps a prefix of its P-ranking, and the count is the
+    best one, by brute force over every count."""
+    from specdec.drafters import NGramDrafter, _tree_depths
+
+    rng = np.random.default_rng(0)
+    d = NGramDrafter()
+    p = _policy(lambda n: 0.1 if n == 1 else 0.15 + 0.006 * n)
+    for trial in range(40):
+        batch = int(rng.integers(1, 5))
+        trees = [d._tree(rng.integers(0, 4, int(rng.integers(8, 40))), 6, 12) for _ in range(batch)]
+        N = max(t[0].size for t in trees)
+        par = np.full((batch, N), -1)
+        share = np.zeros((batch, N))
+        used = np.zeros((batch, N), dtype=bool)
+        for b, (ids, pa, _, sh) in enumerate(trees):
+            par[b, : ids.size], share[b, : ids.size], used[b, : ids.size] = pa, sh, True
+        depth = _tree_depths(par, used)
+        keys = rng.integers(0, 3, batch)
+        survs = {k: np.cumprod(rng.uniform(0.2, 1.0, 32)) for k in range(3)}
+        p.acceptance.survival = lambda key: survs[key]
+        keep = p.tree_nodes(depth, share, keys)
+        assert not (keep & ~used).any()
+        assert all(par[b, i] < 0 or keep[b, par[b, i]] for b, i in zip(*np.nonzero(keep)))
+        P = np.where(used, np.array([survs[k] for k in keys])[np.arange(batch)[:, None], np.maximum(depth, 0)] * share,
+                     -1.0)
+        def rate(n):
+            gain = sum(1 + np.sort(np.maximum(P[b], 0))[::-1][:n].sum() for b in range(batch))
+            return gain / p.cost.predict(batch * (n + 1))
+        n = int(keep.sum(1).max())
+        assert rate(n) >= max(rate(m) for m in range(N + 1)) - 1e-12
+        for b in range(batch):  # a prefix of the row's ranking: nothing left out is likelier than what is kept
+            if keep[b].any() and (used[b] & ~keep[b]).any():
+                assert P[b][keep[b]].min() >= P[b][used[b] & ~keep[b]].max()
+
+
 def test_width_charges_model_drafter_time():
     p = _policy(lambda n: 1.0)
     for _ in range(30):
@@ -132,7 +194,7 @@ def test_observe_returns_previous_outcomes():
 # -- the generator under any width schedule ----------------------------------------------------------
 
 class RandomWidths(DraftLengthPolicy):
-    """Picks a random width in 0..max(available) every step (and records it)."""
+    """Picks a random width in 0..max(available) every step, or a random node count of a tree (and records it)."""
 
     def __init__(self, seed=0):
         super().__init__("cpu")
@@ -143,6 +205,13 @@ class RandomWidths(DraftLengthPolicy):
         w = int(self.rng.integers(0, int(available.max(initial=0)) + 1))
         self.widths.append(w)
         return w
+
+    def tree_nodes(self, node_depth, share, keys):
+        """A random number of each row's first nodes (index order puts parents first)."""
+        used = node_depth >= 0
+        n = int(self.rng.integers(0, int(used.sum(1).max(initial=0)) + 1))
+        self.widths.append(n)
+        return used & (np.cumsum(used, axis=1) <= n)
 
 
 @pytest.fixture(scope="module")

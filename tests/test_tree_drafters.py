@@ -110,6 +110,8 @@ def test_ngram_tree_hand_made():
     # 7 (two occurrences) first, then 7-8 (score 2 * 0.8), then 4 (one, most recent), 4-2, then depth 2 ...
     assert ids.tolist() == [7, 8, 4, 2, 3, 5, 9, 2, 2]
     assert par.tolist() == [-1, 0, -1, 2, 3, 1, 1, 5, 6]
+    # each node's share of the occurrences (all three match "2 3", so they weigh the same)
+    assert np.allclose(d._tree(t, 4, 32)[3], [2 / 3, 2 / 3] + [1 / 3] * 7)
     # budget: the best 3 nodes; a long continuation does not take it all when the next tokens disagree
     ids, par, _ = d.tree(t, 4, 3)
     assert ids.tolist() == [7, 8, 4] and par.tolist() == [-1, 0, -1]
@@ -141,6 +143,8 @@ def test_ngram_propose_tree_ragged_rows():
     assert tree.match.tolist() == [2, 0, 3, 0]  # row 3 has a match but may not draft
     assert tree.host_token_ids.tolist() == [[7, 8, 4, 2, 3, 5], [-1] * 6, [6, -1, -1, -1, -1, -1], [-1] * 6]
     assert tree.host_parents.tolist() == [[-1, 0, -1, 2, 3, 1], [-1] * 6, [-1] * 6, [-1] * 6]
+    # shares: row 0 as in the hand-made test; row 2's one continuation has share 1; unused slots 0
+    assert np.allclose(tree.host_share, [[2 / 3, 2 / 3, 1 / 3, 1 / 3, 1 / 3, 1 / 3], [0] * 6, [1] + [0] * 5, [0] * 6])
     _check_structure(tree, state.max_drafts, 6)
     state.max_drafts[:] = 0
     empty = d.propose_tree(state, 6)

@@ -43,6 +43,7 @@ import traceback
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import numpy as np
 import torch
 
 from benchmarks import harness as H
@@ -290,6 +291,10 @@ def build_parser():
                    help="specdec ops backend (auto, cpp, triton, reference); auto falls back to the reference "
                         "when the C++ kernels are not built")
     p.add_argument("--no-cost", action="store_true", help="skip the target forward cost-ratio rows")
+    p.add_argument("--h2h-rounds", type=int, default=None,
+                   help="head-to-head rounds at batch 1 (op=e2e_h2h; default 3, --quick 1; 0 = off): HF, HF "
+                        "prompt lookup and specdec's default n-gram generator (tree and chain) take turns "
+                        "on every prompt, so a slow spell of a shared machine hits all of them")
     return p
 
 
@@ -337,7 +342,8 @@ def main(argv=None) -> int:
     env = H.env_info(device)
     path = H.csv_path(args, "e2e")
     extra = ["mode", "batch", "draft_tokens", "new_tokens", "speedup_vs_hf", "speedup_vs_hf_prompt_lookup",
-             "cost_ratio", "model"]
+             "ratio_min", "ratio_max", "cost_ratio", "model"]
+    rounds = args.h2h_rounds if args.h2h_rounds is not None else (1 if args.quick else 3)
     with H.CsvWriter(path, env, extra_columns=extra) as out:
         for dt in dtypes:
             model, prompts, model_name, assistant = _load(args, dt, device)
@@ -353,6 +359,9 @@ def main(argv=None) -> int:
                 prompts = prompts[:args.int8_prompts]
             if not args.no_cost and dt == "fp32":
                 _cost_rows(out, model, prompts, args, device, runs, max_time, model_name, dt)
+            if rounds > 0 and dt == "fp32" and has_generator[0]:
+                for mode in modes:
+                    head_to_head(out, model, prompts, mode, rounds, args, model_name, dt)
             jobs = _jobs(providers, batches, modes, dt, args, L)
             base_tps = {}
             bar = H.progress(jobs, desc=f"e2e {dt}", total=len(jobs))
@@ -401,6 +410,67 @@ def main(argv=None) -> int:
                 print(f"wrote {p}")
     _summary(rows)
     return 0
+
+
+H2H_PROVIDERS = ("hf", "hf-prompt-lookup", "specdec-ngram-adaptive", "specdec-ngram-adaptive-chain")
+
+
+def head_to_head(out, model, prompts, mode, rounds, args, model_name, dt):
+    """Batch 1, interleaved: in every round each prompt runs once per provider, in an order that
+    rotates with the prompt and the round, so drift in the machine's speed (a shared 2-core box
+    swings by 30% within minutes) lands on every provider alike. HF prompt lookup uses
+    ``--draft-tokens``; specdec runs its defaults (adaptive, n-gram K cap 32), one generator per
+    provider for the whole run, as a user would keep one. Rows ``op=e2e_h2h``: tokens/s of the
+    median round, ``speedup_vs_hf_prompt_lookup`` the median over rounds of the per-round ratio
+    (``ratio_min``/``ratio_max`` its range), tokens per target forward over all rounds."""
+    from specdec.generator import SpeculativeGenerator
+
+    sampled = mode == "sampled"
+    K = args.draft_tokens
+    gens = {"specdec-ngram-adaptive": SpeculativeGenerator(model, "ngram", backend=args.backend),
+            "specdec-ngram-adaptive-chain": SpeculativeGenerator(model, "ngram", backend=args.backend, tree=False)}
+    hf_kwargs = {"hf": {}, "hf-prompt-lookup": {"prompt_lookup_num_tokens": K}}
+    tokens = {p: np.zeros(rounds) for p in H2H_PROVIDERS}
+    seconds = {p: np.zeros(rounds) for p in H2H_PROVIDERS}
+    steps = {p: 0 for p in H2H_PROVIDERS}
+    kw = dict(batch=1, max_new=args.max_new_tokens, sampled=sampled, temperature=args.temperature)
+
+    def one(name, prompt, seed):
+        if name in hf_kwargs:
+            n, times, st = run_hf(model, [prompt], **kw, seed=seed, kwargs=hf_kwargs[name])
+            return n, sum(times), st.get("steps", 0)
+        t0 = time.perf_counter()
+        res = gens[name].generate([prompt], max_new_tokens=args.max_new_tokens,
+                                  temperature=args.temperature if sampled else 0.0, seed=seed)
+        return len(res.sequences[0]), time.perf_counter() - t0, res.stats.target_steps
+
+    for name in H2H_PROVIDERS:  # warm-up
+        one(name, prompts[0], args.seed)
+    work = [(r, i) for r in range(rounds) for i in range(len(prompts))]
+    for r, i in H.progress(work, desc=f"head to head ({mode})", total=len(work)):
+        shift = (r + i) % len(H2H_PROVIDERS)
+        for name in H2H_PROVIDERS[shift:] + H2H_PROVIDERS[:shift]:
+            n, sec, st = one(name, prompts[i], args.seed + 1000 * r + i)
+            tokens[name][r] += n
+            seconds[name][r] += sec
+            steps[name] += st
+    base = tokens["hf-prompt-lookup"] / seconds["hf-prompt-lookup"]
+    for name in H2H_PROVIDERS:
+        tps = tokens[name] / seconds[name]
+        ratio = tps / base
+        k = 0 if name == "hf" else (K if name.startswith("hf") else gens[name].num_draft_tokens)
+        row = dict(op="e2e_h2h", provider=name, shape=H.shape_str(B=1, K=k), dtype=dt,
+                   timing=H.timing_from_samples(list(seconds[name] * 1e3)), tokens_per_s=float(np.median(tps)),
+                   mode=mode, batch=1, draft_tokens=k,
+                   new_tokens=int(tokens[name].sum()), model=model_name,
+                   tokens_per_step=tokens[name].sum() / steps[name] if steps[name] else None,
+                   note=f"interleaved, {rounds} rounds x {len(prompts)} prompts; times per round"
+                        + (f"; specdec defaults (adaptive, K cap {k}), " + ("chain" if name.endswith("chain") else "tree")
+                           if name.startswith("specdec") else ""))
+        if name != "hf-prompt-lookup":
+            row.update(speedup_vs_hf_prompt_lookup=float(np.median(ratio)), ratio_min=float(ratio.min()),
+                       ratio_max=float(ratio.max()))
+        out.add(**row)
 
 
 def _resolve_backend(backend, device):

@@ -40,7 +40,7 @@ def _add_model_options(p) -> None:
     p.set_defaults(quantization="auto")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--num-draft-tokens", "-k", type=int, default=None,
-                   help="K, the most drafts per row and step (default 16 for n-gram, 4 for model drafters)")
+                   help="K, the most drafts per row and step (default for n-gram 32 adaptive, 10 with --no-adaptive; 4 for model drafters)")
     p.add_argument("--no-adaptive", action="store_true",
                    help="draft K tokens every step instead of choosing the width per step from the measured "
                         "forward cost and acceptance")

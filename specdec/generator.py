@@ -27,6 +27,13 @@ forward times against the tokens processed, B * q). Every row drafts up to w tok
 (padding positions of a narrower row cost the same). ``adaptive=False`` drafts K every step (a row
 with a shorter proposal drafts fewer).
 
+Trees. With a drafter that proposes trees (``tree=None``/True) every step after the prefill
+verifies a tree of drafts (``specdec.ops.verify_tree``, the cache keeps the accepted path). For an
+n-gram tree the policy keeps, per row, the n nodes most likely to be accepted (estimated as the row
+class's survival at the node's depth times the node's share of the matched occurrences), with n
+chosen for the most expected tokens per predicted second (:meth:`DraftLengthPolicy.tree_nodes`); a
+model drafter's tree is cut to the depth the policy picks for a chain.
+
 Exactness does not depend on the draft lengths: the drafts are chosen before the step's random
 numbers are drawn, so greedy rows emit the target's greedy tokens and sampled rows the target's
 distribution whatever the policy.
@@ -890,14 +897,15 @@ class _BatchRun:
         elif k > 0:
             self.drafter.accept(accepted)
         t3 = time.perf_counter()
-        self._count(draft, accepted, k, t2, t3)
         leaf = draft.leaf_stop(verdict.host_nodes, accepted) if isinstance(draft, _Tree) else None
+        self._count(draft, accepted, leaf, k, t2, t3)
         keep = self._emit(draft, verdict.host, accepted, leaf)
         self.step += 1
         if len(keep) < len(self.live):
             self._drop_finished(keep)
 
-    def _count(self, draft: Draft, accepted: np.ndarray, k: int, t2: float, t3: float) -> None:
+    def _count(self, draft: Draft, accepted: np.ndarray, leaf: np.ndarray | None, k: int, t2: float,
+               t3: float) -> None:
         stats, policy, adaptive = self.stats, self.policy, self.opts["adaptive"]
         stats.drafter_time += (self.t1 - self.t0) + (t3 - t2)
         if self.step == 0:
@@ -911,7 +919,9 @@ class _BatchRun:
         depth = draft.depth if isinstance(draft, _Tree) else draft.num_drafted
         if adaptive and self.drafter is not None:
             keys = policy.keys(self.sampled, draft.match, self.previous)
-            self.previous = policy.observe(keys, depth, accepted)
+            # a path accepted to a leaf had nothing deeper to try: no rejection at the next depth,
+            # though another branch goes deeper (for a chain that is "all accepted")
+            self.previous = policy.observe(keys, depth if leaf is None else np.where(leaf, accepted, depth), accepted)
         stats.target_steps += 1
         stats.row_steps += len(self.live)
         stats.drafted_tokens += int(depth.sum())
@@ -979,8 +989,8 @@ class SpeculativeGenerator:
             decoding through the same loop).
         tokenizer: target tokenizer; needed for string prompts and decoded texts.
         drafter_tokenizer: when given, checked against ``tokenizer`` (IncompatibleModelsError).
-        num_draft_tokens: K, the most drafts per row and step (default 16 for n-gram, 4 for model
-            drafters).
+        num_draft_tokens: K, the most drafts per row and step (default for n-gram: 32 = the cap when
+            adaptive, 10 when not; 4 for model drafters).
         adaptive: pick each step's draft width in 0..K with :class:`DraftLengthPolicy` (default on);
             False: draft K every step.
         early_exit_layers: layers of the early-exit drafter (default a quarter of the target's).
@@ -1008,7 +1018,9 @@ class SpeculativeGenerator:
             check_compatible(target, drafter, tokenizer, drafter_tokenizer)
         self.drafter = make_drafter(drafter, target, num_layers=early_exit_layers, vocab_size=self.vocab_size)
         if num_draft_tokens is None:
-            num_draft_tokens = 16 if type(self.drafter).__name__ == "NGramDrafter" else 4
+            ngram = type(self.drafter).__name__ == "NGramDrafter"
+            # n-gram drafts cost nothing: adaptive, K is only a cap (the policy picks the nodes)
+            num_draft_tokens = (MAX_DRAFT_TOKENS if adaptive else 10) if ngram else 4
         if not 0 <= num_draft_tokens <= MAX_DRAFT_TOKENS:
             raise ValueError(f"num_draft_tokens must be in 0..{MAX_DRAFT_TOKENS}, got {num_draft_tokens}")
         self.num_draft_tokens = num_draft_tokens

@@ -382,3 +382,44 @@ def test_fixed_costs_make_the_policy_independent_of_timing(monkeypatch):
         assert policy.draft_cost == 0.01 and policy.cost.seconds == {}
     assert runs[0] == runs[2] and runs[1] == runs[3]
     assert sum(runs[0][1]) > 0 and sum(runs[1][1]) > 0  # the policy did draft
+
+
+def test_tree_path_accepted_to_a_leaf_is_no_rejection(llama):
+    """A tree whose accepted path ends at a leaf while another branch goes deeper: the policy counts
+    the accepted depth as all there was to try (like a chain accepted in full), not a rejection one
+    level further, which would teach it that rows like this one fail there."""
+    from specdec.drafters import Drafter, DraftTree
+
+    target, prompts, refs = llama
+    prompt, ref = prompts[0], refs[0]
+
+    class Fork(Drafter):
+        """Step 2: a leaf child that is the target's next greedy token, and a wrong 3-node branch."""
+        cheap, supports_tree = True, True
+
+        def propose(self, state):
+            from specdec.drafters import _empty_draft
+            return _empty_draft(state.lengths.shape[0], state.device)
+
+        def propose_tree(self, state, max_nodes):
+            n = int(state.lengths[0]) - len(prompt)  # tokens generated so far
+            good, bad = ref[n], (ref[n] + 1) % 100
+            ids = np.array([[bad, bad, bad, good]])
+            par = np.array([[-1, 0, 1, -1]])
+            return DraftTree(torch.from_numpy(ids), torch.from_numpy(par), None, np.array([4]), ids, par,
+                             np.array([1]), np.ones((1, 4)))
+
+    class Recording(DraftLengthPolicy):
+        def __init__(self):
+            super().__init__("cpu", forward_cost=lambda n: 1.0)  # flat: every node with a chance is kept
+            self.seen = []
+
+        def observe(self, keys, drafted, accepted):
+            self.seen.append((drafted.tolist(), accepted.tolist()))
+            return super().observe(keys, drafted, accepted)
+
+    gen = SpeculativeGenerator(target, Fork(), num_draft_tokens=4, policy=Recording())
+    out = gen.generate([prompt], max_new_tokens=4, eos_token_id=None)
+    assert out.sequences[0] == ref[:4]
+    tree_steps = [seen for seen in gen.policy.seen if seen[0] != [0]]  # the prefill drafted nothing
+    assert tree_steps and all(seen == ([1], [1]) for seen in tree_steps), gen.policy.seen  # not ([3], [1])

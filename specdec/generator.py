@@ -694,8 +694,10 @@ class _BatchRun:
         # caches and the host token array start with room for the prompts and GROW_STEP new tokens
         # and grow geometrically as the rows do (make_room), up to `full`: a large max_new_tokens
         # costs memory only when the tokens are generated
-        self.full = width0 + self.max_new + MAX_DRAFT_TOKENS + 2
-        capacity = min(self.full, width0 + GROW_STEP + MAX_DRAFT_TOKENS + 2)
+        # a step appends the pending token and up to MAX_DRAFT_TOKENS drafts or max_tree_nodes nodes
+        self.room = max(MAX_DRAFT_TOKENS, gen.max_tree_nodes if gen.tree else 0) + 2
+        self.full = width0 + self.max_new + self.room
+        capacity = min(self.full, width0 + GROW_STEP + self.room)
         self.tokens = np.zeros((batch, capacity), dtype=np.int64)  # host copy: prompts + generated (not padded)
         for b, r in enumerate(rows):
             self.tokens[b, : len(r)] = r
@@ -740,8 +742,9 @@ class _BatchRun:
 
     def make_room(self) -> None:
         """Grow the cache and the host tokens (doubling) so this step fits: at most
-        MAX_DRAFT_TOKENS drafts and MAX_DRAFT_TOKENS + 1 emitted tokens per row."""
-        room, cache = MAX_DRAFT_TOKENS + 2, self.cache
+        MAX_DRAFT_TOKENS drafts (or max_tree_nodes tree nodes) and MAX_DRAFT_TOKENS + 1 emitted
+        tokens per row."""
+        room, cache = self.room, self.cache
         if cache.get_seq_length() + room > cache.max_length:
             cache.grow(max(cache.get_seq_length() + room, min(self.full, 2 * cache.max_length)))
         longest = int(self.lengths.max())

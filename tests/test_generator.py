@@ -338,6 +338,24 @@ def test_caches_grow_on_demand(monkeypatch, kind):
     assert max(sizes) < 100
 
 
+def test_big_trees_fit_the_cache(monkeypatch):
+    """Trees of up to 64 nodes (K = 32, max_tree_nodes = 2K) on a short generation: every step has
+    room for the pending token and all the nodes, past what MAX_DRAFT_TOKENS drafts would need."""
+    import specdec.generator as generator_mod
+
+    monkeypatch.setattr(generator_mod, "GROW_STEP", 4)
+    target = tiny_model("llama", seed=0, layers=1, vocab_size=6)
+    rng = np.random.default_rng(3)
+    prompt = rng.integers(0, 6, 90).tolist()  # 6 symbols: every n-gram has many continuations
+    gen = SpeculativeGenerator(target, "ngram", num_draft_tokens=32, adaptive=False)
+    assert gen.max_tree_nodes == 64
+    nodes = []
+    out = gen.generate([prompt], max_new_tokens=6, eos_token_id=None,
+                       callback=lambda chunk: nodes.append(chunk.num_drafted))
+    assert out.sequences[0] == hf_greedy(target, prompt, 6)
+    assert max(nodes) > generator_mod.MAX_DRAFT_TOKENS + 2
+
+
 @pytest.mark.parametrize("kind", ["ngram", "model"])
 def test_tree_steps_equal_chain_steps_greedy(monkeypatch, kind):
     """Tree steps (the default for drafters that propose trees) give the target's greedy output,

@@ -68,6 +68,10 @@ _DRAFTER_NAMES = ("ngram", "n-gram", "prompt-lookup", "early-exit", "earlyexit",
 MAX_DRAFT_TOKENS = 32  # cap for K
 GROW_STEP = 256  # new tokens the caches have room for at first; they double as rows grow
 TREE_COST_SLACK = 0.25  # adaptive trees: side branches may add this much to a forward's predicted cost
+# a row that could have drafted but was given nothing this many steps in a row gets a probe of one draft
+# (or node): no drafts means no new acceptance counts for its class, and a measured cost spike or an
+# unlucky class estimate would otherwise keep it from drafting for good
+EXPLORE_AFTER = 8
 
 
 class ForwardCostModel:
@@ -231,7 +235,7 @@ class DraftLengthPolicy:
         step_cost = self.cost.predict(rows_left[:, None] * (ws[None, :] + 1)) + ws[None, :] * self.draft_cost
         return int(np.argmin((intervals * step_cost).sum(axis=0)))
 
-    def tree_nodes(self, node_depth: np.ndarray, share: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    def tree_nodes(self, node_depth: np.ndarray, share: np.ndarray, keys: np.ndarray, min_nodes: int = 0) -> np.ndarray:
         """[B, N] bool: the nodes of the proposed trees worth verifying this step.
 
         node_depth [B, N] int (-1 = unused slot), share [B, N] float (the drafter's evidence share per
@@ -243,7 +247,7 @@ class DraftLengthPolicy:
         policy keeps each row's n best, with the n in 0..N that maximises the expected tokens per
         predicted second of the step, ``sum_b (1 + sum of row b's n best P) / cost(B * (n + 1))``.
         Where a forward over one more token costs little (a GPU below its knee), that is every node
-        worth anything; on a CPU only the likely ones.
+        worth anything; on a CPU only the likely ones. ``min_nodes``: keep at least that many (a probe).
         """
         B, N = node_depth.shape
         used = node_depth >= 0
@@ -261,7 +265,7 @@ class DraftLengthPolicy:
         gain = 1.0 + np.concatenate([np.zeros((B, 1)), np.cumsum(np.maximum(ranked, 0.0), axis=1)], axis=1)
         ns = np.arange(N + 1)
         rate = gain.sum(0) / self.cost.predict(B * (ns + 1))
-        n = int(np.argmax(rate))
+        n = max(int(np.argmax(rate)), min(min_nodes, N))
         rank = np.empty_like(order)
         np.put_along_axis(rank, order, np.arange(N)[None, :].repeat(B, 0), axis=1)
         return used & (rank < n) & (P >= 0)
@@ -710,6 +714,8 @@ class _BatchRun:
         # random numbers that decide a token depend on its position, not on the step structure
         self.offsets = torch.from_numpy(self.lengths).to(device)
         self.previous = np.zeros(batch, dtype=np.int64)  # the policy's previous-outcome code per row
+        self.idle = np.zeros(batch, dtype=np.int64)  # steps in a row with drafts available but none taken
+        self.available = np.zeros(batch, dtype=np.int64)  # this step's drafts before the policy's cut
         self.pending = None  # [B] device: each row's last emitted token, not yet in the cache
         self.step = 0
         self.started = False  # drafter.start() runs before its first proposal
@@ -761,6 +767,8 @@ class _BatchRun:
         budget = np.minimum(self.k_max, remaining - 1)  # never draft past the length limit
         self.t0 = time.perf_counter()
         draft, self.width = None, 0
+        self.available = np.zeros(len(self.live), dtype=np.int64)
+        self.probe = int(bool((self.idle >= EXPLORE_AFTER).any()))  # at least one draft this step
         first = self.step == 0
         if drafter is not None and budget.max() > 0 and not (first and drafter.needs_target_cache):
             state = DraftState(self.tokens, self.lengths, budget, opts["temperature"], opts["top_k"], opts["top_p"],
@@ -779,9 +787,12 @@ class _BatchRun:
             elif drafter.cheap:  # propose the longest drafts, then cut them to the policy's width
                 draft = drafter.propose(state)
                 keys = policy.keys(self.sampled, draft.match, self.previous)
-                draft = draft.truncate(policy.width(draft.num_drafted, keys, remaining))
+                self.available = draft.num_drafted
+                draft = draft.truncate(max(self.probe, policy.width(draft.num_drafted, keys, remaining)))
             else:  # pick the width first: proposing runs the drafter model once per position
-                self.width = policy.width(budget, policy.keys(self.sampled, None, self.previous), remaining)
+                self.available = budget
+                self.width = max(self.probe, policy.width(budget, policy.keys(self.sampled, None, self.previous),
+                                                          remaining))
                 if self.width > 0:
                     state.max_drafts = np.minimum(budget, self.width)
                     draft = drafter.propose(state)
@@ -802,15 +813,18 @@ class _BatchRun:
         if drafter.cheap:  # propose the full tree, keep what the policy picks
             tree = _Tree.of(drafter.propose_tree(state, nodes))
             keys = policy.keys(self.sampled, tree.match, self.previous)
+            self.available = tree.num_drafted
             if tree.share is not None:  # node by node, from each node's estimated acceptance
-                keep = policy.tree_nodes(tree.node_depth, tree.share, keys)
+                keep = policy.tree_nodes(tree.node_depth, tree.share, keys, self.probe)
                 return tree.keep(keep, self.device) if keep.any() else None
             # without shares: cut at the depth the policy picks for a chain, side branches within a budget
-            depth = policy.width(tree.depth, keys, self.remaining)
+            depth = max(self.probe, policy.width(tree.depth, keys, self.remaining))
             if depth == 0:
                 return None
             return tree.cut(depth, self._node_budget(depth), self.device)
-        self.width = policy.width(budget, policy.keys(self.sampled, None, self.previous), self.remaining)
+        self.available = budget
+        self.width = max(self.probe, policy.width(budget, policy.keys(self.sampled, None, self.previous),
+                                                  self.remaining))
         if self.width == 0:
             return None
         state.max_drafts = np.minimum(budget, self.width)
@@ -925,6 +939,8 @@ class _BatchRun:
             # a path accepted to a leaf had nothing deeper to try: no rejection at the next depth,
             # though another branch goes deeper (for a chain that is "all accepted")
             self.previous = policy.observe(keys, depth if leaf is None else np.where(leaf, accepted, depth), accepted)
+        drafted = draft.num_drafted
+        self.idle = np.where(drafted > 0, 0, self.idle + (self.available > 0))
         stats.target_steps += 1
         stats.row_steps += len(self.live)
         stats.drafted_tokens += int(depth.sum())
@@ -979,6 +995,7 @@ class _BatchRun:
         index_np = np.asarray(keep)
         self.tokens, self.lengths = self.tokens[index_np], self.lengths[index_np]
         self.prompt_lengths, self.previous = self.prompt_lengths[index_np], self.previous[index_np]
+        self.idle = self.idle[index_np]
         self.seeds, self.offsets, self.pending = self.seeds[dev_index], self.offsets[dev_index], self.pending[dev_index]
 
 

@@ -206,10 +206,10 @@ class RandomWidths(DraftLengthPolicy):
         self.widths.append(w)
         return w
 
-    def tree_nodes(self, node_depth, share, keys):
+    def tree_nodes(self, node_depth, share, keys, min_nodes=0):
         """A random number of each row's first nodes (index order puts parents first)."""
         used = node_depth >= 0
-        n = int(self.rng.integers(0, int(used.sum(1).max(initial=0)) + 1))
+        n = max(min_nodes, int(self.rng.integers(0, int(used.sum(1).max(initial=0)) + 1)))
         self.widths.append(n)
         return used & (np.cumsum(used, axis=1) <= n)
 
@@ -423,3 +423,23 @@ def test_tree_path_accepted_to_a_leaf_is_no_rejection(llama):
     assert out.sequences[0] == ref[:4]
     tree_steps = [seen for seen in gen.policy.seen if seen[0] != [0]]  # the prefill drafted nothing
     assert tree_steps and all(seen == ([1], [1]) for seen in tree_steps), gen.policy.seen  # not ([3], [1])
+
+
+@pytest.mark.parametrize("tree", [True, False])
+def test_idle_rows_get_a_probe(llama, tree):
+    """When drafting never pays by the policy's estimates (here every token of a forward costs a whole
+    forward), a row that could draft gets one draft after EXPLORE_AFTER steps without any, so a wrong
+    estimate (a measured cost spike, an unlucky class) cannot stop drafting for good."""
+    import specdec.generator as generator_mod
+
+    target, _, _ = llama
+    prompt = [1] + [5, 6, 7, 8] * 6  # always a match: drafts are available every step
+    gen = SpeculativeGenerator(target, "ngram", tree=tree, policy=DraftLengthPolicy(forward_cost=lambda n: float(n)))
+    drafted = []
+    out = gen.generate([prompt], max_new_tokens=30, eos_token_id=None,
+                       callback=lambda chunk: drafted.append(chunk.num_drafted))
+    assert out.sequences[0] == hf_greedy(target, prompt, 30)
+    every = generator_mod.EXPLORE_AFTER + 1
+    assert drafted[0] == 0 and 0 < sum(d > 0 for d in drafted) <= len(drafted) // every + 1
+    assert all(d == 0 for d in drafted[:every - 1])  # the first probe comes after EXPLORE_AFTER idle steps
+    assert max(drafted) == 1

@@ -19,8 +19,9 @@ smallest and largest key inside [lo, hi], which shrinks the interval to the data
 the search as soon as it holds one distinct value (typically after 4-5 passes on real logits).
 
   pass 0     max, min and count of the finite logits (M, the top-p softmax's shift)
-  top-k      largest v with count(x >= v) >= k (ties at the k-th value are kept); -inf when the row
-             has fewer than k finite logits. Off when k <= 0 or k >= V.
+  top-k      largest v with count(x >= v) >= k (ties at the k-th value are kept; k = 1: the max,
+             no search); -inf when the row has fewer than k finite logits. Off when k <= 0 or
+             k >= V.
   top-p      over the top-k survivors x >= thr_k, weights w = exp(x / T - M / T) in float64,
              Z = sum w: largest kept v with sum_{x >= v} w >= top_p * Z. The smallest kept value
              always qualifies (the reference's clamp to the kept count), so the search starts
@@ -159,12 +160,12 @@ def _thresholds_kernel(
     if HAS_K:
         k = tl.load(top_k_ptr + prm).to(tl.int64)
         use_k = (k > 0) & (k < V)
-        # fewer than k finite logits: every finite one is kept (threshold -inf)
-        search = use_k & (n_finite >= k)
+        # fewer than k finite logits: every finite one is kept (threshold -inf); k = 1: the max
+        search = use_k & (n_finite >= k) & (k > 1)
         lo = tl.where(search, kmin, kmax)  # lo == hi: no pass
         keep_key = _search(row_ptr, V, lo, kmax, k, kmin, 1.0, 0.0,
                            IS_P=False, BLOCK_V=BLOCK_V, PIVOTS=PIVOTS)
-        keep_key = tl.where(search, keep_key, kmin)
+        keep_key = tl.where(search, keep_key, tl.where(use_k & (k == 1), kmax, kmin))
     thr_key = tl.where(use_k & has_data, keep_key, KEY_NEG_INF)
 
     if HAS_P:

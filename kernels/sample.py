@@ -30,9 +30,9 @@ Temperature: never a division per element. exp((x - max) / T) = exp2((x - max) *
 c = log2(e) / T (``exp2_scale``), and the statistics (max, argmax, thresholds) are kept on the raw
 logits, which dividing by T > 0 does not reorder.
 
-Top-k / top-p: ``filter_thresholds`` computes with torch ops on the device one threshold per row
-on the raw logits (a token is kept iff its logit >= threshold, so ties at the threshold are kept,
-as in the reference); the kernels compare against it exactly.
+Top-k / top-p: ``filter_thresholds`` (``thresholds.py``: a Triton multi-pivot search, no sort)
+computes one threshold per row on the raw logits (a token is kept iff its logit >= threshold, so
+ties at the threshold are kept, as in the reference); the kernels compare against it exactly.
 """
 import torch
 import triton
@@ -315,41 +315,14 @@ def _sample_finish_kernel(
 # ------------------------------------------------------------------------------------------------
 
 
-def filter_thresholds(logits, temperature, top_k, top_p):
-    """Per-row keep threshold on the raw logits for top-k then top-p, or None if both are None.
+def filter_thresholds(logits, temperature, top_k, top_p, group: int = 1):
+    """Per-row keep threshold on the raw logits for top-k then top-p, or None if both are None:
+    ``specdec.kernels.thresholds.filter_thresholds`` (a Triton search, no sort; shapes there).
+    Row n of logits [N, V] uses the parameters at n // group. Imported at call time: that module
+    uses this one's jit helpers."""
+    from specdec.kernels import thresholds
 
-    logits [N, V] float (any float dtype); temperature [N] float32; top_k [N] int (<= 0 or >= V:
-    off) or None; top_p [N] float (>= 1: off) or None. Returns [N] float32: token j of row n is
-    kept iff its cleaned logit is finite and >= thr[n] (-inf where no filtering applies). Mirrors
-    ``specdec.reference._keep_mask``: dividing by T > 0 keeps the order of the logits (and, in
-    float64, their ties), so the k-th largest raw logit is the k-th largest scaled one, and the
-    top-p masses come from the float64 softmax of logits / T. Device-side torch ops only (sort),
-    no host sync.
-    """
-    if top_k is None and top_p is None:
-        return None
-    N, V = logits.shape
-    x = logits.float()
-    x = torch.where(torch.isfinite(x), x, torch.full_like(x, float("-inf")))
-    sorted_vals = x.sort(dim=-1, descending=True).values
-    thr = torch.full((N,), float("-inf"), dtype=torch.float32, device=logits.device)
-    if top_k is not None:
-        k = top_k.to(torch.int64)
-        use_k = (k > 0) & (k < V)
-        kth = sorted_vals.gather(1, (torch.where(use_k, k, torch.ones_like(k)) - 1)[:, None])
-        thr = torch.where(use_k, kth.squeeze(1), thr)
-    if top_p is not None:
-        p = top_p.double()
-        use_p = p < 1.0
-        t = temperature.double()
-        t = torch.where(t <= 0, torch.ones_like(t), t)
-        # the survivors of top-k, still sorted; top-p keeps the smallest prefix reaching top_p
-        kept = torch.where(sorted_vals >= thr[:, None], sorted_vals, float("-inf"))
-        cum = torch.softmax(kept.double() / t[:, None], dim=-1).cumsum(dim=-1)
-        n = (cum < p[:, None]).sum(dim=-1, keepdim=True) + 1
-        n = torch.minimum(n, (kept > float("-inf")).sum(dim=-1, keepdim=True).clamp(min=1))
-        thr = torch.where(use_p, kept.gather(1, n - 1).squeeze(1), thr)
-    return thr.contiguous()
+    return thresholds.filter_thresholds(logits, temperature, top_k, top_p, group)
 
 
 _SM_COUNT = {}

@@ -37,8 +37,9 @@ sampled batch row, plus 256 entries of each in the finish; never a probability t
 sampled row: K acceptance uniforms (per program), ceil(Vt / 256) block draws, 256 in-block draws.
 Intermediate state: [B*(K+1), S1], [B, S2] and [B]. Nothing synchronises with the host.
 
-Top-k / top-p: thresholds per (row, position) from ``sample.filter_thresholds`` (torch sort on the
-device), only when the caller passes top_k / top_p (None = off everywhere, nothing computed).
+Top-k / top-p: thresholds per (row, position) from ``sample.filter_thresholds`` (a Triton search
+reading each row's parameters at row // (K+1)), only when the caller passes top_k / top_p (None =
+off everywhere, nothing computed).
 """
 import torch
 import triton
@@ -332,12 +333,9 @@ def verify(target_logits, draft_token_ids, draft_probs, temperature, top_k, top_
     q = draft_probs.contiguous() if has_q and draft_probs.numel() > 0 else logits
 
     rows = B * K1
-    thr = None  # filtering off: no per-position copies of the parameters, no threshold pass
+    thr = None  # filtering off: no threshold pass
     if top_k is not None or top_p is not None:
-        thr = filter_thresholds(
-            logits.view(rows, Vt), temperature.repeat_interleave(K1),
-            None if top_k is None else top_k.repeat_interleave(K1),
-            None if top_p is None else top_p.repeat_interleave(K1))
+        thr = filter_thresholds(logits.view(rows, Vt), temperature, top_k, top_p, group=K1)
     thr_arg = thr if thr is not None else temperature  # placeholder pointer, never read
     drafts_arg = drafts if K > 0 else seed  # K = 0: never read, but a valid pointer
 

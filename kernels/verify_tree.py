@@ -23,8 +23,8 @@ Kernels (B rows, N nodes, N+1 logit rows per batch row, Vt vocabulary):
      over it). Only the nodes on the walked path are read again.
 Nothing synchronises with the host; the output shapes are static ([B, D+1], [B], [B, D]).
 
-Top-k / top-p: thresholds per (row, node) from ``sample.filter_thresholds`` (torch sort on the
-device), only when the caller passes top_k / top_p.
+Top-k / top-p: thresholds per (row, node) from ``sample.filter_thresholds`` (a Triton search
+reading each row's parameters at row // (N+1)), only when the caller passes top_k / top_p.
 """
 import torch
 import triton
@@ -294,10 +294,7 @@ def verify_tree(target_logits, tree_token_ids, tree_parents, draft_probs, temper
     temp_rows = temperature.repeat_interleave(N1)  # per (row, node): pass 1 runs with K = 0
     thr = None
     if top_k is not None or top_p is not None:
-        thr = filter_thresholds(
-            logits.view(rows, Vt), temp_rows,
-            None if top_k is None else top_k.repeat_interleave(N1),
-            None if top_p is None else top_p.repeat_interleave(N1))
+        thr = filter_thresholds(logits.view(rows, Vt), temperature, top_k, top_p, group=N1)
     thr_arg = thr if thr is not None else temperature  # placeholder pointer, never read
     tok_arg = tokens if N > 0 else seed  # N = 0: never read, but valid pointers
     par_arg = parents if N > 0 else seed

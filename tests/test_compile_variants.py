@@ -14,6 +14,7 @@ import torch
 import triton.language as tl
 
 import specdec.kernels.sample as ksample
+import specdec.kernels.thresholds as kthresholds
 import specdec.kernels.verify as kverify
 
 V = 151936
@@ -56,14 +57,16 @@ class Recorder:
 
 KERNELS = ["softmax_stats_kernel", "_sample_probs_kernel", "_sample_finish_kernel"]
 VERIFY_KERNELS = ["_verify_accept_race_kernel", "_verify_finish_kernel", "_sample_compare_kernel"]
+THRESHOLD_KERNELS = ["_thresholds_kernel"]  # top-k / top-p thresholds (filtered launches only)
 
 
 @pytest.fixture
 def recorders(monkeypatch):
     recs = {name: Recorder(getattr(ksample, name)) for name in KERNELS}
     recs.update({name: Recorder(getattr(kverify, name)) for name in VERIFY_KERNELS})
+    recs.update({name: Recorder(getattr(kthresholds, name)) for name in THRESHOLD_KERNELS})
     for name, rec in recs.items():
-        for module in (ksample, kverify):
+        for module in (ksample, kverify, kthresholds):
             if hasattr(module, name):
                 monkeypatch.setattr(module, name, rec)
     monkeypatch.setattr(ksample, "_sm_count", lambda device: 132)
@@ -90,7 +93,7 @@ def test_variants_over_a_sweep_of_batch_and_drafts(recorders):
                     if not has_q:
                         ksample.sample(torch.empty(B, V, dtype=dtype, device=dev), t, None, tp, seed, seed)
     report = {name: max(len(v) for v in rec.keys.values()) for name, rec in recorders.items() if rec.keys}
-    assert set(report) == set(KERNELS + VERIFY_KERNELS)
+    assert set(report) == set(KERNELS + VERIFY_KERNELS + THRESHOLD_KERNELS)
     for name, n in report.items():
         assert n <= MAX_VARIANTS, f"{name}: {n} compiled variants per (dtype, probs, filter) over the sweep"
 

@@ -804,9 +804,10 @@ class _BatchRun:
         return draft
 
     def _draft_tree(self, state: DraftState, budget: np.ndarray) -> "_Tree | None":
-        """A tree of drafts (the drafter's ``propose_tree``, up to ``max_tree_nodes`` nodes). The
-        policy picks the depth as it picks a chain's width, from the rows' deepest paths; the
-        forward over N + 1 positions per row is what its cost model measures."""
+        """A tree of drafts (the drafter's ``propose_tree``, up to ``max_tree_nodes`` nodes). Adaptive:
+        a cheap drafter's tree with node shares (n-gram) keeps the nodes ``policy.tree_nodes`` picks;
+        otherwise the policy picks the depth as it picks a chain's width, from the rows' deepest
+        paths. The forward over N + 1 positions per row is what its cost model measures."""
         drafter, policy, nodes = self.drafter, self.policy, self.gen.max_tree_nodes
         if not self.opts["adaptive"]:
             return _Tree.of(drafter.propose_tree(state, nodes))

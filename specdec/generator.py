@@ -815,6 +815,8 @@ class _BatchRun:
             tree = _Tree.of(drafter.propose_tree(state, nodes))
             keys = policy.keys(self.sampled, tree.match, self.previous)
             self.available = tree.num_drafted
+            if not self.available.any():
+                return None
             if tree.share is not None:  # node by node, from each node's estimated acceptance
                 keep = policy.tree_nodes(tree.node_depth, tree.share, keys, self.probe)
                 return tree.keep(keep, self.device) if keep.any() else None

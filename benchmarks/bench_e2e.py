@@ -412,7 +412,8 @@ def main(argv=None) -> int:
     return 0
 
 
-H2H_PROVIDERS = ("hf", "hf-prompt-lookup", "specdec-ngram-adaptive", "specdec-ngram-adaptive-chain")
+H2H_PROVIDERS = ("hf", "hf-prompt-lookup", "hf-prompt-lookup-narrow", "specdec-ngram-adaptive",
+                 "specdec-ngram-adaptive-chain", "specdec-ngram-adaptive-sgemm")
 
 
 def head_to_head(out, model, prompts, mode, rounds, args, model_name, dt):
@@ -420,16 +421,23 @@ def head_to_head(out, model, prompts, mode, rounds, args, model_name, dt):
     rotates with the prompt and the round, so drift in the machine's speed (a shared 2-core box
     swings by 30% within minutes) lands on every provider alike. HF prompt lookup uses
     ``--draft-tokens``; specdec runs its defaults (adaptive, n-gram K cap 32), one generator per
-    provider for the whole run, as a user would keep one. Rows ``op=e2e_h2h``: tokens/s of the
+    provider for the whole run, as a user would keep one. Two ablations split specdec's gain:
+    ``hf-prompt-lookup-narrow`` is HF prompt lookup with its linears on ``specdec.linear.narrow_linear``
+    (what the kernel alone gives HF), ``specdec-ngram-adaptive-sgemm`` is specdec's default without it
+    (``narrow_linear=False``: torch's sgemm, as HF uses). Rows ``op=e2e_h2h``: tokens/s of the
     median round, ``speedup_vs_hf_prompt_lookup`` the median over rounds of the per-round ratio
     (``ratio_min``/``ratio_max`` its range), tokens per target forward over all rounds."""
     from specdec.generator import SpeculativeGenerator
+    from specdec.linear import narrow_linears
 
     sampled = mode == "sampled"
     K = args.draft_tokens
     gens = {"specdec-ngram-adaptive": SpeculativeGenerator(model, "ngram", backend=args.backend),
-            "specdec-ngram-adaptive-chain": SpeculativeGenerator(model, "ngram", backend=args.backend, tree=False)}
-    hf_kwargs = {"hf": {}, "hf-prompt-lookup": {"prompt_lookup_num_tokens": K}}
+            "specdec-ngram-adaptive-chain": SpeculativeGenerator(model, "ngram", backend=args.backend, tree=False),
+            "specdec-ngram-adaptive-sgemm": SpeculativeGenerator(model, "ngram", backend=args.backend,
+                                                                 narrow_linear=False)}
+    hf_kwargs = {"hf": {}, "hf-prompt-lookup": {"prompt_lookup_num_tokens": K},
+                 "hf-prompt-lookup-narrow": {"prompt_lookup_num_tokens": K}}
     tokens = {p: np.zeros(rounds) for p in H2H_PROVIDERS}
     seconds = {p: np.zeros(rounds) for p in H2H_PROVIDERS}
     steps = {p: 0 for p in H2H_PROVIDERS}
@@ -437,7 +445,8 @@ def head_to_head(out, model, prompts, mode, rounds, args, model_name, dt):
 
     def one(name, prompt, seed):
         if name in hf_kwargs:
-            n, times, st = run_hf(model, [prompt], **kw, seed=seed, kwargs=hf_kwargs[name])
+            with narrow_linears(model if name.endswith("-narrow") else None):
+                n, times, st = run_hf(model, [prompt], **kw, seed=seed, kwargs=hf_kwargs[name])
             return n, sum(times), st.get("steps", 0)
         t0 = time.perf_counter()
         res = gens[name].generate([prompt], max_new_tokens=args.max_new_tokens,
@@ -466,7 +475,9 @@ def head_to_head(out, model, prompts, mode, rounds, args, model_name, dt):
                    tokens_per_step=tokens[name].sum() / steps[name] if steps[name] else None,
                    note=f"interleaved, {rounds} rounds x {len(prompts)} prompts; times per round"
                         + (f"; specdec defaults (adaptive, K cap {k}), " + ("chain" if name.endswith("chain") else "tree")
-                           if name.startswith("specdec") else ""))
+                           + (", torch sgemm linears (narrow_linear=False)" if name.endswith("sgemm") else "")
+                           if name.startswith("specdec") else "")
+                        + ("; linears on specdec.linear.narrow_linear" if name.endswith("-narrow") else ""))
         if name != "hf-prompt-lookup":
             row.update(speedup_vs_hf_prompt_lookup=float(np.median(ratio)), ratio_min=float(ratio.min()),
                        ratio_max=float(ratio.max()))

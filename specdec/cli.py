@@ -47,6 +47,9 @@ def _add_model_options(p) -> None:
     p.add_argument("--no-tree", action="store_true",
                    help="verify a chain of drafts per step instead of a tree (n-gram and model drafters draft "
                         "trees by default)")
+    p.add_argument("--no-narrow-linear", action="store_true",
+                   help="run the CPU target's linear layers on torch's sgemm instead of specdec's kernel for "
+                        "the few tokens of a verification forward (specdec.linear)")
     p.add_argument("--tree-nodes", type=int, default=None, help="node budget of a draft tree (default 2K, 4..64)")
 
 
@@ -205,7 +208,8 @@ def _load_generator(args, parser):
     return SpeculativeGenerator.from_pretrained(args.target, args.drafter, quantization=quant, device=device,
                                                 num_draft_tokens=args.num_draft_tokens, adaptive=not args.no_adaptive,
                                                 early_exit_layers=args.early_exit_layers,
-                                                tree=False if args.no_tree else None, max_tree_nodes=args.tree_nodes)
+                                                tree=False if args.no_tree else None, max_tree_nodes=args.tree_nodes,
+                                                narrow_linear=not args.no_narrow_linear)
 
 
 def cmd_generate(args, parser) -> int:

@@ -62,6 +62,7 @@ import numpy as np
 import torch
 
 from specdec.drafters import Draft, Drafter, DraftState, _tree_depths, make_drafter
+from specdec.linear import narrow_linears
 from specdec.models import check_compatible, model_vocab_size
 
 _DRAFTER_NAMES = ("ngram", "n-gram", "prompt-lookup", "early-exit", "earlyexit", "self", "none")
@@ -1028,13 +1029,19 @@ class SpeculativeGenerator:
         policy: the :class:`DraftLengthPolicy` (default: one that measures forward costs online);
             ``DraftLengthPolicy(forward_cost="prior")`` makes the widths, and so greedy statistics,
             independent of timing.
+        narrow_linear: during ``generate``, route the float32 CPU ``nn.Linear`` layers of the target
+            (and of a model drafter) through :func:`specdec.linear.narrow_linear`, which reads each
+            weight once for the few tokens of a verification forward where MKL's sgemm costs about
+            one matrix-vector product per token (default on; restored after each call; a no-op on
+            GPU, for int8 layers, or without the C++ extension).
     """
 
     def __init__(self, target, drafter="ngram", tokenizer=None, *, drafter_tokenizer=None,
                  num_draft_tokens: int | None = None, adaptive: bool = True, early_exit_layers: int | None = None,
                  share_prefix: bool = True, backend: str = "auto", policy: "DraftLengthPolicy | None" = None,
-                 tree: bool | None = None, max_tree_nodes: int | None = None):
+                 tree: bool | None = None, max_tree_nodes: int | None = None, narrow_linear: bool = True):
         self.target = target
+        self.narrow_linear = bool(narrow_linear)
         self.tokenizer = tokenizer
         self.vocab_size = model_vocab_size(target)
         if isinstance(drafter, torch.nn.Module):
@@ -1267,14 +1274,16 @@ class SpeculativeGenerator:
     @torch.inference_mode()
     def _generate_batch(self, rows, user_index, seeds, opts, bar):
         """One batch, step by step: draft -> target forward -> verify -> commit (see _BatchRun)."""
+        models = (self.target, getattr(self.drafter, "model", None)) if self.narrow_linear else ()
         run = _BatchRun(self, rows, user_index, seeds, opts, bar)
         try:
-            while run.live:
-                run.make_room()
-                draft = run.draft()
-                logits = run.forward(draft)
-                verdict = run.verify(logits, draft)
-                run.commit(draft, verdict)
+            with narrow_linears(*models):
+                while run.live:
+                    run.make_room()
+                    draft = run.draft()
+                    logits = run.forward(draft)
+                    verdict = run.verify(logits, draft)
+                    run.commit(draft, verdict)
         finally:
             if self.drafter is not None:
                 self.drafter.finish()

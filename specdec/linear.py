@@ -1,0 +1,94 @@
+"""``narrow_linear``: ``x @ weight.T + bias`` for the few rows of a verification forward on the CPU, and
+``narrow_linears``: a context manager that routes a model's ``nn.Linear`` layers through it.
+
+A speculative step's target forward runs every linear layer on M = B * q rows (q = 1 + drafts). On a
+CPU, MKL's sgemm for M = 2..8 costs about M matrix-vector products (2-core AMD EPYC, the 211 linears of
+SmolLM2-135M: 36 ms at M = 1, 65-95 ms at M = 2..8), so every drafted token nearly doubles the
+forward and a speculative decoder can barely win. ``narrow_linear`` (C++ kernel
+``csrc/narrow_linear_cpu.cpp``) reads each weight row once for all M rows: about the cost of M = 1 up
+to M = 4 (``benchmarks/results/narrow_linear_cpu.csv``). Larger M, other dtypes, other devices and
+autograd go to ``torch.nn.functional.linear``; results equal it up to float32 summation order.
+
+``SpeculativeGenerator`` applies ``narrow_linears`` to its target (and model drafter) during
+``generate`` (``narrow_linear=False`` turns it off); the layers are restored afterwards.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["narrow_linear", "narrow_linears", "NARROW_MAX_ROWS", "narrow_linear_available"]
+
+NARROW_MAX_ROWS = 10  # above this sgemm's blocking wins (measured crossover 12-16 rows at 1-2 threads)
+
+
+def narrow_linear_available() -> bool:
+    """True when the C++ kernel loaded (``specdec.backends()['cpp']``)."""
+    from specdec.ops import _load_cpp
+
+    return _load_cpp()
+
+
+def _use_kernel(x: torch.Tensor, weight: torch.Tensor, bias, max_rows: int) -> bool:
+    if x.device.type != "cpu" or weight.device.type != "cpu" or x.dtype != torch.float32 \
+            or weight.dtype != torch.float32 or weight.dim() != 2 or x.dim() == 0:
+        return False
+    if bias is not None and (bias.dtype != torch.float32 or bias.device.type != "cpu"):
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                    or (bias is not None and bias.requires_grad)):
+        return False  # the kernel has no backward
+    k = x.shape[-1]
+    return k > 0 and k == weight.shape[1] and x.numel() <= max_rows * k
+
+
+def narrow_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                  max_rows: int = NARROW_MAX_ROWS) -> torch.Tensor:
+    """``torch.nn.functional.linear(x, weight, bias)``, through the C++ narrow kernel where it is faster.
+
+    Args:
+        x: ``[..., K]``.
+        weight: ``[N, K]``.
+        bias: ``[N]`` or None.
+        max_rows: use the kernel only when x holds at most this many rows (``x.numel() / K``).
+    Returns:
+        ``[..., N]``, x's dtype. The kernel runs for float32 CPU tensors without autograd and at most
+        ``max_rows`` rows when the extension is loaded; everything else calls ``F.linear`` (which
+        also raises its errors on bad shapes).
+    """
+    if _use_kernel(x, weight, bias, max_rows) and narrow_linear_available():
+        return torch.ops.specdec_cpp.narrow_linear(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+def _forward(module: torch.nn.Linear, max_rows: int, x: torch.Tensor) -> torch.Tensor:
+    return narrow_linear(x, module.weight, module.bias, max_rows=max_rows)
+
+
+@contextlib.contextmanager
+def narrow_linears(*models: torch.nn.Module | None, max_rows: int = NARROW_MAX_ROWS):
+    """Within the block, every plain ``nn.Linear`` of ``models`` with a float32 CPU weight calls
+    :func:`narrow_linear`. Subclasses (bitsandbytes' int8 layers, LoRA wrappers) and layers whose
+    ``forward`` is already overridden on the instance are left alone. Yields the number of layers
+    routed; the layers are restored on exit, also after an exception. A no-op when the extension
+    did not load."""
+    patched = []
+    if narrow_linear_available():
+        seen = set()
+        for model in models:
+            if model is None:
+                continue
+            for m in model.modules():
+                if type(m) is torch.nn.Linear and id(m) not in seen and "forward" not in m.__dict__ \
+                        and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32:
+                    seen.add(id(m))
+                    m.forward = functools.partial(_forward, m, max_rows)
+                    patched.append(m)
+    try:
+        yield len(patched)
+    finally:
+        for m in patched:
+            m.__dict__.pop("forward", None)

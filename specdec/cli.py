@@ -17,7 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-BENCHMARKS = ("verify", "verify_tree", "sample", "cache", "e2e")
+BENCHMARKS = ("verify", "verify_tree", "sample", "cache", "linear", "e2e")
 _GREEN, _RED, _RESET = "\033[32m", "\033[31m", "\033[0m"
 
 

@@ -154,3 +154,17 @@ def test_bench_verify_tree_smoke_and_baseline(tmp_path):
         ref_out, ref_n, _ = ops.verify_tree(logits, tokens, parents, None, temperature=0.0, backend="reference")
         assert torch.equal(n.long(), ref_n.long()) and n.max() > 0
         assert torch.equal(out[:, : ref_out.shape[1]], ref_out)
+
+
+def test_bench_linear_smoke(tmp_path):
+    from specdec.linear import narrow_linear_available
+
+    if not narrow_linear_available():
+        pytest.skip("specdec._C not built")
+    from benchmarks import bench_linear
+
+    rc = bench_linear.main(["--quick", "--out", str(tmp_path), "--no-plot", "--rows", "1,3"])
+    assert rc == 0
+    rows = _rows(tmp_path / "narrow_linear_cpu_quick.csv")
+    assert {(r["provider"], r["shape"]) for r in rows} == {(p, f"M={m}") for p in ("specdec", "torch") for m in (1, 3)}
+    assert all(float(r["median_ms"]) > 0 for r in rows)

@@ -256,3 +256,18 @@ def test_chat_ctrl_c_stops_the_answer_not_the_program(tmp_path, monkeypatch, cap
     out, err = capsys.readouterr()
     assert "answer interrupted" in err and "from the kept cache" in err
     assert out.count("\n") == 2 and ">>>" not in out
+
+
+@pytest.mark.parametrize("flags, narrow", [([], True), (["--no-narrow-linear"], False)])
+def test_narrow_linear_flag_reaches_the_generator(flags, narrow, monkeypatch):
+    from specdec.generator import SpeculativeGenerator
+
+    seen = {}
+
+    def fake(cls, *a, **kw):
+        seen.update(kw)
+        raise KeyboardInterrupt  # stop before any model is loaded
+
+    monkeypatch.setattr(SpeculativeGenerator, "from_pretrained", classmethod(fake))
+    assert main(["generate", "--quiet", "--device", "cpu", *flags, "hi"]) != 0  # "interrupted"
+    assert seen["narrow_linear"] is narrow

@@ -3,10 +3,11 @@
 //
 // Why: a speculative step's target forward runs every linear layer on M = B * q rows with q = 2..12.
 // MKL's sgemm is tuned for large M; on a small M it costs about as much as M separate matrix-vector
-// products (measured on a 2-core AMD EPYC: the 30-layer SmolLM2-135M linears take 36 ms at M = 1,
-// 65-95 ms at M = 2..8), so each drafted token nearly doubles the forward. The weights are the
+// products (measured on a 2-core AMD EPYC, 1 thread: the 211 SmolLM2-135M linears take 44 ms at M = 1,
+// 76-95 ms at M = 2..8), so drafting even one token nearly doubles the forward. The weights are the
 // bytes that matter (0.5 GB against a few KB of activations), and this kernel reads each weight row
-// once for all M rows: about the cost of M = 1 up to M = 4 and well below sgemm up to M ~ 12.
+// once for all M rows: 35 ms at M = 1, 41-54 ms at M = 2..7, below sgemm up to M = 12
+// (benchmarks/results/narrow_linear_cpu.csv).
 //
 // Layout: weight [N, K] row-major (nn.Linear), x [M, K]. For each weight row n, the M rows of x go
 // through in blocks of up to 4; each block keeps MB * U independent FMA chains (the K loop unrolled

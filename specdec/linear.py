@@ -2,11 +2,11 @@
 ``narrow_linears``: a context manager that routes a model's ``nn.Linear`` layers through it.
 
 A speculative step's target forward runs every linear layer on M = B * q rows (q = 1 + drafts). On a
-CPU, MKL's sgemm for M = 2..8 costs about M matrix-vector products (2-core AMD EPYC, the 211 linears of
-SmolLM2-135M: 36 ms at M = 1, 65-95 ms at M = 2..8), so every drafted token nearly doubles the
-forward and a speculative decoder can barely win. ``narrow_linear`` (C++ kernel
-``csrc/narrow_linear_cpu.cpp``) reads each weight row once for all M rows: about the cost of M = 1 up
-to M = 4 (``benchmarks/results/narrow_linear_cpu.csv``). Larger M, other dtypes, other devices and
+CPU, MKL's sgemm for M = 2..8 costs about M matrix-vector products (2-core AMD EPYC, 1 thread, the
+211 linears of SmolLM2-135M: 44 ms at M = 1, 76-95 ms at M = 2..8), so drafting even one token
+nearly doubles the forward and a speculative decoder can barely win. ``narrow_linear`` (C++ kernel
+``csrc/narrow_linear_cpu.cpp``) reads each weight row once for all M rows: 35 ms at M = 1, 41-54 ms
+at M = 2..7 (``benchmarks/results/narrow_linear_cpu.csv``). Larger M, other dtypes, other devices and
 autograd go to ``torch.nn.functional.linear``; results equal it up to float32 summation order.
 
 ``SpeculativeGenerator`` applies ``narrow_linears`` to its target (and model drafter) during

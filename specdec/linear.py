@@ -25,11 +25,16 @@ __all__ = ["narrow_linear", "narrow_linears", "NARROW_MAX_ROWS", "narrow_linear_
 NARROW_MAX_ROWS = 10  # above this sgemm's blocking wins (measured crossover 12-16 rows at 1-2 threads)
 
 
+_available: list = []  # [bool] once known: the check runs once, not on every layer call
+
+
 def narrow_linear_available() -> bool:
     """True when the C++ kernel loaded (``specdec.backends()['cpp']``)."""
-    from specdec.ops import _load_cpp
+    if not _available:
+        from specdec.ops import _load_cpp
 
-    return _load_cpp()
+        _available.append(bool(_load_cpp()))
+    return _available[0]
 
 
 def _use_kernel(x: torch.Tensor, weight: torch.Tensor, bias, max_rows: int) -> bool:

@@ -23,6 +23,17 @@ def backend_available(name: str) -> bool:
     return ok
 
 
+def triton_device() -> str:
+    """For files of Triton-only tests: "cuda", or "cpu" under the interpreter; skips the calling
+    module when triton is missing or was imported before the interpreter could be switched on."""
+    pytest.importorskip("triton", reason="triton is not installed")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if dev == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("no GPU and TRITON_INTERPRET is not 1 (triton was imported before it was set)",
+                    allow_module_level=True)
+    return dev
+
+
 def device_for(backend: str) -> str:
     """Where a backend's inputs live: Triton on the GPU when there is one, else the CPU."""
     return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"

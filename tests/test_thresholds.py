@@ -4,26 +4,17 @@ mask ``finite(x) & (x >= thr)`` must equal the reference's mask of ``logits.doub
 for token. The sort-based torch implementation it replaced is kept here as a second oracle.
 
 Without a GPU the kernel runs on CPU tensors through Triton's interpreter (TRITON_INTERPRET=1, set
-before triton is imported, here and in conftest.py), so sizes stay small.
+before triton is imported, in conftest.py), so sizes stay small.
 """
-import os
-
 import pytest
 import torch
+from conftest import triton_device
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-triton = pytest.importorskip("triton", reason="triton is not installed")
+DEV = triton_device()  # skips this file where Triton cannot run
 
 from specdec import reference  # noqa: E402
 from specdec.kernels import sample as ksample  # noqa: E402
 from specdec.kernels import thresholds as kthr  # noqa: E402
-
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
-if DEV == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("no GPU and TRITON_INTERPRET is not 1 (triton was imported before it was set)",
-                allow_module_level=True)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -6,28 +6,21 @@ Random123 known answers), and token-for-token equality of ``verify`` / ``sample`
 reference on small random inputs, including the tilings that split a vocabulary over programs and
 vocabularies of several blocks of the two-level race (``reference.RACE_BLOCK`` ids each).
 Without a GPU the kernels run on CPU tensors through Triton's interpreter (TRITON_INTERPRET=1,
-set before triton is imported, here and in conftest.py), so sizes stay small.
+set before triton is imported, in conftest.py), so sizes stay small.
 """
-import os
-
 import pytest
 import torch
+from conftest import triton_device
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+DEV = triton_device()  # skips this file where Triton cannot run
 
-triton = pytest.importorskip("triton", reason="triton is not installed")
+import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from specdec import reference  # noqa: E402
 from specdec.kernels import philox as kphilox  # noqa: E402
 from specdec.kernels import sample as ksample  # noqa: E402
 from specdec.kernels import verify as kverify  # noqa: E402
-
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
-if DEV == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("no GPU and TRITON_INTERPRET is not 1 (triton was imported before it was set)",
-                allow_module_level=True)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -72,14 +72,81 @@ inline void one_row(const float* w, const float* x, float* y, int64_t M, int64_t
     default: break;
   }
 }
+
+// From 5 rows of x on, one pass of row_block re-reads each weight row from L1 for every block of 4 x
+// rows and spends 5 loads per 4 FMAs: load bound. A tile of NR = 4 weight rows against MB <= 3 x
+// rows keeps 4 * MB accumulators (12 of the 16 ymm registers) and spends 4 + MB loads per 4 * MB FMAs.
+// `pf`: the next tile's bytes, touched 128 per K step (software prefetch), so the weight stream from
+// memory overlaps the FMAs instead of stalling them at each new tile (1 thread, SmolLM2's linears:
+// 62 ms instead of 79 at 10 rows, 88 instead of 117 at 16).
+template <int MB>
+inline void tile4(const float* w, const float* x, float* y, int64_t K, int64_t N, const char* pf, int64_t pf_end) {
+  constexpr int NR = 4;
+  __m256 acc[NR][MB];
+  for (int r = 0; r < NR; ++r)
+    for (int j = 0; j < MB; ++j) acc[r][j] = _mm256_setzero_ps();
+  const int64_t K8 = K & ~int64_t(7);
+  int64_t p = 0;
+  for (int64_t k = 0; k < K8; k += 8) {
+    if (p < pf_end) {
+      _mm_prefetch(pf + p, _MM_HINT_T0);
+      _mm_prefetch(pf + p + 64, _MM_HINT_T0);
+      p += 128;
+    }
+    __m256 xv[MB];
+    for (int j = 0; j < MB; ++j) xv[j] = _mm256_loadu_ps(x + j * K + k);
+    for (int r = 0; r < NR; ++r) {
+      const __m256 v = _mm256_loadu_ps(w + r * K + k);
+      for (int j = 0; j < MB; ++j) acc[r][j] = _mm256_fmadd_ps(v, xv[j], acc[r][j]);
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int j = 0; j < MB; ++j) {
+      float s = hsum(acc[r][j]);
+      for (int64_t kk = K8; kk < K; ++kk) s += w[r * K + kk] * x[j * K + kk];
+      y[j * N + r] = s;
+    }
+}
+
+// Weight rows n0 .. n0 + 4 against all M >= 5 rows of x, in blocks of 3 (a last block of 1 becomes
+// two of 2). `next`: the following tile's weights to prefetch, or nullptr.
+inline void four_rows(const float* w, const float* x, float* y, int64_t M, int64_t K, int64_t N, const float* next) {
+  const int64_t tile_bytes = 4 * K * int64_t(sizeof(float));
+  const char* pf = reinterpret_cast<const char*>(next);
+  int64_t done = 0;  // prefetched bytes of the next tile so far
+  int64_t m = 0;
+  while (m < M) {
+    const int64_t left = M - m;
+    const int mb = left == 4 || left == 2 ? 2 : (left == 1 ? 1 : 3);
+    const int64_t budget = next ? std::max<int64_t>(0, tile_bytes - done) : 0;
+    const int64_t steps = K / 8;
+    const int64_t here = std::min(budget, steps * 128);
+    const char* p = next ? pf + done : nullptr;
+    if (mb == 3) tile4<3>(w, x + m * K, y + m * N, K, N, p, here);
+    else if (mb == 2) tile4<2>(w, x + m * K, y + m * N, K, N, p, here);
+    else tile4<1>(w, x + m * K, y + m * N, K, N, p, here);
+    done += here;
+    m += mb;
+  }
+}
+
+inline void rows(const float* wp, const float* xp, float* yp, int64_t M, int64_t K, int64_t N, int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  if (M >= 5) {
+    for (; n + 4 <= n1; n += 4)
+      four_rows(wp + n * K, xp, yp + n, M, K, N, n + 8 <= n1 ? wp + (n + 4) * K : nullptr);
+  }
+  for (; n < n1; ++n) one_row(wp + n * K, xp, yp + n, M, K, N);
+}
 #else
 // Portable fallback (no AVX2/FMA at build time): the same loop order, left to the compiler.
-inline void one_row(const float* w, const float* x, float* y, int64_t M, int64_t K, int64_t N) {
-  for (int64_t j = 0; j < M; ++j) {
-    float s = 0.f;
-    for (int64_t k = 0; k < K; ++k) s += w[k] * x[j * K + k];
-    y[j * N] = s;
-  }
+inline void rows(const float* wp, const float* xp, float* yp, int64_t M, int64_t K, int64_t N, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n)
+    for (int64_t j = 0; j < M; ++j) {
+      float s = 0.f;
+      for (int64_t k = 0; k < K; ++k) s += wp[n * K + k] * xp[j * K + k];
+      yp[j * N + n] = s;
+    }
 }
 #endif
 
@@ -108,8 +175,10 @@ at::Tensor narrow_linear_cpu(const at::Tensor& x, const at::Tensor& weight, cons
     float* yp = y.data_ptr<float>();
     // grain: enough rows per task that a thread streams a few hundred KB of weights
     const int64_t grain = std::max<int64_t>(16, 65536 / std::max<int64_t>(K, 1));
-    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-      for (int64_t n = n0; n < n1; ++n) one_row(wp + n * K, xp, yp + n, M, K, N);
+    // tasks split N in multiples of 4 weight rows (the tiles), the last task takes the rest
+    const int64_t tiles = (N + 3) / 4;
+    at::parallel_for(0, tiles, std::max<int64_t>(1, grain / 4), [&](int64_t t0, int64_t t1) {
+      rows(wp, xp, yp, M, K, N, 4 * t0, std::min(N, 4 * t1));
     });
   }
   if (bias.has_value()) y.add_(*bias);

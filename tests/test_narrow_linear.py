@@ -17,7 +17,7 @@ def _ref(x, w, b):
     return F.linear(x.double(), w.double(), None if b is None else b.double())
 
 
-@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 13])
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 16, 32])
 @pytest.mark.parametrize("K", [1, 7, 8, 15, 16, 17, 40, 576])
 def test_matches_float64_reference(M, K):
     g = torch.Generator().manual_seed(M * 1000 + K)

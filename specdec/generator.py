@@ -613,6 +613,7 @@ class _Tree(NamedTuple):
     host_parents: np.ndarray  # [B, N] host parents, -1 where unused too
     node_depth: np.ndarray  # [B, N] host: each node's depth (0 = child of the root), -1 where unused
     share: np.ndarray | None = None  # [B, N] host: the drafter's evidence share per node (DraftTree.host_share)
+    source: np.ndarray | None = None  # [B, N] host: each node's index in the drafter's tree (None: the same)
 
     @property
     def used(self) -> np.ndarray:
@@ -647,18 +648,38 @@ class _Tree(NamedTuple):
 
     def keep(self, keep: np.ndarray, device) -> "_Tree":
         """The tree with only the nodes ``keep`` [B, N] bool (closed under parents: the caller's
-        duty). Host work, one copy to the device if anything goes."""
+        duty), renumbered densely in their order (parents still before children), so the forward
+        computes no empty slots between them; ``source`` maps the new indices to the drafter's. Host
+        work, one copy to the device if anything goes."""
         keep = keep & self.used
         if (keep == self.used).all():
             return self
-        width = int(np.flatnonzero(keep.any(0)).max(initial=-1)) + 1
-        tokens = np.where(keep, self.host_tokens, -1)[:, :width]
-        parents = np.where(keep, self.host_parents, -1)[:, :width]
-        depth = np.where(keep, self.node_depth, -1)[:, :width]
-        probs = None if self.probs is None else self.probs[:, :width]
-        share = None if self.share is None else np.where(keep, self.share, 0.0)[:, :width]
+        width = int(keep.sum(1).max(initial=0))
+        order = np.argsort(~keep, axis=1, kind="stable")[:, :width]  # each row's kept nodes first, in order
+        valid = np.take_along_axis(keep, order, 1)
+        rank = np.cumsum(keep, axis=1) - 1  # a kept node's new index
+        old_parents = np.take_along_axis(self.host_parents, order, 1)
+        new_parents = np.take_along_axis(rank, np.clip(old_parents, 0, None), 1)
+        tokens = np.where(valid, np.take_along_axis(self.host_tokens, order, 1), -1)
+        parents = np.where(valid & (old_parents >= 0), new_parents, -1)
+        depth = np.where(valid, np.take_along_axis(self.node_depth, order, 1), -1)
+        share = None if self.share is None else np.where(valid, np.take_along_axis(self.share, order, 1), 0.0)
+        source = order if self.source is None else np.take_along_axis(self.source, order, 1)
+        probs = self.probs
+        if probs is not None:
+            index = torch.from_numpy(order).to(probs.device)
+            probs = probs.gather(1, index[:, :, None].expand(-1, -1, probs.shape[-1]))
         return _Tree(torch.from_numpy(tokens).to(device), torch.from_numpy(parents).to(device), probs, self.match,
-                     tokens, parents, depth, share)
+                     tokens, parents, depth, share, np.where(valid, source, -1))
+
+    def drafter_nodes(self, nodes: np.ndarray) -> np.ndarray:
+        """Node indices [B, D] of this tree (-1 = none) as the drafter numbered them."""
+        if self.source is None:
+            return nodes
+        if self.source.shape[1] == 0:
+            return np.full_like(nodes, -1)
+        index = np.clip(nodes, 0, self.source.shape[1] - 1)
+        return np.where(nodes >= 0, np.take_along_axis(self.source, index, 1), -1)
 
     def leaf_stop(self, host_nodes: np.ndarray, accepted: np.ndarray) -> np.ndarray:
         """[B] bool: the accepted path (node indices [B, D], lengths [B]) ended at a node with no
@@ -914,7 +935,7 @@ class _BatchRun:
             self.cache.rollback(self.cache.lengths - k + verdict.num_accepted, host_lengths=new_host)
         t2 = time.perf_counter()
         if isinstance(draft, _Tree):
-            self.drafter.accept_tree(verdict.host_nodes, accepted)
+            self.drafter.accept_tree(draft.drafter_nodes(verdict.host_nodes), accepted)
         elif k > 0:
             self.drafter.accept(accepted)
         t3 = time.perf_counter()

@@ -380,3 +380,33 @@ def test_tree_interface_defaults():
     target = tiny_model("llama", seed=0, layers=2)
     with pytest.raises(NotImplementedError):
         EarlyExitDrafter(target, 1).propose_tree(_state([[1, 2]], [2]), 4)
+
+
+def test_generator_tree_keep_renumbers_densely():
+    """_Tree.keep drops nodes without leaving empty slots (the forward would compute them), keeps parents
+    before children, gathers the draft probabilities along, and maps the accepted path back to the
+    drafter's numbering (what ModelDrafter.accept_tree needs)."""
+    from specdec.generator import _Tree
+
+    # row 0: 0 -> {1, 2}, 1 -> 3, 2 -> 4; row 1: a chain 0 -> 1 -> 2 and an unused slot
+    tokens = np.array([[10, 11, 12, 13, 14], [20, 21, 22, -1, -1]])
+    parents = np.array([[-1, 0, 0, 1, 2], [-1, 0, 1, -1, -1]])
+    V = 6
+    probs = torch.arange(2 * 5 * V, dtype=torch.float32).reshape(2, 5, V)
+    tree = _Tree.of(DraftTree(torch.from_numpy(tokens), torch.from_numpy(parents), probs, num_nodes=np.array([5, 3]),
+                              host_token_ids=tokens, host_parents=parents, match=np.array([3, 1]),
+                              host_share=np.ones((2, 5))))
+    keep = np.array([[True, False, True, False, True], [True, True, False, False, False]])
+    kept = tree.keep(keep, CPU)
+    assert kept.host_tokens.tolist() == [[10, 12, 14], [20, 21, -1]]
+    assert kept.host_parents.tolist() == [[-1, 0, 1], [-1, 0, -1]]
+    assert kept.node_depth.tolist() == [[0, 1, 2], [0, 1, -1]]
+    assert kept.token_ids.tolist() == kept.host_tokens.tolist() and kept.parents.tolist() == kept.host_parents.tolist()
+    assert torch.equal(kept.probs[0], probs[0, [0, 2, 4]]) and torch.equal(kept.probs[1, :2], probs[1, :2])
+    # accepted path in the kept tree's numbering -> the drafter's
+    assert kept.drafter_nodes(np.array([[0, 1, 2], [0, 1, -1]])).tolist() == [[0, 2, 4], [0, 1, -1]]
+    # keeping everything is the tree itself; keeping twice composes the maps
+    assert tree.keep(tree.used, CPU) is tree and tree.drafter_nodes(np.array([[3]])).tolist() == [[3]]
+    again = kept.keep(np.array([[True, True, False], [True, False, False]]), CPU)
+    assert again.host_tokens.tolist() == [[10, 12], [20, -1]]
+    assert again.drafter_nodes(np.array([[0, 1], [0, -1]])).tolist() == [[0, 2], [0, -1]]

@@ -69,8 +69,20 @@ def narrow_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return F.linear(x, weight, bias)
 
 
-def _forward(module: torch.nn.Linear, max_rows: int, x: torch.Tensor) -> torch.Tensor:
-    return narrow_linear(x, module.weight, module.bias, max_rows=max_rows)
+def _forward(module: torch.nn.Linear, limit: int, x: torch.Tensor) -> torch.Tensor:
+    """A patched layer's forward: :func:`narrow_linear`'s rule, with the checks that cannot change
+    during a forward done once (the extension loaded, the layer is a 2-D ``nn.Linear``), and the rest
+    in their cheapest form: a SmolLM2 forward makes 211 of these calls, and each microsecond is 0.2 ms."""
+    w, b = module.weight, module.bias
+    if x.dtype is _F32 and w.dtype is _F32 and x.is_cpu and w.is_cpu and 0 < x.numel() <= limit \
+            and x.shape[-1] == w.shape[1] and (b is None or (b.dtype is _F32 and b.is_cpu)) \
+            and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad
+                                                   or (b is not None and b.requires_grad))):
+        return torch.ops.specdec_cpp.narrow_linear(x, w, b)
+    return F.linear(x, w, b)
+
+
+_F32 = torch.float32
 
 
 @contextlib.contextmanager
@@ -90,7 +102,7 @@ def narrow_linears(*models: torch.nn.Module | None, max_rows: int = NARROW_MAX_R
                 if type(m) is torch.nn.Linear and id(m) not in seen and "forward" not in m.__dict__ \
                         and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32:
                     seen.add(id(m))
-                    m.forward = functools.partial(_forward, m, max_rows)
+                    m.forward = functools.partial(_forward, m, max_rows * m.weight.shape[1])
                     patched.append(m)
     try:
         yield len(patched)

@@ -141,6 +141,33 @@ def test_context_manager_patches_plain_linears_and_restores():
             assert n == 0
 
 
+def test_patched_layer_routes_like_the_function(monkeypatch):
+    """The patched forward has its own cheap checks: the same cases as narrow_linear, through a layer."""
+    calls = []
+    real = torch.ops.specdec_cpp.narrow_linear
+    monkeypatch.setattr(torch.ops.specdec_cpp, "narrow_linear", lambda *a: calls.append(a[0].shape) or real(*a))
+    torch.manual_seed(1)
+    lin = torch.nn.Linear(16, 9)
+    w, b = lin.weight.detach(), lin.bias.detach()
+    with narrow_linears(lin):
+        for x, grad, kernel in [
+            (torch.randn(1, NARROW_MAX_ROWS, 16), False, True),   # at the row limit: kernel
+            (torch.randn(NARROW_MAX_ROWS + 1, 16), False, False),  # one more row: sgemm
+            (torch.randn(0, 16), False, False),                    # no rows
+            (torch.randn(3, 16), True, False),                     # autograd on (the weight requires grad)
+        ]:
+            calls.clear()
+            with torch.set_grad_enabled(grad):
+                y = lin(x)
+            assert bool(calls) == kernel, x.shape
+            assert y.requires_grad == grad
+            torch.testing.assert_close(y.detach().double(), _ref(x, w, b), rtol=1e-5, atol=1e-5)
+        with torch.no_grad(), pytest.raises(RuntimeError):  # a wrong width: F.linear's error
+            lin(torch.randn(2, 5))
+        with torch.no_grad(), pytest.raises(RuntimeError):  # a float64 input on a float32 layer, as unpatched
+            lin(torch.randn(2, 16, dtype=torch.float64))
+
+
 def test_generator_uses_it_and_restores(monkeypatch):
     from _tiny_models import tiny_model
 
@@ -149,13 +176,14 @@ def test_generator_uses_it_and_restores(monkeypatch):
 
     model = tiny_model("llama")
     rows = []
-    real = L.narrow_linear
+    assert L.narrow_linear_available()
+    real = torch.ops.specdec_cpp.narrow_linear
 
-    def spy(x, *a, **k):
+    def spy(x, *a, **k):  # counts the kernel's calls
         rows.append(x.numel() // x.shape[-1])
         return real(x, *a, **k)
 
-    monkeypatch.setattr(L, "narrow_linear", spy)
+    monkeypatch.setattr(torch.ops.specdec_cpp, "narrow_linear", spy)
     prompt = [[5, 6, 7, 5, 6, 7, 5, 6, 7, 5, 6]]
     out = {}
     for on in (True, False):

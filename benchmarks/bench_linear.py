@@ -13,7 +13,7 @@ providers alternate call by call, so a slow spell of a shared machine hits both:
 Rows ``op=linears``: median ms over the layers of one forward; ``cost_ratio`` = time(M) / time of
 torch at M = 1 (what the generator's cost model sees).
 
-    python benchmarks/bench_linear.py --threads 1     # M = 1..16 (~2 min)
+    python benchmarks/bench_linear.py --threads 1     # M = 1..48 (~2 min)
     python benchmarks/bench_linear.py --quick         # 2 layers, seconds
 """
 from __future__ import annotations
@@ -41,7 +41,7 @@ def layer_shapes(hidden: int, intermediate: int, kv: int, layers: int, vocab: in
 
 def main(argv=None) -> int:
     p = H.make_parser("bench_linear", "a forward's linear layers at M = B*q rows: narrow_linear vs F.linear")
-    p.add_argument("--rows", default=None, help="comma list of M (default 1..12,16,24)")
+    p.add_argument("--rows", default=None, help="comma list of M (default 1..12,16,20,24,32,48)")
     p.add_argument("--hidden", type=int, default=576)
     p.add_argument("--intermediate", type=int, default=1536)
     p.add_argument("--kv", type=int, default=192, help="key/value width (heads x head_dim)")
@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     if args.quick:
         args.layers, args.vocab = 2, 1000
     rows = [int(m) for m in args.rows.split(",")] if args.rows else \
-        ([1, 4] if args.quick else list(range(1, 13)) + [16, 24])
+        ([1, 4] if args.quick else list(range(1, 13)) + [16, 20, 24, 32, 48])
     runs = args.runs or (3 if args.quick else 15)
     shapes = layer_shapes(args.hidden, args.intermediate, args.kv, args.layers, args.vocab)
     g = torch.Generator().manual_seed(0)

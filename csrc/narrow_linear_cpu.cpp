@@ -1,17 +1,19 @@
 // narrow_linear: y = x @ weight^T (+ bias) for few rows of x (a verification forward: B * q tokens),
 // float32 on the CPU.
 //
-// Why: a speculative step's target forward runs every linear layer on M = B * q rows with q = 2..12.
+// Why: a speculative step's target forward runs every linear layer on M = B * q rows with q = 2..33.
 // MKL's sgemm is tuned for large M; on a small M it costs about as much as M separate matrix-vector
-// products (measured on a 2-core AMD EPYC, 1 thread: the 211 SmolLM2-135M linears take 44 ms at M = 1,
-// 76-95 ms at M = 2..8), so drafting even one token nearly doubles the forward. The weights are the
+// products (measured on a 2-core AMD EPYC, 1 thread: the 211 SmolLM2-135M linears take 40 ms at M = 1,
+// 70-104 ms at M = 2..8), so drafting even one token nearly doubles the forward. The weights are the
 // bytes that matter (0.5 GB against a few KB of activations), and this kernel reads each weight row
-// once for all M rows: 35 ms at M = 1, 41-54 ms at M = 2..7, below sgemm up to M = 12
-// (benchmarks/results/narrow_linear_cpu.csv).
+// once for all M rows: 32 ms at M = 1, 35-37 ms at M = 2..4, 80 ms at 10, 176 ms at 32 against
+// sgemm's 195 (benchmarks/results/narrow_linear_cpu.csv; at 2 threads 24, 33, 47 and 87 ms against 42,
+// 88, 110 and 126).
 //
-// Layout: weight [N, K] row-major (nn.Linear), x [M, K]. For each weight row n, the M rows of x go
-// through in blocks of up to 4; each block keeps MB * U independent FMA chains (the K loop unrolled
-// U times) so the FMA latency is hidden, then reduces them. x stays in L1/L2; the weight streams.
+// Layout: weight [N, K] row-major (nn.Linear), x [M, K]. Up to 4 rows of x: for each weight row n,
+// the rows of x keep MB * U independent FMA chains (the K loop unrolled U times) so the FMA latency
+// is hidden, then reduce them. From 5 rows: register tiles of 4 weight rows x 3 rows of x (tile4).
+// x stays in L1/L2; the weight streams once.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <torch/types.h>
@@ -77,8 +79,8 @@ inline void one_row(const float* w, const float* x, float* y, int64_t M, int64_t
 // rows and spends 5 loads per 4 FMAs: load bound. A tile of NR = 4 weight rows against MB <= 3 x
 // rows keeps 4 * MB accumulators (12 of the 16 ymm registers) and spends 4 + MB loads per 4 * MB FMAs.
 // `pf`: the next tile's bytes, touched 128 per K step (software prefetch), so the weight stream from
-// memory overlaps the FMAs instead of stalling them at each new tile (1 thread, SmolLM2's linears:
-// 62 ms instead of 79 at 10 rows, 88 instead of 117 at 16).
+// memory overlaps the FMAs instead of stalling them at each new tile (1 thread, SmolLM2's linears, a
+// quiet spell of the machine: 62 ms instead of 79 at 10 rows, 88 instead of 117 at 16).
 template <int MB>
 inline void tile4(const float* w, const float* x, float* y, int64_t K, int64_t N, const char* pf, int64_t pf_end) {
   constexpr int NR = 4;

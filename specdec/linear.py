@@ -3,11 +3,12 @@
 
 A speculative step's target forward runs every linear layer on M = B * q rows (q = 1 + drafts). On a
 CPU, MKL's sgemm for M = 2..8 costs about M matrix-vector products (2-core AMD EPYC, 1 thread, the
-211 linears of SmolLM2-135M: 44 ms at M = 1, 76-95 ms at M = 2..8), so drafting even one token
+211 linears of SmolLM2-135M: 40 ms at M = 1, 70-104 ms at M = 2..8), so drafting even one token
 nearly doubles the forward and a speculative decoder can barely win. ``narrow_linear`` (C++ kernel
-``csrc/narrow_linear_cpu.cpp``) reads each weight row once for all M rows: 35 ms at M = 1, 41-54 ms
-at M = 2..7 (``benchmarks/results/narrow_linear_cpu.csv``). Larger M, other dtypes, other devices and
-autograd go to ``torch.nn.functional.linear``; results equal it up to float32 summation order.
+``csrc/narrow_linear_cpu.cpp``) reads each weight row once for all M rows: 32 ms at M = 1, 35-37 ms
+at M = 2..4, 80 ms at 10 (sgemm 105), 176 ms at 32 (sgemm 195)
+(``benchmarks/results/narrow_linear_cpu.csv``). Larger M, other dtypes, other devices and autograd go
+to ``torch.nn.functional.linear``; results equal it up to float32 summation order.
 
 ``SpeculativeGenerator`` applies ``narrow_linears`` to its target (and model drafter) during
 ``generate`` (``narrow_linear=False`` turns it off); the layers are restored afterwards.
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 
 __all__ = ["narrow_linear", "narrow_linears", "NARROW_MAX_ROWS", "narrow_linear_available"]
 
-NARROW_MAX_ROWS = 32  # measured faster than sgemm up to 32 rows at 1 thread, 48 at 2 (narrow_linear_cpu.csv)
+NARROW_MAX_ROWS = 32  # faster than sgemm up to 48 rows at 1 and 2 threads (narrow_linear_cpu*.csv), by 5% at 48
 
 
 _available: list = []  # [bool] once known: the check runs once, not on every layer call

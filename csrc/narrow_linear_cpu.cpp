@@ -90,9 +90,9 @@ inline void tile4(const float* w, const float* x, float* y, int64_t K, int64_t N
   const int64_t K8 = K & ~int64_t(7);
   int64_t p = 0;
   for (int64_t k = 0; k < K8; k += 8) {
-    if (p < pf_end) {
+    if (p < pf_end) {  // only inside the next tile: a hint, but never past the weight tensor either
       _mm_prefetch(pf + p, _MM_HINT_T0);
-      _mm_prefetch(pf + p + 64, _MM_HINT_T0);
+      if (p + 64 < pf_end) _mm_prefetch(pf + p + 64, _MM_HINT_T0);
       p += 128;
     }
     __m256 xv[MB];

@@ -71,12 +71,13 @@ def narrow_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 
 def _forward(module: torch.nn.Linear, limit: int, x: torch.Tensor) -> torch.Tensor:
-    """A patched layer's forward: :func:`narrow_linear`'s rule, with the checks that cannot change
-    during a forward done once (the extension loaded, the layer is a 2-D ``nn.Linear``), and the rest
-    in their cheapest form: a SmolLM2 forward makes 211 of these calls, and each microsecond is 0.2 ms."""
+    """A patched layer's forward: :func:`narrow_linear`'s rule (``limit`` = max_rows * in_features). What
+    cannot change while the layer is patched (the extension loaded, a 2-D weight) was checked when
+    patching; the rest is checked here in its cheapest form: a SmolLM2 forward makes 211 of these
+    calls, and each microsecond is 0.2 ms."""
     w, b = module.weight, module.bias
     if x.dtype is _F32 and w.dtype is _F32 and x.is_cpu and w.is_cpu and 0 < x.numel() <= limit \
-            and x.shape[-1] == w.shape[1] and (b is None or (b.dtype is _F32 and b.is_cpu)) \
+            and x.dim() > 0 and x.shape[-1] == w.shape[1] and (b is None or (b.dtype is _F32 and b.is_cpu)) \
             and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad
                                                    or (b is not None and b.requires_grad))):
         return torch.ops.specdec_cpp.narrow_linear(x, w, b)

@@ -166,6 +166,8 @@ def test_patched_layer_routes_like_the_function(monkeypatch):
             lin(torch.randn(2, 5))
         with torch.no_grad(), pytest.raises(RuntimeError):  # a float64 input on a float32 layer, as unpatched
             lin(torch.randn(2, 16, dtype=torch.float64))
+        with torch.no_grad(), pytest.raises(RuntimeError):  # a 0-d input: F.linear's error too
+            lin(torch.tensor(1.0))
 
 
 def test_generator_uses_it_and_restores(monkeypatch):

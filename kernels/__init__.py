@@ -11,7 +11,33 @@ before triton is imported). Importing this package imports triton.
 
 The names ``verify`` and ``sample`` here are the submodules (``from specdec.kernels import verify
 as tv; tv.verify(...)``), not the functions, so that the two never shadow each other.
-"""
-from specdec.kernels import philox, sample, thresholds, verify  # noqa: F401
 
-__all__ = ["philox", "sample", "thresholds", "verify"]
+This folder is only ever ``specdec.kernels``. Python or pytest started from the repository root,
+or a build loading entry points there, puts the root on ``sys.path``, and ``import kernels`` then
+finds this folder before Hugging Face's ``kernels`` package (which transformers >= 5.25 imports):
+that import is handed to the installed package here, or fails as if the folder were not there.
+"""
+if __name__ != "specdec.kernels":
+    import importlib.machinery as _machinery
+    import importlib.util as _util
+    import os as _os
+    import sys as _sys
+
+    _root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+    _elsewhere = [p for p in _sys.path if _os.path.abspath(p or _os.curdir) != _root]
+    _spec = _machinery.PathFinder.find_spec(__name__, _elsewhere)
+    if _spec is None or _spec.loader is None:
+        raise ModuleNotFoundError(f"No module named {__name__!r}", name=__name__)
+    # The import system returns sys.modules[name] once this file has run: put the real module
+    # there and run it, so that its submodules resolve through its own __path__.
+    _module = _util.module_from_spec(_spec)
+    _sys.modules[__name__] = _module
+    try:
+        _spec.loader.exec_module(_module)
+    except BaseException:
+        _sys.modules.pop(__name__, None)
+        raise
+else:
+    from specdec.kernels import philox, sample, thresholds, verify  # noqa: F401
+
+    __all__ = ["philox", "sample", "thresholds", "verify"]

@@ -478,13 +478,15 @@ def plot_lines(rows: Sequence[dict], path, *, x: str, value: str, series: str = 
 
 
 def progress(iterable: Iterable, desc: str = "", total: Optional[int] = None, disable: Optional[bool] = None):
-    """A tqdm progress bar on stderr (plain iteration when tqdm is missing or ``disable``)."""
+    """A tqdm progress bar on stderr, only when stderr is a terminal: piped to a log, its
+    carriage-return updates would fill it (plain iteration then, when tqdm is missing, or with
+    ``disable`` / SPECDEC_BENCH_NO_PROGRESS=1)."""
     try:
         from tqdm.auto import tqdm
     except ImportError:
         return iterable
     if disable is None:
-        disable = os.environ.get("SPECDEC_BENCH_NO_PROGRESS") == "1"
+        disable = os.environ.get("SPECDEC_BENCH_NO_PROGRESS") == "1" or not sys.stderr.isatty()
     return tqdm(iterable, desc=desc, total=total, disable=disable, dynamic_ncols=True, leave=False)
 
 

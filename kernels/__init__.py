@@ -38,6 +38,10 @@ if __name__ != "specdec.kernels":
         _sys.modules.pop(__name__, None)
         raise
 else:
+    from specdec.kernels import _interpreter_compat
+
+    _interpreter_compat.apply()  # before any kernel runs under Triton 3.6's interpreter
+
     from specdec.kernels import philox, sample, thresholds, verify  # noqa: F401
 
     __all__ = ["philox", "sample", "thresholds", "verify"]

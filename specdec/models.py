@@ -7,9 +7,11 @@ load writes the dequantized model, config and tokenizer to ``$SPECDEC_CACHE`` (d
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -174,8 +176,29 @@ def _is_offline() -> bool:
     ) not in ("", "0", "false", "False")
 
 
+@contextlib.contextmanager
+def _bars_only_on_a_terminal():
+    """transformers' "Loading weights" bars off while stderr is not a terminal (a log, a pipe):
+    they would add a line of carriage-return updates to it on every load."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    if was_on and not sys.stderr.isatty():
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
 def _from_pretrained(loader, name: str, **kwargs):
     """Call ``loader.from_pretrained`` local-first, turning hub failures into a clear ModelLoadError."""
+    with _bars_only_on_a_terminal():
+        return _from_pretrained_quietly(loader, name, **kwargs)
+
+
+def _from_pretrained_quietly(loader, name: str, **kwargs):
     if os.path.exists(name):
         try:
             return loader.from_pretrained(name, **kwargs)

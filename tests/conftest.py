@@ -4,6 +4,8 @@ Triton's interpreter must be switched on before triton is first imported, so it 
 without a GPU the Triton kernels run on CPU tensors through the interpreter.
 """
 import os
+import sys
+import warnings
 
 import pytest
 import torch
@@ -67,6 +69,45 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_OWN_CODE = tuple(os.path.join(_ROOT, d) + os.sep for d in ("specdec", "kernels", "benchmarks"))
+_SITE = os.sep + "site-packages" + os.sep
+
+
+def _own_caller():
+    """The first frame of specdec's own code (the package, its kernels, the benchmarks) on the
+    stack of a warning being shown, if the warning was raised from a call it made; None if not."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        name = frame.f_code.co_filename
+        if name.startswith(_OWN_CODE) or (_SITE + "specdec" + os.sep) in name:
+            return f"{name}:{frame.f_lineno}"
+        frame = frame.f_back
+    return None
+
+
+@pytest.fixture(autouse=True)
+def no_deprecated_calls(monkeypatch):
+    """Fail a test in which specdec's own code calls into transformers or torch in a way that
+    raises a FutureWarning or DeprecationWarning: the day an upstream release deprecates what we
+    call is the day the suite says so, not the day the call is removed. Warnings that third-party
+    code raises on its own (no specdec frame on the stack) are left to pytest's summary."""
+    seen = []
+    show = warnings._showwarnmsg_impl  # pytest's per-test recorder (or the default printer)
+
+    def check(msg):
+        if issubclass(msg.category, (FutureWarning, DeprecationWarning)):
+            where = _own_caller()
+            if where is not None:
+                seen.append(f"{msg.category.__name__}: {msg.message} (called from {where})")
+        show(msg)
+
+    monkeypatch.setattr(warnings, "_showwarnmsg_impl", check)
+    yield
+    if seen:
+        pytest.fail("deprecated calls from specdec's code:\n" + "\n".join(sorted(set(seen))), pytrace=False)
 
 
 def pytest_report_header(config):

@@ -168,3 +168,25 @@ def test_bench_linear_smoke(tmp_path):
     rows = _rows(tmp_path / "narrow_linear_cpu_quick.csv")
     assert {(r["provider"], r["shape"]) for r in rows} == {(p, f"M={m}") for p in ("specdec", "torch") for m in (1, 3)}
     assert all(float(r["median_ms"]) > 0 for r in rows)
+
+
+def test_progress_bars_only_on_a_terminal(capsys, monkeypatch):
+    import io
+
+    pytest.importorskip("tqdm")
+    monkeypatch.delenv("SPECDEC_BENCH_NO_PROGRESS", raising=False)
+    assert list(H.progress(range(3), desc="piped")) == [0, 1, 2]  # stderr is captured: not a terminal
+    assert capsys.readouterr().err == ""
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    term = Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    assert list(H.progress(range(3), desc="on a tty")) == [0, 1, 2]
+    assert "on a tty" in term.getvalue()
+    monkeypatch.setenv("SPECDEC_BENCH_NO_PROGRESS", "1")
+    term.seek(0), term.truncate()
+    list(H.progress(range(3), desc="off"))
+    assert term.getvalue() == ""

@@ -25,6 +25,8 @@ def test_generate_end_to_end_on_embedded_default():
     assert len(out["token_ids"]) == 1 and 1 <= len(out["token_ids"][0]) <= 6
     assert out["stats"]["drafter"] == "ngram" and out["stats"]["generated_tokens"] == len(out["token_ids"][0])
     assert "quantization none (auto on cpu" in proc.stderr
+    # stderr is a pipe here: a log gets the stats lines, no progress bars (their \r updates)
+    assert "\r" not in proc.stderr and "Loading weights" not in proc.stderr, proc.stderr
 
 
 @pytest.mark.parametrize("argv, message", [

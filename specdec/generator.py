@@ -61,7 +61,8 @@ from typing import Callable, NamedTuple, Sequence
 import numpy as np
 import torch
 
-from specdec.drafters import Draft, Drafter, DraftState, _tree_depths, make_drafter
+from specdec.drafters import Draft, Drafter, DraftState, make_drafter
+from specdec.drafters.base import _tree_depths
 from specdec.linear import narrow_linears
 from specdec.models import check_compatible, model_vocab_size
 

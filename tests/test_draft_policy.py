@@ -140,7 +140,8 @@ def test_tree_nodes_random_trees_closed_and_optimal():
     """On n-gram trees of random texts with random survivals and batches: the kept nodes form a tree
     (every kept node's parent is kept), each row keeps a prefix of its P-ranking, and the count is the
     best one, by brute force over every count."""
-    from specdec.drafters import NGramDrafter, _tree_depths
+    from specdec.drafters import NGramDrafter
+    from specdec.drafters.base import _tree_depths
 
     rng = np.random.default_rng(0)
     d = NGramDrafter()
@@ -398,7 +399,7 @@ def test_tree_path_accepted_to_a_leaf_is_no_rejection(llama):
         cheap, supports_tree = True, True
 
         def propose(self, state):
-            from specdec.drafters import _empty_draft
+            from specdec.drafters.base import _empty_draft
             return _empty_draft(state.lengths.shape[0], state.device)
 
         def propose_tree(self, state, max_nodes):

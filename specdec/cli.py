@@ -179,7 +179,8 @@ def _load_generator(args, parser):
     """Device, quantization and models from the shared options; names are checked before any load."""
     import torch
 
-    from specdec.generator import _DRAFTER_NAMES, SpeculativeGenerator
+    from specdec.generator import SpeculativeGenerator
+    from specdec.generator.speculative import _DRAFTER_NAMES
     from specdec.models import default_device, resolve_quantization
 
     try:

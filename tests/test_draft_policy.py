@@ -365,7 +365,7 @@ def test_fixed_costs_make_the_policy_independent_of_timing(monkeypatch):
     target = tiny_model("llama", seed=0, layers=2)
     small = tiny_model("llama", seed=1, layers=1, hidden_size=32)
     clock = iter(np.cumsum(np.random.default_rng(0).exponential(1.0, 100_000)))
-    import specdec.generator as generator_mod
+    import specdec.generator.step as generator_mod
 
     runs = []
     for drafter in ("ngram", small, "ngram", small):
@@ -431,7 +431,7 @@ def test_idle_rows_get_a_probe(llama, tree):
     """When drafting never pays by the policy's estimates (here every token of a forward costs a whole
     forward), a row that could draft gets one draft after EXPLORE_AFTER steps without any, so a wrong
     estimate (a measured cost spike, an unlucky class) cannot stop drafting for good."""
-    import specdec.generator as generator_mod
+    import specdec.generator.step as generator_mod
 
     target, _, _ = llama
     prompt = [1] + [5, 6, 7, 8] * 6  # always a match: drafts are available every step

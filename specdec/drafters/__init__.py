@@ -19,7 +19,12 @@ from specdec.drafters.model import ModelDrafter
 from specdec.drafters.ngram import NGramDrafter
 
 __all__ = ["Draft", "Drafter", "DraftState", "DraftTree", "NGramDrafter", "ModelDrafter", "EarlyExitDrafter",
-           "truncated_model", "make_drafter"]
+           "truncated_model", "make_drafter", "DRAFTER_NAMES"]
+
+# the names make_drafter accepts for the built-in drafters (any other string is a model name to load)
+NGRAM_NAMES = ("ngram", "n-gram", "prompt-lookup")
+EARLY_EXIT_NAMES = ("early-exit", "earlyexit", "self")
+DRAFTER_NAMES = (*NGRAM_NAMES, *EARLY_EXIT_NAMES, "none")
 
 
 def make_drafter(kind, target=None, *, num_layers: int | None = None, vocab_size: int | None = None) -> Drafter | None:
@@ -28,9 +33,9 @@ def make_drafter(kind, target=None, *, num_layers: int | None = None, vocab_size
         return kind
     if isinstance(kind, str):
         name = kind.lower().replace("_", "-")
-        if name in ("ngram", "n-gram", "prompt-lookup"):
+        if name in NGRAM_NAMES:
             return NGramDrafter()
-        if name in ("early-exit", "earlyexit", "self"):
+        if name in EARLY_EXIT_NAMES:
             return EarlyExitDrafter(target, num_layers, vocab_size=vocab_size)
         if name == "none":
             return None

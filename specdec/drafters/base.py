@@ -91,7 +91,6 @@ class Draft(NamedTuple):
         probs = None if self.probs is None else self.probs[:, :width]
         return Draft(self.token_ids[:, :width], probs, np.minimum(self.num_drafted, width), self.match)
 
-
     def to_tree(self, host_token_ids: np.ndarray | None = None) -> "DraftTree":
         """The chain as a :class:`DraftTree`: node ``i``'s parent is ``i - 1`` (node 0 hangs off the root),
         slots past ``num_drafted[b]`` unused. ``probs`` carries over unchanged ([B, K, Vd] per node).
@@ -181,8 +180,6 @@ def _empty_draft(batch: int, device) -> Draft:
 class Drafter:
     """Interface. Subclasses override ``propose``; the others default to no-ops for stateless drafters."""
 
-    #: True when ``propose`` can return draft probabilities (model drafters when sampling).
-    stochastic = False
     #: True when proposing costs next to nothing whatever the length (no model runs): the generator
     #: then asks for the longest drafts and cuts them to the width its policy picks, knowing each
     #: row's available draft length. False: the generator picks the width first and asks for that.

@@ -38,7 +38,6 @@ class ModelDrafter(Drafter):
     :meth:`accept_tree` compacts the cache to the accepted path (no re-prefill either).
     """
 
-    stochastic = True
     supports_tree = True
 
     def __init__(self, model, vocab_size: int | None = None, *, tree_children: int = 4, tree_expand: int = 4):
@@ -235,7 +234,6 @@ class ModelDrafter(Drafter):
         out_fed = torch.full((batch, width + 1), -1, dtype=torch.int64, device=dev)
         out_probs = None
         count = torch.zeros(batch, dtype=torch.int64, device=dev)  # nodes so far per row
-        rows = torch.arange(batch, device=dev)
         root_dev = torch.from_numpy(root_slot).to(dev, torch.int32)
         # parents of this level: logits [B, E, V], path probability, tree index (-1 root), fed index, valid
         par_logits = last[:, None, :]

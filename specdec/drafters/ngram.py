@@ -84,7 +84,6 @@ class NGramDrafter(Drafter):
             host[b, : num[b]] = state.tokens[b, starts[b]: starts[b] + num[b]]
         return Draft(torch.from_numpy(host).to(state.device, non_blocking=True), None, num, match)
 
-
     # -- trees ----------------------------------------------------------------------------------------
     supports_tree = True
 

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
-from specdec.drafters import make_drafter
+from specdec.drafters import DRAFTER_NAMES, make_drafter
 from specdec.generator.policy import MAX_DRAFT_TOKENS, DraftLengthPolicy
 from specdec.generator.results import Chunk, GenerationResult, GenerationStats
 from specdec.generator.step import run_batch
@@ -37,8 +37,6 @@ from specdec.models import check_compatible, model_vocab_size
 
 if TYPE_CHECKING:
     from specdec.generator.layouts import KeptCache
-
-_DRAFTER_NAMES = ("ngram", "n-gram", "prompt-lookup", "early-exit", "earlyexit", "self", "none")
 
 
 def encode_prompt(tokenizer, text: str, chat: bool | None = None) -> list:
@@ -139,7 +137,7 @@ class SpeculativeGenerator:
         name/path loaded with the same quantization (its tokenizer is checked against the target's)."""
         from specdec.models import check_model_name, load_model, load_tokenizer
 
-        named_drafter = isinstance(drafter, str) and drafter.lower().replace("_", "-") not in _DRAFTER_NAMES
+        named_drafter = isinstance(drafter, str) and drafter.lower().replace("_", "-") not in DRAFTER_NAMES
         check_model_name(target, "target")  # both names before loading either: no wasted target load
         if named_drafter:
             check_model_name(drafter, "drafter")

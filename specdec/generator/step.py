@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 import torch
 
-from specdec.drafters.base import Draft, DraftState
+from specdec.drafters.base import Draft, DraftState, _empty_draft
 from specdec.generator.layouts import MIN_SHARED_PREFIX, _common_prefix, _PaddedLayout, _SharedPrefixLayout
 from specdec.generator.policy import MAX_DRAFT_TOKENS
 from specdec.generator.results import Chunk, GenerationStats
@@ -79,6 +79,7 @@ class _Verdict(NamedTuple):
     host: np.ndarray  # [B, K+2] int64: out_ids and num_accepted, the step's one host copy
     accepted_nodes: torch.Tensor | None = None  # tree steps: [B, D] int64 device, the accepted path
     host_nodes: np.ndarray | None = None  # ... and its host copy
+
 
 class _BatchRun:
     """The state of one batch during generation and the four parts of a step.
@@ -200,17 +201,11 @@ class _BatchRun:
                 keys = policy.keys(self.sampled, draft.match, self.previous)
                 self.available = draft.num_drafted
                 draft = draft.truncate(max(self.probe, policy.width(draft.num_drafted, keys, remaining)))
-            else:  # pick the width first: proposing runs the drafter model once per position
-                self.available = budget
-                self.width = max(self.probe, policy.width(budget, policy.keys(self.sampled, None, self.previous),
-                                                          remaining))
-                if self.width > 0:
-                    state.max_drafts = np.minimum(budget, self.width)
-                    draft = drafter.propose(state)
+            elif self._pick_width(state, budget):  # width first: proposing runs the drafter model per position
+                draft = drafter.propose(state)
             _sync(self.device)
         if draft is None:
-            draft = Draft(torch.empty(len(self.live), 0, dtype=torch.int64, device=self.device), None,
-                          np.zeros(len(self.live), dtype=np.int64))
+            draft = _empty_draft(len(self.live), self.device)
         self.t1 = time.perf_counter()
         return draft
 
@@ -236,13 +231,21 @@ class _BatchRun:
             if depth == 0:
                 return None
             return tree.cut(depth, self._node_budget(depth), self.device)
+        if not self._pick_width(state, budget):
+            return None
+        return _Tree.of(drafter.propose_tree(state, nodes))
+
+    def _pick_width(self, state: DraftState, budget: np.ndarray) -> bool:
+        """For a drafter that runs a model per drafted position: the policy picks the width before
+        proposing (``state.max_drafts``); False when it picks none."""
+        policy = self.policy
         self.available = budget
         self.width = max(self.probe, policy.width(budget, policy.keys(self.sampled, None, self.previous),
                                                   self.remaining))
         if self.width == 0:
-            return None
+            return False
         state.max_drafts = np.minimum(budget, self.width)
-        return _Tree.of(drafter.propose_tree(state, nodes))
+        return True
 
     def _node_budget(self, depth: int) -> int:
         """Nodes a tree of this depth may have: side branches may add up to TREE_COST_SLACK to the

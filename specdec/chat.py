@@ -1,3 +1,5 @@
+# Holds: ChatSession: multi-turn chat over a SpeculativeGenerator, the target's cache kept between turns.
+# May use: torch, specdec.ops, specdec.generator.
 """Multi-turn chat over a :class:`SpeculativeGenerator`, the target's KV cache kept between turns.
 
     session = specdec.ChatSession(gen, system="You are terse.", max_new_tokens=128)

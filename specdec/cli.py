@@ -179,7 +179,8 @@ def _load_generator(args, parser):
     """Device, quantization and models from the shared options; names are checked before any load."""
     import torch
 
-    from specdec.generator import _DRAFTER_NAMES, SpeculativeGenerator
+    from specdec.drafters import DRAFTER_NAMES
+    from specdec.generator import SpeculativeGenerator
     from specdec.models import default_device, resolve_quantization
 
     try:
@@ -202,7 +203,7 @@ def _load_generator(args, parser):
                "int8": "--int8", "none": "--no-int8"}[args.quantization]
         _log(f"specdec: quantization {quant} ({why}); device {device}")
         _log(f"specdec: loading target {args.target or 'SmolLM2-135M-Instruct (embedded)'} ...")
-    named_drafter = args.drafter.lower().replace("_", "-") not in _DRAFTER_NAMES
+    named_drafter = args.drafter.lower().replace("_", "-") not in DRAFTER_NAMES
     if named_drafter and not args.quiet:
         _log(f"specdec: loading drafter {args.drafter} ...")
     return SpeculativeGenerator.from_pretrained(args.target, args.drafter, quantization=quant, device=device,

@@ -140,7 +140,8 @@ def test_tree_nodes_random_trees_closed_and_optimal():
     """On n-gram trees of random texts with random survivals and batches: the kept nodes form a tree
     (every kept node's parent is kept), each row keeps a prefix of its P-ranking, and the count is the
     best one, by brute force over every count."""
-    from specdec.drafters import NGramDrafter, _tree_depths
+    from specdec.drafters import NGramDrafter
+    from specdec.drafters.base import _tree_depths
 
     rng = np.random.default_rng(0)
     d = NGramDrafter()
@@ -364,7 +365,7 @@ def test_fixed_costs_make_the_policy_independent_of_timing(monkeypatch):
     target = tiny_model("llama", seed=0, layers=2)
     small = tiny_model("llama", seed=1, layers=1, hidden_size=32)
     clock = iter(np.cumsum(np.random.default_rng(0).exponential(1.0, 100_000)))
-    import specdec.generator as generator_mod
+    import specdec.generator.step as generator_mod
 
     runs = []
     for drafter in ("ngram", small, "ngram", small):
@@ -398,7 +399,7 @@ def test_tree_path_accepted_to_a_leaf_is_no_rejection(llama):
         cheap, supports_tree = True, True
 
         def propose(self, state):
-            from specdec.drafters import _empty_draft
+            from specdec.drafters.base import _empty_draft
             return _empty_draft(state.lengths.shape[0], state.device)
 
         def propose_tree(self, state, max_nodes):
@@ -430,7 +431,7 @@ def test_idle_rows_get_a_probe(llama, tree):
     """When drafting never pays by the policy's estimates (here every token of a forward costs a whole
     forward), a row that could draft gets one draft after EXPLORE_AFTER steps without any, so a wrong
     estimate (a measured cost spike, an unlucky class) cannot stop drafting for good."""
-    import specdec.generator as generator_mod
+    import specdec.generator.step as generator_mod
 
     target, _, _ = llama
     prompt = [1] + [5, 6, 7, 8] * 6  # always a match: drafts are available every step

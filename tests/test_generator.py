@@ -308,7 +308,7 @@ def test_caches_grow_on_demand(monkeypatch, kind):
     """Caches start with room for GROW_STEP new tokens and grow as rows do: the output is the
     target's greedy output across several growths, and a huge max_new_tokens allocates nothing
     up front."""
-    import specdec.generator as generator_mod
+    import specdec.generator.step as generator_mod
 
     monkeypatch.setattr(generator_mod, "GROW_STEP", 4)
     target = tiny_model("llama", seed=0, layers=2, max_position_embeddings=1 << 20)
@@ -341,7 +341,7 @@ def test_caches_grow_on_demand(monkeypatch, kind):
 def test_big_trees_fit_the_cache(monkeypatch):
     """Trees of up to 64 nodes (K = 32, max_tree_nodes = 2K) on a short generation: every step has
     room for the pending token and all the nodes, past what MAX_DRAFT_TOKENS drafts would need."""
-    import specdec.generator as generator_mod
+    import specdec.generator.step as generator_mod
 
     monkeypatch.setattr(generator_mod, "GROW_STEP", 4)
     target = tiny_model("llama", seed=0, layers=1, vocab_size=6)
@@ -390,7 +390,8 @@ def test_tree_steps_equal_chain_steps_greedy(monkeypatch, kind):
 def test_tree_depths_and_node_budget():
     """Host helpers of tree steps: node depths, and a node budget that keeps the first-child path
     first, then the other nodes in index order whose parent is kept."""
-    from specdec.generator import _over_budget, _tree_depths
+    from specdec.drafters.base import _tree_depths
+    from specdec.generator.trees import _over_budget
 
     parents = np.array([[-1, -1, 0, 1, 2, 0, -1], [-1, 0, 1, 2, -1, -1, -1]])
     used = np.array([[1, 1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 0, 0, 0]], dtype=bool)

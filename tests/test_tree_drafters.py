@@ -386,7 +386,7 @@ def test_generator_tree_keep_renumbers_densely():
     """_Tree.keep drops nodes without leaving empty slots (the forward would compute them), keeps parents
     before children, gathers the draft probabilities along, and maps the accepted path back to the
     drafter's numbering (what ModelDrafter.accept_tree needs)."""
-    from specdec.generator import _Tree
+    from specdec.generator.trees import _Tree
 
     # row 0: 0 -> {1, 2}, 1 -> 3, 2 -> 4; row 1: a chain 0 -> 1 -> 2 and an unused slot
     tokens = np.array([[10, 11, 12, 13, 14], [20, 21, 22, -1, -1]])

@@ -47,6 +47,7 @@ import numpy as np
 import torch
 
 from benchmarks import harness as H
+from specdec.hf_compat import cache_kwargs
 
 ALL_PROVIDERS = ("hf", "hf-prompt-lookup", "hf-early-exit", "hf-assistant", "specdec-none", "specdec-ngram",
                  "specdec-ngram-chain", "specdec-ngram-adaptive", "specdec-ngram-adaptive-chain",
@@ -240,7 +241,7 @@ def forward_cost(model, prompt, qs, batch, device, runs, max_time):
     with torch.inference_mode():
         cache = DynamicCache(config=model.config) if "config" in DynamicCache.__init__.__code__.co_varnames \
             else DynamicCache()
-        model(input_ids=ids, past_key_values=cache, use_cache=True)
+        model(input_ids=ids, use_cache=True, **cache_kwargs(model, cache))
     out = {}
     for q in qs:
         x = torch.randint(3, 100, (batch, q), device=device)
@@ -248,7 +249,7 @@ def forward_cost(model, prompt, qs, batch, device, runs, max_time):
 
         def call(x=x, pos=pos):
             with torch.inference_mode():
-                model(input_ids=x, past_key_values=cache, position_ids=pos, use_cache=True)
+                model(input_ids=x, position_ids=pos, use_cache=True, **cache_kwargs(model, cache))
 
         out[q] = H.bench(call, device=device, runs=runs, max_time_s=max_time, min_runs=3, warmup=2,
                          setup=lambda: _rollback(cache, L))

@@ -6,6 +6,7 @@ import torch
 from specdec.cache import RaggedCache
 from specdec.drafters import DraftState, EarlyExitDrafter, ModelDrafter, NGramDrafter, truncated_model
 from specdec.generator import SpeculativeGenerator
+from specdec.hf_compat import cache_kwargs
 from _tiny_models import PROMPTS, hf_greedy, min_greedy_margin, tiny_model
 
 N_NEW = 16
@@ -218,7 +219,7 @@ def test_early_exit_drafter_shares_the_target_cache(monkeypatch):
     width = int(lengths.max()) - 1
     with torch.no_grad():
         target(input_ids=torch.from_numpy(tokens[:, :width]), position_ids=cache.position_ids(width),
-               attention_mask=cache.attention_mask(width), past_key_values=cache, use_cache=True)
+               attention_mask=cache.attention_mask(width), use_cache=True, **cache_kwargs(target, cache))
     cache.rollback(torch.from_numpy(lengths - 1).to(torch.int32))
     state = DraftState(tokens, lengths, np.full(len(PROMPTS), k), 0.0, 0, 1.0, torch.zeros(len(PROMPTS)), 0,
                        torch.device("cpu"), 32, cache=cache)

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import contextlib
-import warnings
 from typing import Iterator, Sequence
 
 import torch
@@ -13,11 +12,6 @@ from specdec.cache.store import KVStore, _as_index, _host_copy
 from specdec.cache.store_ops import rollback_
 from specdec.cache.tree import _TreeSteps
 
-
-# transformers >= 5.2x warns on every forward that the ``past_key_values`` keyword is deprecated in
-# favour of ``cache``; older releases (>= 4.57, which specdec supports) know only the former. specdec
-# passes it on purpose, so that one message is silenced, nothing else.
-warnings.filterwarnings("ignore", message=r"`past_key_values` is deprecated", category=FutureWarning)
 
 try:
     from transformers.cache_utils import Cache as _HFCache, CacheLayerMixin as _HFLayer

@@ -1,5 +1,5 @@
 # Holds: ModelDrafter: a smaller HF causal LM with its own RaggedCache; chains, and EAGLE-2-style trees.
-# May use: numpy, torch, specdec.ops (sampling), specdec.cache, .base.
+# May use: numpy, torch, specdec.ops (sampling), specdec.cache, specdec.hf_compat, .base.
 """The model drafter: a smaller Hugging Face causal LM with its own ragged KV cache."""
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from specdec.drafters.base import Draft, Drafter, DraftState, DraftTree, _empty_draft, _empty_tree
+from specdec.hf_compat import cache_kwargs
 
 
 def _forward(model, cache, input_ids: torch.Tensor) -> torch.Tensor:
@@ -19,8 +20,8 @@ def _forward(model, cache, input_ids: torch.Tensor) -> torch.Tensor:
         input_ids=input_ids,
         position_ids=cache.position_ids(q),
         attention_mask=cache.attention_mask(q),
-        past_key_values=cache,
         use_cache=True,
+        **cache_kwargs(model, cache),
     )
     return out.logits
 
@@ -68,9 +69,9 @@ class ModelDrafter(Drafter):
                 input_ids=ids,
                 position_ids=self.cache.position_ids(width),
                 attention_mask=self.cache.attention_mask(width),
-                past_key_values=self.cache,
                 use_cache=True,
                 logits_to_keep=1,
+                **cache_kwargs(self.model, self.cache),
             )
         self.cache.rollback(torch.from_numpy(self.cached).to(self.cache.lengths),
                            host_lengths=torch.from_numpy(self.cached))
@@ -317,7 +318,7 @@ class ModelDrafter(Drafter):
             if cache.get_seq_length() + W > cache.max_length:
                 cache.grow(max(cache.get_seq_length() + W, 2 * cache.max_length))
             out = self.model(input_ids=torch.where(exp_valid, exp_tok, 0), position_ids=pos, attention_mask=mask,
-                             past_key_values=cache, use_cache=True)
+                             use_cache=True, **cache_kwargs(self.model, cache))
             par_logits = out.logits
             par_cum = torch.where(exp_valid, cum.gather(1, pick), 0.0)
             par_node = torch.where(exp_valid, exp_node, -1)

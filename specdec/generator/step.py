@@ -31,6 +31,7 @@ from specdec.generator.layouts import MIN_SHARED_PREFIX, _common_prefix, _Padded
 from specdec.generator.policy import MAX_DRAFT_TOKENS
 from specdec.generator.results import Chunk, GenerationStats
 from specdec.generator.trees import _Tree
+from specdec.hf_compat import cache_kwargs
 from specdec.linear import narrow_linears
 
 if TYPE_CHECKING:
@@ -142,8 +143,8 @@ class _BatchRun:
             if cache.sliding_window is None:  # the holes would shift the window
                 ids = torch.tensor([rows[0][:prefix]], dtype=torch.int64, device=device)
                 self.target(input_ids=ids, position_ids=cache.position_ids(prefix),
-                            attention_mask=cache.attention_mask(prefix), past_key_values=cache, use_cache=True,
-                            logits_to_keep=1)
+                            attention_mask=cache.attention_mask(prefix), use_cache=True,
+                            logits_to_keep=1, **cache_kwargs(self.target, cache))
                 cache.select_rows(torch.zeros(batch, dtype=torch.int64, device=device))
                 layout = _SharedPrefixLayout(prefix, width0 - self.lengths, device)
             else:
@@ -272,7 +273,7 @@ class _BatchRun:
             ids = torch.cat([self.pending[:, None], drafts], dim=1)
             return target(input_ids=ids, position_ids=layout.tree_position_ids(cache, draft.parents, valid),
                           attention_mask=layout.tree_attention_mask(cache, draft.parents, valid),
-                          past_key_values=cache, use_cache=True).logits
+                          use_cache=True, **cache_kwargs(target, cache)).logits
         if self.step == 0:
             prefix, width0 = layout.prefix, self.width0
             ids = np.zeros((len(self.live), width0 - prefix), dtype=np.int64)
@@ -281,12 +282,12 @@ class _BatchRun:
             ids = torch.cat([torch.from_numpy(ids).to(self.device), drafts], dim=1)
             q = width0 - prefix + k
             return target(input_ids=ids, position_ids=layout.position_ids(cache, q),
-                          attention_mask=layout.attention_mask(cache, q), past_key_values=cache,
-                          use_cache=True, logits_to_keep=k + 1).logits
+                          attention_mask=layout.attention_mask(cache, q), use_cache=True,
+                          logits_to_keep=k + 1, **cache_kwargs(target, cache)).logits
         ids = torch.cat([self.pending[:, None], drafts], dim=1)
         return target(input_ids=ids, position_ids=layout.position_ids(cache, k + 1),
-                      attention_mask=layout.attention_mask(cache, k + 1), past_key_values=cache,
-                      use_cache=True).logits
+                      attention_mask=layout.attention_mask(cache, k + 1), use_cache=True,
+                      **cache_kwargs(target, cache)).logits
 
     # -- 3. verify --------------------------------------------------------------------------------
 

@@ -167,9 +167,9 @@ def softmax_stats_kernel(
     temperature_ptr,  # [B] float32
     thr_ptr,  # [B * (K+1)] float32 top-k/top-p thresholds (HAS_THR)
     m_ptr, z_ptr, a_ptr, ai_ptr,  # [B * (K+1), num_splits] partial statistics (out)
+    zr_ptr,  # [B * (K+1), num_splits] raw sums relative to the argmax value (out, WANT_RAW only)
     V, K, tiles_per_split, num_splits,
     HAS_THR: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
-    zr_ptr=None,  # [B * (K+1), num_splits] raw sums relative to the argmax value (out, WANT_RAW)
     WANT_RAW: tl.constexpr = False,
 ):
     """Pass 1. grid = (B * (K+1), num_splits): program (row, split) reduces one vocabulary chunk
@@ -446,16 +446,19 @@ def sample(logits, temperature, top_k, top_p, seed, offset, *, block_v=None, num
     one device. ``block_v`` / ``num_splits`` override the tiling (tests, tuning): the tile width
     (the race pass rounds it down to whole 256-id race blocks, at least one) and the programs per
     row, of both passes.
-    Returns (token_ids [B] int64, probs [B, V] float32, processed_logprobs, raw_logprobs): the
-    logprobs are [B] float32 with ``return_logprobs`` (``logprobs.token_logprobs``), else [0].
+    Returns (token_ids [B] int64, probs [B, V] float32), and with ``return_logprobs`` also
+    (processed_logprobs, raw_logprobs) [B] float32 (``logprobs.token_logprobs``).
     """
     B, V = logits.shape
     dev = logits.device
     tokens = torch.empty((B,), dtype=torch.int64, device=dev)  # every entry written
     if B == 0 or V == 0:
         tokens.fill_(-1)
-        lp = torch.full((B if return_logprobs else 0,), float("-inf"), device=dev)
-        return tokens, torch.zeros((B, V), dtype=torch.float32, device=dev), lp, lp.clone()
+        probs = torch.zeros((B, V), dtype=torch.float32, device=dev)
+        if not return_logprobs:
+            return tokens, probs
+        lp = torch.full((B,), float("-inf"), device=dev)
+        return tokens, probs, lp, lp.clone()
     logits = logits.contiguous()
     temperature = temperature.to(torch.float32).contiguous()
     seed = seed.to(torch.int64).contiguous()
@@ -471,16 +474,14 @@ def sample(logits, temperature, top_k, top_p, seed, offset, *, block_v=None, num
     raw_sums = torch.empty((B, S1), dtype=torch.float32, device=dev) if return_logprobs else None
     softmax_stats_kernel[(B, S1)](
         logits, no_drafts, temperature, thr_arg, stats[0], stats[1], stats[2], stats_id,
-        V, 0, tiles_per_split, S1,
-        HAS_THR=thr is not None, BLOCK_K=1, BLOCK_V=BLOCK_V, num_warps=warps1,
-        zr_ptr=raw_sums, WANT_RAW=return_logprobs)
+        raw_sums if return_logprobs else stats[1], V, 0, tiles_per_split, S1,
+        HAS_THR=thr is not None, BLOCK_K=1, BLOCK_V=BLOCK_V, num_warps=warps1, WANT_RAW=return_logprobs)
 
     probs = torch.empty((B, V), dtype=torch.float32, device=dev)  # every entry written
     race_rows(logits, temperature, thr, seed, offset, stats, stats_id, 0, tokens, probs,
               block_v, num_splits)
     if not return_logprobs:
-        empty = torch.empty((0,), dtype=torch.float32, device=dev)
-        return tokens, probs, empty, empty.clone()
+        return tokens, probs
     from specdec.kernels.logprobs import token_logprobs
 
     source = torch.zeros((B, 1), dtype=torch.int64, device=dev)

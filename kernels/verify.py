@@ -311,17 +311,20 @@ def verify(target_logits, draft_token_ids, draft_probs, temperature, top_k, top_
     ``block_v`` / ``num_splits`` / ``num_race_splits`` override the tiling (tests, tuning):
     the stats pass's tile width and programs per (row, position); the race pass's tile width
     (rounded down to whole 256-id race blocks, at least one) and programs per row.
-    Returns (output_ids [B, K+1] int64, num_accepted [B] int32, processed_logprobs,
-    raw_logprobs): the logprobs are [B, K+1] float32 with ``return_logprobs``
-    (``logprobs.token_logprobs`` from pass 1's statistics), else [B, 0].
+    Returns (output_ids [B, K+1] int64, num_accepted [B] int32), and with ``return_logprobs``
+    also (processed_logprobs, raw_logprobs) [B, K+1] float32 (``logprobs.token_logprobs`` from
+    pass 1's statistics).
     """
     B, K1, Vt = target_logits.shape
     K = K1 - 1
     dev = target_logits.device
     if B == 0 or Vt == 0:
-        lp = torch.full((B, K1 if return_logprobs else 0), float("-inf"), device=dev)
-        return (torch.full((B, K1), -1, dtype=torch.int64, device=dev),
-                torch.zeros((B,), dtype=torch.int32, device=dev), lp, lp.clone())
+        out = (torch.full((B, K1), -1, dtype=torch.int64, device=dev),
+               torch.zeros((B,), dtype=torch.int32, device=dev))
+        if not return_logprobs:
+            return out
+        lp = torch.full((B, K1), float("-inf"), device=dev)
+        return (*out, lp, lp.clone())
     # every entry is written by the accept kernel's split-0 program (and the finish kernel)
     out = torch.empty((B, K1), dtype=torch.int64, device=dev)
     num_acc = torch.empty((B,), dtype=torch.int32, device=dev)
@@ -350,15 +353,13 @@ def verify(target_logits, draft_token_ids, draft_probs, temperature, top_k, top_
     BLOCK_K = block_k(K)
     softmax_stats_kernel[(rows, S1)](
         logits, drafts_arg, temperature, thr_arg, stats[0], stats[1], stats[2], stats_id,
-        Vt, K, tps1, S1,
-        HAS_THR=thr is not None, BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V, num_warps=warps1,
-        zr_ptr=raw_sums, WANT_RAW=return_logprobs)
+        raw_sums if return_logprobs else stats[1], Vt, K, tps1, S1,  # placeholder: never written
+        HAS_THR=thr is not None, BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V, num_warps=warps1, WANT_RAW=return_logprobs)
 
     def with_logprobs(out, num_acc):
         """The outputs plus the emitted tokens' logprobs (position j's token drawn at row b*K1 + j)."""
         if not return_logprobs:
-            empty = torch.empty((B, 0), dtype=torch.float32, device=dev)
-            return out, num_acc, empty, empty.clone()
+            return out, num_acc
         from specdec.kernels.logprobs import token_logprobs
 
         source = torch.arange(K1, dtype=torch.int64, device=dev).expand(B, K1)

@@ -270,9 +270,9 @@ def verify_tree(target_logits, tree_token_ids, tree_parents, draft_probs, temper
     (-1 token = unused slot; -1 parent = the root); draft_probs [B, N, Vd] float (Vd <= Vt) or
     None; temperature [B] float32 (<= 0: greedy row); top_k [B] int64 or None; top_p [B] float32
     or None; seed, offset [B] int64; max_depth D (int); all tensors on one device.
-    Returns (output_ids [B, D+1] int64, num_accepted [B] int32, accepted_nodes [B, D] int64,
-    processed_logprobs, raw_logprobs): the logprobs are [B, D+1] float32 with ``return_logprobs``
-    (``logprobs.token_logprobs`` from pass 1's statistics of the walked nodes), else [B, 0].
+    Returns (output_ids [B, D+1] int64, num_accepted [B] int32, accepted_nodes [B, D] int64), and
+    with ``return_logprobs`` also (processed_logprobs, raw_logprobs) [B, D+1] float32
+    (``logprobs.token_logprobs`` from pass 1's statistics of the walked nodes).
     """
     B, N1, Vt = target_logits.shape
     N = N1 - 1
@@ -281,9 +281,10 @@ def verify_tree(target_logits, tree_token_ids, tree_parents, draft_probs, temper
     out = torch.empty((B, D + 1), dtype=torch.int64, device=dev)  # every entry written
     num_acc = torch.empty((B,), dtype=torch.int32, device=dev)
     nodes = torch.empty((B, D), dtype=torch.int64, device=dev)
-    lp_width = D + 1 if return_logprobs else 0
     if B == 0:
-        lp = torch.empty((B, lp_width), dtype=torch.float32, device=dev)
+        if not return_logprobs:
+            return out, num_acc, nodes
+        lp = torch.empty((B, D + 1), dtype=torch.float32, device=dev)
         return out, num_acc, nodes, lp, lp.clone()
     logits = target_logits.contiguous()
     temperature = temperature.to(torch.float32).contiguous()
@@ -310,9 +311,8 @@ def verify_tree(target_logits, tree_token_ids, tree_parents, draft_probs, temper
     raw_sums = torch.empty((rows, S1), dtype=torch.float32, device=dev) if return_logprobs else None
     softmax_stats_kernel[(rows, S1)](
         logits, seed, temp_rows, thr_arg, stats[0], stats[1], stats[2], stats_id,
-        Vt, 0, tps1, S1,
-        HAS_THR=thr is not None, BLOCK_K=1, BLOCK_V=BLOCK_V, num_warps=warps1,
-        zr_ptr=raw_sums, WANT_RAW=return_logprobs)
+        raw_sums if return_logprobs else stats[1], Vt, 0, tps1, S1,  # placeholder: never written
+        HAS_THR=thr is not None, BLOCK_K=1, BLOCK_V=BLOCK_V, num_warps=warps1, WANT_RAW=return_logprobs)
 
     # pass 2: the walk, one program per row
     width = block_v or min(2048, triton.next_power_of_2(max(Vt, 16)))
@@ -327,8 +327,7 @@ def verify_tree(target_logits, tree_token_ids, tree_parents, draft_probs, temper
         BLOCK_D=triton.next_power_of_2(D + 1), BLOCK_S1=BLOCK_S1, TILE_BLOCKS=tile_blocks,
         num_warps=8 if tile_blocks * RACE_BLOCK.value >= 2048 else 4)
     if not return_logprobs:
-        empty = torch.empty((B, 0), dtype=torch.float32, device=dev)
-        return out, num_acc, nodes, empty, empty.clone()
+        return out, num_acc, nodes
     from specdec.kernels.logprobs import token_logprobs
     from specdec.reference import tree_source_positions
 

@@ -133,6 +133,7 @@ def _verify_op(
 
         out = tv.verify(target_logits, draft_token_ids, draft_probs, t_ok, top_k, top_p, seed, offset,
                         return_logprobs=return_logprobs)
+        out = _pad_logprobs(out, 2, return_logprobs)
     else:
         top_k, top_p = _materialise(top_k, top_p, temperature)
         out = torch.ops.specdec_cpp.verify(target_logits, draft_token_ids, draft_probs, t_ok, top_k, top_p,
@@ -180,6 +181,7 @@ def _verify_tree_op(
 
         out = tvt.verify_tree(target_logits, tree_token_ids, tree_parents, draft_probs, t_ok, top_k, top_p,
                               seed, offset, max_depth, return_logprobs=return_logprobs)
+        out = _pad_logprobs(out, 3, return_logprobs)
     else:
         top_k, top_p = _materialise(top_k, top_p, temperature)
         out = torch.ops.specdec_cpp.verify_tree(target_logits, tree_token_ids, tree_parents, draft_probs, t_ok,
@@ -223,6 +225,7 @@ def _sample_op(
         from specdec.kernels import sample as ts
 
         out = ts.sample(logits, t_ok, top_k, top_p, seed, offset, return_logprobs=return_logprobs)
+        out = _pad_logprobs(out, 2, return_logprobs, flat=True)
     else:
         top_k, top_p = _materialise(top_k, top_p, temperature)
         out = torch.ops.specdec_cpp.sample(logits, t_ok, top_k, top_p, seed, offset, return_logprobs)
@@ -251,6 +254,16 @@ def _reference_logprobs(return_logprobs, target_logits, positions, token_ids, te
     if not return_logprobs:
         return _fake_logprobs(target_logits, token_ids.shape[0], 0, False)
     return reference.emitted_logprobs(target_logits, positions, token_ids, temperature, top_k, top_p)
+
+
+def _pad_logprobs(out, n, return_logprobs, flat=False):
+    """The Triton functions return logprobs only when asked: add the empty pair the op returns
+    otherwise ([B, 0], or [0] for ``sample``: ``flat``)."""
+    if return_logprobs:
+        return out
+    B = out[0].shape[0]
+    empty = out[0].new_empty((0,) if flat else (B, 0), dtype=torch.float32)
+    return (*out[:n], empty, empty.clone())
 
 
 def _void_logprobs(temperature, *logprobs):

@@ -288,3 +288,39 @@ def test_compile_with_logprobs():
     assert len(got) == 4
     for a, b in zip(got, want):
         assert torch.equal(a, b)
+
+
+def test_triton_logprobs_compile_for_sm90(tmp_path):
+    """The interpreter accepts code the compiler rejects: record the launches of the three ops with
+    return_logprobs=True (raw sums in the statistics pass, the logprobs kernel) and compile each for
+    sm_90 in a child process with the interpreter off (tests/triton_compile.py)."""
+    if not backend_available("triton") or torch.cuda.is_available():
+        pytest.skip("needs triton through the interpreter")
+    import json
+
+    from triton.runtime import interpreter
+
+    from triton_compile import compile_in_child, describe_launch
+
+    launches = {}
+    run = interpreter.InterpretedFunction.run
+
+    def recording_run(self, *args, **kwargs):
+        launches[json.dumps(describe_launch(self.fn, args, kwargs), sort_keys=True, default=str)] = 1
+        return run(self, *args, **kwargs)
+
+    g = torch.Generator().manual_seed(5)
+    B, K, V = 2, 2, 300
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(interpreter.InterpretedFunction, "run", recording_run)
+        for dtype in (torch.float32, torch.bfloat16):
+            logits = torch.randn(B, K + 1, V, generator=g).to(dtype)
+            drafts = torch.randint(0, V, (B, K), generator=g)
+            kw = dict(temperature=torch.tensor([0.0, 0.8]), seed=1, backend="triton", return_logprobs=True)
+            ops.verify(logits, drafts, None, top_p=0.9, **kw)
+            ops.verify_tree(logits, drafts, torch.tensor([[-1, 0], [-1, -1]]), **kw)
+            ops.sample(logits[:, 0], **kw)
+    names = {json.loads(k)[1] for k in launches}
+    assert {"softmax_stats_kernel", "_token_logprobs_kernel"} <= names
+    ok, out = compile_in_child([json.loads(k) for k in launches], tmp_path)
+    assert ok, out

@@ -224,6 +224,8 @@ def build_parser():
     p.add_argument("--dtypes", default=None, help="logit dtypes (default fp32,bf16)")
     p.add_argument("--modes", default="sampled", help=f"comma list from {','.join(MODES)} (default sampled)")
     p.add_argument("--full", action="store_true", help="run the reference at every shape too (slow)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="temperature of the sampled and ngram modes (default 1.0; greedy mode is 0)")
     return p
 
 
@@ -254,16 +256,16 @@ def main(argv=None) -> int:
     configs = list(itertools.product(modes, dtypes, Vs, Ks, Bs))
     with H.CsvWriter(path, env, extra_columns=["mode", "B", "K", "V", "speedup_vs_reference",
                                                "speedup_vs_torch_fp32", "chain_bytes", "chain_gb_per_s",
-                                               "chain_frac_of_copy", "vs_without_logprobs"]) as out:
+                                               "chain_frac_of_copy", "vs_without_logprobs", "temperature"]) as out:
         bar = H.progress(configs, desc="verify", total=len(configs))
         for mode, dtype, V, K, B in bar:
-            temperature = 0.0 if mode == "greedy" else 1.0
+            temperature = 0.0 if mode == "greedy" else (1.0 if args.temperature is None else args.temperature)
             inputs = make_inputs(B, K, V, dtype, device, mode)
             target_logits, draft_token_ids, draft_logits, draft_probs = inputs
             nbytes = bytes_moved(target_logits, draft_token_ids, draft_probs)
             shape = H.shape_str(B=B, K=K, V=V)
             base = dict(op="verify", shape=shape, dtype=H.dtype_str(dtype), bytes=nbytes,
-                        copy_gb_per_s=copy_gbps, mode=mode, B=B, K=K, V=V)
+                        copy_gb_per_s=copy_gbps, mode=mode, B=B, K=K, V=V, temperature=temperature)
             # the chain's stop positions, from the first specdec backend that runs here
             from specdec import ops
             chk = "cpp" if device.type == "cpu" and ops.backends()["cpp"][0] else (

@@ -8,6 +8,9 @@ Providers (same inputs, same process):
   triton       specdec Triton kernel (``backend="triton"``, CUDA only)
   flashinfer   softmax + ``flashinfer.sampling.sampling_from_probs`` /
                ``top_k_top_p_sampling_from_probs`` (CUDA only, when importable)
+  cpp_logprobs, triton_logprobs
+               the same specdec backend with ``return_logprobs=True``; column ``vs_without_logprobs``
+               is its time over the plain backend's on the same inputs (the cost of logprobs)
 
 The op reads the logits and writes the probs it sampled from ([B, V] fp32, ready to be
 ``draft_probs``); bytes moved = logits + probs + ids, and GB/s is shown next to the measured
@@ -29,9 +32,10 @@ import torch
 
 from benchmarks import harness as H
 
-ALL_PROVIDERS = ("reference", "torch_fp32", "cpp", "triton", "flashinfer")
-CPU_PROVIDERS = ("reference", "torch_fp32", "cpp")
-GPU_PROVIDERS = ("reference", "torch_fp32", "triton", "flashinfer")
+ALL_PROVIDERS = ("reference", "torch_fp32", "cpp", "cpp_logprobs", "triton", "triton_logprobs", "flashinfer")
+CPU_PROVIDERS = ("reference", "torch_fp32", "cpp", "cpp_logprobs")
+GPU_PROVIDERS = ("reference", "torch_fp32", "triton", "triton_logprobs", "flashinfer")
+LOGPROBS_SUFFIX = "_logprobs"  # provider variant: the backend before it, with return_logprobs=True
 MODES = {"plain": (1.0, 0, 1.0), "top_k": (1.0, 50, 1.0), "top_p": (1.0, 0, 0.9), "greedy": (0.0, 0, 1.0)}
 REFERENCE_MAX_ELEMENTS = 8 * 151936
 
@@ -70,6 +74,8 @@ def provider_status(name, device):
         return True, ""
     if name in ("cpp", "triton"):
         return H.specdec_status(name, device, "sample")
+    if name.endswith(LOGPROBS_SUFFIX):
+        return provider_status(name[:-len(LOGPROBS_SUFFIX)], device)
     if name == "flashinfer":
         if device.type != "cuda":
             return False, "FlashInfer needs a CUDA device"
@@ -85,6 +91,10 @@ def make_call(name, logits, mode):
     if name in ("reference", "cpp", "triton"):
         return (lambda: ops.sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, seed=7,
                                    backend=name)), ""
+    if name.endswith(LOGPROBS_SUFFIX):
+        backend = name[:-len(LOGPROBS_SUFFIX)]
+        return (lambda: ops.sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, seed=7,
+                                   backend=backend, return_logprobs=True)), ""
     if name == "torch_fp32":
         return (lambda: torch_fp32_sample(logits, temperature, top_k, top_p)), ""
     if name == "flashinfer":
@@ -138,7 +148,8 @@ def main(argv=None) -> int:
     H.note(f"{env['device']}: measured copy bandwidth {copy_gbps:.1f} GB/s (read + write)")
     path = H.csv_path(args, "sample")
     configs = list(itertools.product(modes, dtypes, Vs, Bs))
-    with H.CsvWriter(path, env, extra_columns=["mode", "B", "V", "speedup_vs_torch_fp32"]) as out:
+    with H.CsvWriter(path, env, extra_columns=["mode", "B", "V", "speedup_vs_torch_fp32",
+                                                               "vs_without_logprobs"]) as out:
         bar = H.progress(configs, desc="sample", total=len(configs))
         for mode, dtype, V, B in bar:
             g = torch.Generator().manual_seed(0)
@@ -165,6 +176,8 @@ def main(argv=None) -> int:
                 row = dict(base)
                 if "torch_fp32" in times and name != "torch_fp32":
                     row["speedup_vs_torch_fp32"] = times["torch_fp32"] / t.median_ms
+                if name.endswith(LOGPROBS_SUFFIX) and name[:-len(LOGPROBS_SUFFIX)] in times:
+                    row["vs_without_logprobs"] = t.median_ms / times[name[:-len(LOGPROBS_SUFFIX)]]
                 out.add(provider=name, timing=t, note=why, **row)
     rows = out.rows
     print(f"wrote {path}")

@@ -9,6 +9,9 @@ Providers (all on the same inputs, in the same process):
   triton       specdec Triton kernel (``backend="triton"``, CUDA only)
   flashinfer   ``flashinfer.sampling.chain_speculative_sampling`` (CUDA only, when importable); it
                takes probabilities, so the timed call includes the target softmax
+  cpp_logprobs, triton_logprobs
+               the same specdec backend with ``return_logprobs=True``; column ``vs_without_logprobs``
+               is its time over the plain backend's on the same inputs (the cost of logprobs)
 
 Every row has the bytes the op must move (target logits + draft probs + ids read, outputs written)
 and the achieved GB/s next to the machine's measured copy bandwidth (``copy_gb_per_s``), the floor
@@ -36,9 +39,10 @@ import torch
 
 from benchmarks import harness as H
 
-ALL_PROVIDERS = ("reference", "torch_fp32", "hf", "cpp", "triton", "flashinfer")
-CPU_PROVIDERS = ("reference", "torch_fp32", "hf", "cpp")
-GPU_PROVIDERS = ("reference", "torch_fp32", "hf", "triton", "flashinfer")
+ALL_PROVIDERS = ("reference", "torch_fp32", "hf", "cpp", "cpp_logprobs", "triton", "triton_logprobs", "flashinfer")
+CPU_PROVIDERS = ("reference", "torch_fp32", "hf", "cpp", "cpp_logprobs")
+GPU_PROVIDERS = ("reference", "torch_fp32", "hf", "triton", "triton_logprobs", "flashinfer")
+LOGPROBS_SUFFIX = "_logprobs"  # provider variant: the backend before it, with return_logprobs=True
 MODES = ("sampled", "ngram", "greedy")
 
 # The reference (float64, several passes over B*(K+1)*V) takes seconds per call at the largest
@@ -112,6 +116,8 @@ def provider_status(name: str, device: torch.device):
         return fn is not None, why
     if name in ("cpp", "triton"):
         return H.specdec_status(name, device, "verify")
+    if name.endswith(LOGPROBS_SUFFIX):
+        return provider_status(name[:-len(LOGPROBS_SUFFIX)], device)
     if name == "flashinfer":
         if device.type != "cuda":
             return False, "FlashInfer needs a CUDA device"
@@ -171,6 +177,10 @@ def make_call(name, target_logits, draft_token_ids, draft_logits, draft_probs, t
     if name in ("reference", "cpp", "triton"):
         return (lambda: ops.verify(target_logits, draft_token_ids, draft_probs, temperature=temperature,
                                    seed=1234, backend=name)), ""
+    if name.endswith(LOGPROBS_SUFFIX):
+        backend = name[:-len(LOGPROBS_SUFFIX)]
+        return (lambda: ops.verify(target_logits, draft_token_ids, draft_probs, temperature=temperature,
+                                   seed=1234, backend=backend, return_logprobs=True)), ""
     if name == "torch_fp32":
         return (lambda: torch_fp32_verify(target_logits, draft_token_ids, draft_probs, temperature)), ""
     if name == "hf":
@@ -214,6 +224,8 @@ def build_parser():
     p.add_argument("--dtypes", default=None, help="logit dtypes (default fp32,bf16)")
     p.add_argument("--modes", default="sampled", help=f"comma list from {','.join(MODES)} (default sampled)")
     p.add_argument("--full", action="store_true", help="run the reference at every shape too (slow)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="temperature of the sampled and ngram modes (default 1.0; greedy mode is 0)")
     return p
 
 
@@ -244,16 +256,16 @@ def main(argv=None) -> int:
     configs = list(itertools.product(modes, dtypes, Vs, Ks, Bs))
     with H.CsvWriter(path, env, extra_columns=["mode", "B", "K", "V", "speedup_vs_reference",
                                                "speedup_vs_torch_fp32", "chain_bytes", "chain_gb_per_s",
-                                               "chain_frac_of_copy"]) as out:
+                                               "chain_frac_of_copy", "vs_without_logprobs", "temperature"]) as out:
         bar = H.progress(configs, desc="verify", total=len(configs))
         for mode, dtype, V, K, B in bar:
-            temperature = 0.0 if mode == "greedy" else 1.0
+            temperature = 0.0 if mode == "greedy" else (1.0 if args.temperature is None else args.temperature)
             inputs = make_inputs(B, K, V, dtype, device, mode)
             target_logits, draft_token_ids, draft_logits, draft_probs = inputs
             nbytes = bytes_moved(target_logits, draft_token_ids, draft_probs)
             shape = H.shape_str(B=B, K=K, V=V)
             base = dict(op="verify", shape=shape, dtype=H.dtype_str(dtype), bytes=nbytes,
-                        copy_gb_per_s=copy_gbps, mode=mode, B=B, K=K, V=V)
+                        copy_gb_per_s=copy_gbps, mode=mode, B=B, K=K, V=V, temperature=temperature)
             # the chain's stop positions, from the first specdec backend that runs here
             from specdec import ops
             chk = "cpp" if device.type == "cpu" and ops.backends()["cpp"][0] else (
@@ -286,6 +298,8 @@ def main(argv=None) -> int:
                     row["speedup_vs_reference"] = times["reference"] / t.median_ms
                 if "torch_fp32" in times and name != "torch_fp32":
                     row["speedup_vs_torch_fp32"] = times["torch_fp32"] / t.median_ms
+                if name.endswith(LOGPROBS_SUFFIX) and name[:-len(LOGPROBS_SUFFIX)] in times:
+                    row["vs_without_logprobs"] = t.median_ms / times[name[:-len(LOGPROBS_SUFFIX)]]
                 row["chain_gb_per_s"] = row["chain_bytes"] / (t.median_ms * 1e6)
                 row["chain_frac_of_copy"] = row["chain_gb_per_s"] / copy_gbps
                 out.add(provider=name, timing=t, note=why, **row)

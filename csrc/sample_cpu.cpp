@@ -11,9 +11,11 @@
 namespace specdec {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor> sample_cpu(const at::Tensor& logits_in, const at::Tensor& temperature,
-                                              const at::Tensor& top_k, const at::Tensor& top_p,
-                                              const at::Tensor& seed, const at::Tensor& offset) {
+// return_logprobs: also (processed, raw) logprobs [B] float32 of the tokens (the raw denominator
+// summed in the statistics sweep); else [0] each.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_cpu(
+    const at::Tensor& logits_in, const at::Tensor& temperature, const at::Tensor& top_k, const at::Tensor& top_p,
+    const at::Tensor& seed, const at::Tensor& offset, bool return_logprobs) {
   TORCH_CHECK(logits_in.dim() == 2, "sample: logits must be [B, V]");
   const at::Tensor logits = logits_in.contiguous();
   const int64_t B = logits.size(0), V = logits.size(1);
@@ -21,9 +23,11 @@ std::tuple<at::Tensor, at::Tensor> sample_cpu(const at::Tensor& logits_in, const
 
   auto tokens = at::full({B}, -1, logits.options().dtype(at::kLong));
   auto probs = at::empty({B, V}, logits.options().dtype(at::kFloat));
+  auto lp_processed = at::full({return_logprobs ? B : 0}, kNegInf, logits.options().dtype(at::kFloat));
+  auto lp_raw = at::full({return_logprobs ? B : 0}, kNegInf, logits.options().dtype(at::kFloat));
   if (B == 0 || V == 0) {
     probs.zero_();
-    return {tokens, probs};
+    return {tokens, probs, lp_processed, lp_raw};
   }
 
   std::vector<char> greedy(B), filtered(B);
@@ -55,7 +59,8 @@ std::tuple<at::Tensor, at::Tensor> sample_cpu(const at::Tensor& logits_in, const
       ChunkStats* cs = &parts[b * nchunk];
       exec(nchunk, [&](int64_t c) {
         const int64_t j0 = c * kChunk;
-        cs[c] = chunk_stats(x + j0, std::min(kChunk, V - j0), j0, inv_t_f[b], !greedy[b] && !filtered[b]);
+        cs[c] = chunk_stats(x + j0, std::min(kChunk, V - j0), j0, inv_t_f[b], !greedy[b] && !filtered[b], nullptr,
+                            nullptr, return_logprobs);
       });
       PosStats& s = stats[b];
       s = merge_chunks(cs, nchunk, inv_t[b]);
@@ -83,15 +88,25 @@ std::tuple<at::Tensor, at::Tensor> sample_cpu(const at::Tensor& logits_in, const
       tok[b] = t >= 0 ? t : s.argmax;
     };
     for_rows(B, V, grain_chunks, run_row);
+    if (return_logprobs) {  // from each row's statistics: one logit read per row
+      float* lpp = lp_processed.data_ptr<float>();
+      float* lpr = lp_raw.data_ptr<float>();
+      for (int64_t b = 0; b < B; ++b)
+        if (tok[b] >= 0) token_logprobs(L + b * V, tok[b], stats[b], inv_t[b], greedy[b], &lpp[b], &lpr[b]);
+    }
   });
-  return {tokens, probs};
+  return {tokens, probs, lp_processed, lp_raw};
 }
 
-std::tuple<at::Tensor, at::Tensor> sample_meta(const at::Tensor& logits, const at::Tensor&, const at::Tensor&,
-                                               const at::Tensor&, const at::Tensor&, const at::Tensor&) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_meta(
+    const at::Tensor& logits, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const at::Tensor&, bool return_logprobs) {
   const auto B = logits.sym_size(0), V = logits.sym_size(1);
+  const c10::SymInt W = return_logprobs ? B : c10::SymInt(0);
   return {at::empty_symint({B}, logits.options().dtype(at::kLong)),
-          at::empty_symint({B, V}, logits.options().dtype(at::kFloat))};
+          at::empty_symint({B, V}, logits.options().dtype(at::kFloat)),
+          at::empty_symint({W}, logits.options().dtype(at::kFloat)),
+          at::empty_symint({W}, logits.options().dtype(at::kFloat))};
 }
 
 }  // namespace
@@ -99,7 +114,7 @@ std::tuple<at::Tensor, at::Tensor> sample_meta(const at::Tensor& logits, const a
 
 TORCH_LIBRARY_FRAGMENT(specdec_cpp, m) {
   m.def("sample(Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p, Tensor seed, "
-        "Tensor offset) -> (Tensor, Tensor)");
+        "Tensor offset, bool return_logprobs=False) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(specdec_cpp, CPU, m) { m.impl("sample", &specdec::sample_cpu); }

@@ -161,6 +161,7 @@ struct PosStats {
   int64_t argmax = 0;    // lowest id attaining it (torch.argmax)
   float thr = kNegInf;   // keep iff x >= thr
   double z = 0.0;        // sum over kept of exp((x - max) / t)
+  double z_raw = 0.0;    // sum over finite of exp(x - max): log-softmax at T = 1 (want_raw only)
   bool finite() const { return max > kNegInf; }
 };
 
@@ -169,6 +170,7 @@ struct ChunkStats {
   float max;
   int64_t argmax;
   double z;
+  double z_raw = 0.0;  // relative to max, at T = 1 (want_raw only)
 };
 
 // Max/argmax over x[0, n) (ids base + i) and, if want_sum, sum exp((x - max) * inv_t), one race
@@ -180,11 +182,27 @@ struct ChunkStats {
 constexpr int64_t kRaceBlock = 256;
 static_assert(kChunk % kRaceBlock == 0, "chunks must hold whole race blocks");
 
+// want_raw (logprobs): also z_raw, the sum of exp(x - max) at temperature 1, in the same sweep
+// (the block re-read from L1; no extra exp when want_sum already sums at inv_t = 1).
+template <typename T>
+inline double block_raw_sum(const T* x, int64_t g0, int64_t g1, float bmax) {
+  const __m256 m = _mm256_set1_ps(bmax);
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t i = g0; i < g1; i += 8)
+    acc = _mm256_add_ps(acc, exp8(_mm256_sub_ps(clean8(load_any(x + i, g1 - i, kNegInf)), m)));
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, acc);
+  double sum = 0.0;
+  for (int l = 0; l < 8; ++l) sum += double(lanes[l]);
+  return sum;
+}
+
 template <typename T>
 inline ChunkStats chunk_stats(const T* x, int64_t n, int64_t base, float inv_t, bool want_sum,
-                              float* bmax = nullptr, double* bsum = nullptr) {
+                              float* bmax = nullptr, double* bsum = nullptr, bool want_raw = false) {
   float bm_local[kChunk / kRaceBlock];
   double bs_local[kChunk / kRaceBlock];
+  double br[kChunk / kRaceBlock];  // want_raw: each block's sum of exp(x - block max)
   if (bmax == nullptr) bmax = bm_local, bsum = bs_local;
   __m256 vmax = _mm256_set1_ps(kNegInf);
   __m256i vidx = _mm256_set1_epi32(-1);
@@ -204,6 +222,12 @@ inline ChunkStats chunk_stats(const T* x, int64_t n, int64_t base, float inv_t, 
       cur = _mm256_add_epi32(cur, step);
       bm = _mm256_max_ps(bm, v);
     }
+    if (want_raw) {
+      bmax[k] = hmax8(bm);
+      br[k] = 0.0;
+      if (!want_sum) bsum[k] = 0.0;
+      if (bmax[k] > kNegInf && !(want_sum && inv_t == 1.0f)) br[k] = block_raw_sum(x, g0, g1, bmax[k]);
+    }
     if (!want_sum) continue;
     bmax[k] = hmax8(bm);
     bsum[k] = 0.0;
@@ -216,6 +240,7 @@ inline ChunkStats chunk_stats(const T* x, int64_t n, int64_t base, float inv_t, 
     }
     _mm256_store_ps(lanes, acc);
     for (int l = 0; l < 8; ++l) bsum[k] += double(lanes[l]);
+    if (want_raw && inv_t == 1.0f) br[k] = bsum[k];  // the same sum: T = 1
   }
   ChunkStats out{hmax8(vmax), 0, 0.0};
   if (!(out.max > kNegInf)) return out;
@@ -230,6 +255,9 @@ inline ChunkStats chunk_stats(const T* x, int64_t n, int64_t base, float inv_t, 
   if (want_sum)
     for (int64_t k = 0; k < nblock; ++k)
       if (bsum[k] > 0.0) out.z += bsum[k] * std::exp((double(bmax[k]) - double(out.max)) * double(inv_t));
+  if (want_raw)
+    for (int64_t k = 0; k < nblock; ++k)
+      if (br[k] > 0.0) out.z_raw += br[k] * std::exp(double(bmax[k]) - double(out.max));
   return out;
 }
 
@@ -251,7 +279,28 @@ inline PosStats merge_chunks(const ChunkStats* c, int64_t nchunk, double inv_t) 
   if (!s.finite()) return s;
   for (int64_t i = 0; i < nchunk; ++i)
     if (c[i].max > kNegInf) s.z += c[i].z * std::exp((double(c[i].max) - double(s.max)) * inv_t);
+  for (int64_t i = 0; i < nchunk; ++i)  // logprobs' raw denominator (0 unless chunk_stats had want_raw)
+    if (c[i].z_raw > 0.0) s.z_raw += c[i].z_raw * std::exp(double(c[i].max) - double(s.max));
   return s;
+}
+
+// Logprobs of token `tok` (in [0, V)) of logit row x at a position with statistics st (z_raw from
+// chunk_stats' want_raw; z the kept set's, as the race uses): *processed = log p(tok) under the
+// distribution it was drawn from, -inf outside the kept set (greedy rows: the raw value), *raw =
+// log_softmax(x)[tok] at temperature 1. Only x[tok] is read. Double arithmetic on float
+// statistics: the reference's float64 up to the sums' float32 exps (~1e-7 relative).
+template <typename T>
+inline void token_logprobs(const T* x, int64_t tok, const PosStats& st, double inv_t, bool greedy, float* processed,
+                           float* raw) {
+  const float xt = clean1(static_cast<float>(x[tok]));
+  if (!(xt > kNegInf) || !st.finite()) {
+    *processed = *raw = kNegInf;
+    return;
+  }
+  const double d = double(xt) - double(st.max);
+  *raw = float(d - std::log(st.z_raw));
+  if (greedy) *processed = *raw;
+  else *processed = xt >= st.thr && st.z > 0.0 ? float(d * inv_t - std::log(st.z)) : kNegInf;
 }
 
 // sum exp((v - max) * inv_t) over v in buf[0, n) with v >= thr; float exps, double accumulation.

@@ -35,12 +35,12 @@ struct RowInfo {
   float inv_t_f;     // the same in float, clamped so that 0 * inv_t stays 0
 };
 
-std::tuple<at::Tensor, at::Tensor> verify_cpu(const at::Tensor& target_logits_in,
-                                              const at::Tensor& draft_token_ids,
-                                              const c10::optional<at::Tensor>& draft_probs_opt,
-                                              const at::Tensor& temperature, const at::Tensor& top_k,
-                                              const at::Tensor& top_p, const at::Tensor& seed,
-                                              const at::Tensor& offset) {
+// return_logprobs: also (processed, raw) logprobs [B, K+1] float32 of the emitted tokens, from the
+// statistics of the positions walked (the raw denominator summed in the same sweep); else [B, 0].
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> verify_cpu(
+    const at::Tensor& target_logits_in, const at::Tensor& draft_token_ids,
+    const c10::optional<at::Tensor>& draft_probs_opt, const at::Tensor& temperature, const at::Tensor& top_k,
+    const at::Tensor& top_p, const at::Tensor& seed, const at::Tensor& offset, bool return_logprobs) {
   TORCH_CHECK(target_logits_in.dim() == 3, "verify: target_logits must be [B, K+1, V]");
   const at::Tensor logits = target_logits_in.contiguous();  // no copy when already contiguous
   const int64_t B = logits.size(0), K1 = logits.size(1), Vt = logits.size(2), K = K1 - 1;
@@ -62,7 +62,9 @@ std::tuple<at::Tensor, at::Tensor> verify_cpu(const at::Tensor& target_logits_in
 
   auto out_ids = at::full({B, K1}, -1, logits.options().dtype(at::kLong));
   auto num_acc = at::zeros({B}, logits.options().dtype(at::kInt));
-  if (B == 0) return {out_ids, num_acc};
+  auto lp_processed = at::full({B, return_logprobs ? K1 : 0}, kNegInf, logits.options().dtype(at::kFloat));
+  auto lp_raw = at::full({B, return_logprobs ? K1 : 0}, kNegInf, logits.options().dtype(at::kFloat));
+  if (B == 0) return {out_ids, num_acc, lp_processed, lp_raw};
 
   const int64_t* dr = drafts.data_ptr<int64_t>();
 
@@ -129,7 +131,7 @@ std::tuple<at::Tensor, at::Tensor> verify_cpu(const at::Tensor& target_logits_in
           exec(nchunk, [&](int64_t c) {
             const int64_t j0 = c * kChunk, nb0 = j0 / kRaceBlock;
             cs[c] = chunk_stats(x + j0, std::min(kChunk, Vt - j0), j0, r.inv_t_f, want_sum,
-                                &bmax[b * nblock + nb0], &bsum[b * nblock + nb0]);
+                                &bmax[b * nblock + nb0], &bsum[b * nblock + nb0], return_logprobs);
           });
           PosStats& st = stats[b * K1 + pos];
           st = merge_chunks(cs, nchunk, r.inv_t);
@@ -220,18 +222,29 @@ std::tuple<at::Tensor, at::Tensor> verify_cpu(const at::Tensor& target_logits_in
         out[b * K1 + s] = tok >= 0 ? tok : st.argmax;  // tok < 0 only if rounding zeroed every weight
       };
       for_rows(B, Vt, grain_chunks, run_row);
+      // logprobs of the emitted tokens: every position 0..s was walked, its statistics are kept
+      if (return_logprobs) {
+        float* lpp = lp_processed.data_ptr<float>();
+        float* lpr = lp_raw.data_ptr<float>();
+        for (int64_t b = 0; b < B; ++b)
+          for (int64_t i = 0; i <= na[b] && out[b * K1 + i] >= 0; ++i)
+            token_logprobs(L + (b * K1 + i) * Vt, out[b * K1 + i], stats[b * K1 + i], rows[b].inv_t, rows[b].greedy,
+                           &lpp[b * K1 + i], &lpr[b * K1 + i]);
+      }
     });
   });
-  return {out_ids, num_acc};
+  return {out_ids, num_acc, lp_processed, lp_raw};
 }
 
-std::tuple<at::Tensor, at::Tensor> verify_meta(const at::Tensor& target_logits, const at::Tensor&,
-                                               const c10::optional<at::Tensor>&, const at::Tensor&,
-                                               const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                               const at::Tensor&) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> verify_meta(
+    const at::Tensor& target_logits, const at::Tensor&, const c10::optional<at::Tensor>&, const at::Tensor&,
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, bool return_logprobs) {
   const auto B = target_logits.sym_size(0), K1 = target_logits.sym_size(1);
+  const c10::SymInt W = return_logprobs ? K1 : c10::SymInt(0);
   return {at::empty_symint({B, K1}, target_logits.options().dtype(at::kLong)),
-          at::empty_symint({B}, target_logits.options().dtype(at::kInt))};
+          at::empty_symint({B}, target_logits.options().dtype(at::kInt)),
+          at::empty_symint({B, W}, target_logits.options().dtype(at::kFloat)),
+          at::empty_symint({B, W}, target_logits.options().dtype(at::kFloat))};
 }
 
 // Test hook: Philox words for explicit counters/keys (known-answer vectors). counter [N, 4] and
@@ -267,7 +280,8 @@ at::Tensor philox_test(const at::Tensor& counter_in, const at::Tensor& key_in, b
 
 TORCH_LIBRARY_FRAGMENT(specdec_cpp, m) {
   m.def("verify(Tensor target_logits, Tensor draft_token_ids, Tensor? draft_probs, Tensor temperature, "
-        "Tensor top_k, Tensor top_p, Tensor seed, Tensor offset) -> (Tensor, Tensor)");
+        "Tensor top_k, Tensor top_p, Tensor seed, Tensor offset, bool return_logprobs=False) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def("_philox(Tensor counter, Tensor key, bool vectorized) -> Tensor", &specdec::philox_test);
 }
 

@@ -75,10 +75,13 @@ struct RowInfo {
   float inv_t_f;  // the same in float, clamped
 };
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_tree_cpu(
+// return_logprobs: also (processed, raw) logprobs [B, D+1] float32 of the emitted tokens, from the
+// statistics of the nodes walked (the raw denominator summed in the same sweep); else [B, 0].
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> verify_tree_cpu(
     const at::Tensor& target_logits_in, const at::Tensor& tree_token_ids, const at::Tensor& tree_parents,
     const c10::optional<at::Tensor>& draft_probs_opt, const at::Tensor& temperature, const at::Tensor& top_k,
-    const at::Tensor& top_p, const at::Tensor& seed, const at::Tensor& offset, int64_t max_depth) {
+    const at::Tensor& top_p, const at::Tensor& seed, const at::Tensor& offset, int64_t max_depth,
+    bool return_logprobs) {
   TORCH_CHECK(target_logits_in.dim() == 3, "verify_tree: target_logits must be [B, N+1, V]");
   const at::Tensor logits = target_logits_in.contiguous();
   const int64_t B = logits.size(0), N1 = logits.size(1), Vt = logits.size(2), N = N1 - 1;
@@ -106,7 +109,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_tree_cpu(
   auto out_ids = at::full({B, D + 1}, -1, logits.options().dtype(at::kLong));
   auto num_acc = at::zeros({B}, logits.options().dtype(at::kInt));
   auto acc_nodes = at::full({B, D}, -1, logits.options().dtype(at::kLong));
-  if (B == 0) return {out_ids, num_acc, acc_nodes};
+  auto lp_processed = at::full({B, return_logprobs ? D + 1 : 0}, kNegInf, logits.options().dtype(at::kFloat));
+  auto lp_raw = at::full({B, return_logprobs ? D + 1 : 0}, kNegInf, logits.options().dtype(at::kFloat));
+  if (B == 0) return {out_ids, num_acc, acc_nodes, lp_processed, lp_raw};
 
   const int64_t* tok = toks_t.data_ptr<int64_t>();
   const int64_t* par = pars_t.data_ptr<int64_t>();
@@ -131,6 +136,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_tree_cpu(
   int64_t* out = out_ids.data_ptr<int64_t>();
   int32_t* na = num_acc.data_ptr<int32_t>();
   int64_t* an = acc_nodes.data_ptr<int64_t>();
+  std::vector<PosStats> step_stats(return_logprobs ? B * (D + 1) : 0);  // logprobs: the walked nodes' statistics
 
   dispatch_float(logits.scalar_type(), "verify_tree: target_logits", [&](auto tag) {
     dispatch_float(has_q ? q_all.scalar_type() : at::kFloat, "verify_tree: draft_probs", [&](auto qtag) {
@@ -177,7 +183,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_tree_cpu(
           exec(nchunk, [&](int64_t c) {
             const int64_t j0 = c * kChunk, nb0 = j0 / kRaceBlock;
             cs[c] = chunk_stats(x + j0, std::min(kChunk, Vt - j0), j0, r.inv_t_f, want_sum,
-                                &bmax[b * nblock + nb0], &bsum[b * nblock + nb0]);
+                                &bmax[b * nblock + nb0], &bsum[b * nblock + nb0], return_logprobs);
           });
           PosStats st = merge_chunks(cs, nchunk, r.inv_t);
           if (!st.finite()) return;  // the emitted token would be drawn here: the row emits nothing
@@ -185,6 +191,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_tree_cpu(
             thread_local FilterScratch fs;
             filter_stats(x, Vt, r.inv_t, rp.top_k[b], double(rp.top_p[b]), st, fs);
           }
+          if (return_logprobs) step_stats[b * (D + 1) + j] = st;
           bool has_child = false;
           int64_t accepted = -1;
           if (r.greedy || !Qp) {
@@ -271,19 +278,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_tree_cpu(
         na[b] = int32_t(n);
       };
       for_rows(B, Vt, grain_chunks, run_row);
+      // logprobs of the emitted tokens: slot j was drawn at the root (j = 0) or at the (j-1)-th
+      // accepted node, whose statistics the walk kept
+      if (return_logprobs) {
+        float* lpp = lp_processed.data_ptr<float>();
+        float* lpr = lp_raw.data_ptr<float>();
+        for (int64_t b = 0; b < B; ++b)
+          for (int64_t j = 0; j <= na[b] && out[b * (D + 1) + j] >= 0; ++j) {
+            const int64_t node = j == 0 ? 0 : an[b * D + j - 1] + 1;
+            token_logprobs(L + (b * N1 + node) * Vt, out[b * (D + 1) + j], step_stats[b * (D + 1) + j],
+                           rows[b].inv_t, rows[b].greedy, &lpp[b * (D + 1) + j], &lpr[b * (D + 1) + j]);
+          }
+      }
     });
   });
-  return {out_ids, num_acc, acc_nodes};
+  return {out_ids, num_acc, acc_nodes, lp_processed, lp_raw};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_tree_meta(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> verify_tree_meta(
     const at::Tensor& target_logits, const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-    int64_t max_depth) {
+    int64_t max_depth, bool return_logprobs) {
   const auto B = target_logits.sym_size(0);
+  const c10::SymInt W(return_logprobs ? max_depth + 1 : 0);
   return {at::empty_symint({B, c10::SymInt(max_depth + 1)}, target_logits.options().dtype(at::kLong)),
           at::empty_symint({B}, target_logits.options().dtype(at::kInt)),
-          at::empty_symint({B, c10::SymInt(max_depth)}, target_logits.options().dtype(at::kLong))};
+          at::empty_symint({B, c10::SymInt(max_depth)}, target_logits.options().dtype(at::kLong)),
+          at::empty_symint({B, W}, target_logits.options().dtype(at::kFloat)),
+          at::empty_symint({B, W}, target_logits.options().dtype(at::kFloat))};
 }
 
 }  // namespace
@@ -291,8 +313,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_tree_meta(
 
 TORCH_LIBRARY_FRAGMENT(specdec_cpp, m) {
   m.def("verify_tree(Tensor target_logits, Tensor tree_token_ids, Tensor tree_parents, Tensor? draft_probs, "
-        "Tensor temperature, Tensor top_k, Tensor top_p, Tensor seed, Tensor offset, int max_depth) "
-        "-> (Tensor, Tensor, Tensor)");
+        "Tensor temperature, Tensor top_k, Tensor top_p, Tensor seed, Tensor offset, int max_depth, "
+        "bool return_logprobs=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(specdec_cpp, CPU, m) { m.impl("verify_tree", &specdec::verify_tree_cpu); }

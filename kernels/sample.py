@@ -74,18 +74,24 @@ def kept(x, thr):
 
 
 @triton.jit
-def chunk_softmax_stats(row_ptr, V, tile_start, n_tiles, c, thr, BLOCK_V: tl.constexpr):
+def chunk_softmax_stats(row_ptr, V, tile_start, n_tiles, c, thr, BLOCK_V: tl.constexpr,
+                        WANT_RAW: tl.constexpr = False):
     """Softmax statistics of tiles [tile_start, tile_start + n_tiles) of one row of V logits.
 
     Returns (max of the kept raw logits, sum over kept of exp2((x - max) * c), max of the cleaned
-    raw logits, lowest id reaching it); (-inf, 0, -inf, _BIG_ID) for an empty or all -inf chunk.
-    One exp2 per element: the running max is the tile's (one reduction per tile), so rescaling
-    the per-lane sums costs one exp2 per tile and a multiply per element."""
+    raw logits, lowest id reaching it, raw sum); (-inf, 0, -inf, _BIG_ID, 0) for an empty or all
+    -inf chunk. One exp2 per element: the running max is the tile's (one reduction per tile), so
+    rescaling the per-lane sums costs one exp2 per tile and a multiply per element. WANT_RAW
+    (logprobs): the raw sum is the sum over finite x of exp(x - max of the cleaned raw logits),
+    log-softmax's denominator at temperature 1, in the same sweep (one more exp2 per element);
+    else 0."""
     lanes = tl.arange(0, BLOCK_V)
     m = tl.max(tl.full([BLOCK_V], float("-inf"), tl.float32), 0)  # running max of the kept logits (fp32 scalar)
     z = tl.zeros([BLOCK_V], tl.float32)  # per-lane sum of exp2((x - m) * c)
     a_val = tl.full([BLOCK_V], float("-inf"), tl.float32)
     a_idx = tl.full([BLOCK_V], _BIG_ID, tl.int32)
+    mr = tl.max(tl.full([BLOCK_V], float("-inf"), tl.float32), 0)  # WANT_RAW: running max of x
+    zr = tl.zeros([BLOCK_V], tl.float32)  # WANT_RAW: per-lane sum of exp(x - mr)
     for i in range(n_tiles):
         offs = (tile_start + i) * BLOCK_V + lanes
         x = clean_logits(tl.load(row_ptr + offs, mask=offs < V, other=float("-inf")))
@@ -97,11 +103,16 @@ def chunk_softmax_stats(row_ptr, V, tile_start, n_tiles, c, thr, BLOCK_V: tl.con
         better = x > a_val  # strict: each lane keeps its lowest id on ties
         a_val = tl.where(better, x, a_val)
         a_idx = tl.where(better, offs, a_idx)
+        if WANT_RAW:
+            mr_new = tl.maximum(mr, tl.max(x, 0))
+            mr_ref = tl.where(mr_new > float("-inf"), mr_new, 0.0)
+            zr = zr * tl.math.exp2((mr - mr_ref) * 1.4426950408889634) + tl.math.exp2((x - mr_ref) * 1.4426950408889634)
+            mr = mr_new
     row_max = m
     row_sum = tl.sum(z, 0)
     best = tl.max(a_val, 0)
     best_id = tl.min(tl.where(a_val == best, a_idx, _BIG_ID), 0)
-    return row_max, row_sum, best, best_id
+    return row_max, row_sum, best, best_id, tl.sum(zr, 0)
 
 
 @triton.jit
@@ -156,8 +167,10 @@ def softmax_stats_kernel(
     temperature_ptr,  # [B] float32
     thr_ptr,  # [B * (K+1)] float32 top-k/top-p thresholds (HAS_THR)
     m_ptr, z_ptr, a_ptr, ai_ptr,  # [B * (K+1), num_splits] partial statistics (out)
+    zr_ptr,  # [B * (K+1), num_splits] raw sums relative to the argmax value (out, WANT_RAW only)
     V, K, tiles_per_split, num_splits,
     HAS_THR: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
+    WANT_RAW: tl.constexpr = False,
 ):
     """Pass 1. grid = (B * (K+1), num_splits): program (row, split) reduces one vocabulary chunk
     of row = b * (K+1) + position. Verification skips positions after a row's last draft (the
@@ -178,9 +191,11 @@ def softmax_stats_kernel(
     n_tiles = tl.minimum(tiles_per_split, tl.cdiv(V, BLOCK_V) - tile_start)
     n_tiles = tl.where(position <= n_drafts, tl.maximum(n_tiles, 0), 0)
 
-    row_max, row_sum, best, best_id = chunk_softmax_stats(
-        logits_ptr + row.to(tl.int64) * V, V, tile_start, n_tiles, c, thr, BLOCK_V)
+    row_max, row_sum, best, best_id, raw_sum = chunk_softmax_stats(
+        logits_ptr + row.to(tl.int64) * V, V, tile_start, n_tiles, c, thr, BLOCK_V, WANT_RAW)
     out = row * num_splits + split
+    if WANT_RAW:
+        tl.store(zr_ptr + out, raw_sum)
     tl.store(m_ptr + out, row_max)
     tl.store(z_ptr + out, row_sum)
     tl.store(a_ptr + out, best)
@@ -422,7 +437,8 @@ def race_rows(logits, temperature, thr, seed, offset, stats, stats_id, K, tokens
     return tokens
 
 
-def sample(logits, temperature, top_k, top_p, seed, offset, *, block_v=None, num_splits=None):
+def sample(logits, temperature, top_k, top_p, seed, offset, *, block_v=None, num_splits=None,
+           return_logprobs=False):
     """Fused sampling (Triton). Same contract as ``specdec.reference.sample``.
 
     logits [B, V] float32/float16/bfloat16; temperature [B] float32 (<= 0: greedy row); top_k [B]
@@ -430,14 +446,19 @@ def sample(logits, temperature, top_k, top_p, seed, offset, *, block_v=None, num
     one device. ``block_v`` / ``num_splits`` override the tiling (tests, tuning): the tile width
     (the race pass rounds it down to whole 256-id race blocks, at least one) and the programs per
     row, of both passes.
-    Returns (token_ids [B] int64, probs [B, V] float32).
+    Returns (token_ids [B] int64, probs [B, V] float32), and with ``return_logprobs`` also
+    (processed_logprobs, raw_logprobs) [B] float32 (``logprobs.token_logprobs``).
     """
     B, V = logits.shape
     dev = logits.device
     tokens = torch.empty((B,), dtype=torch.int64, device=dev)  # every entry written
     if B == 0 or V == 0:
         tokens.fill_(-1)
-        return tokens, torch.zeros((B, V), dtype=torch.float32, device=dev)
+        probs = torch.zeros((B, V), dtype=torch.float32, device=dev)
+        if not return_logprobs:
+            return tokens, probs
+        lp = torch.full((B,), float("-inf"), device=dev)
+        return tokens, probs, lp, lp.clone()
     logits = logits.contiguous()
     temperature = temperature.to(torch.float32).contiguous()
     seed = seed.to(torch.int64).contiguous()
@@ -450,12 +471,19 @@ def sample(logits, temperature, top_k, top_p, seed, offset, *, block_v=None, num
     BLOCK_V, tiles_per_split, S1, BLOCK_S1, warps1 = split_plan(V, B, dev, block_v, num_splits)
     stats = torch.empty((3, B, S1), dtype=torch.float32, device=dev)  # max, sum, argmax value
     stats_id = torch.empty((B, S1), dtype=torch.int32, device=dev)
+    raw_sums = torch.empty((B, S1), dtype=torch.float32, device=dev) if return_logprobs else None
     softmax_stats_kernel[(B, S1)](
         logits, no_drafts, temperature, thr_arg, stats[0], stats[1], stats[2], stats_id,
-        V, 0, tiles_per_split, S1,
-        HAS_THR=thr is not None, BLOCK_K=1, BLOCK_V=BLOCK_V, num_warps=warps1)
+        raw_sums if return_logprobs else stats[1], V, 0, tiles_per_split, S1,
+        HAS_THR=thr is not None, BLOCK_K=1, BLOCK_V=BLOCK_V, num_warps=warps1, WANT_RAW=return_logprobs)
 
     probs = torch.empty((B, V), dtype=torch.float32, device=dev)  # every entry written
     race_rows(logits, temperature, thr, seed, offset, stats, stats_id, 0, tokens, probs,
               block_v, num_splits)
-    return tokens, probs
+    if not return_logprobs:
+        return tokens, probs
+    from specdec.kernels.logprobs import token_logprobs
+
+    source = torch.zeros((B, 1), dtype=torch.int64, device=dev)
+    processed, raw = token_logprobs(logits, tokens[:, None], source, temperature, thr, stats, raw_sums)
+    return tokens, probs, processed.view(B), raw.view(B)

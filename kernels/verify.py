@@ -301,7 +301,7 @@ def _sample_compare_kernel(
 
 
 def verify(target_logits, draft_token_ids, draft_probs, temperature, top_k, top_p, seed, offset,
-           *, block_v=None, num_splits=None, num_race_splits=None):
+           *, block_v=None, num_splits=None, num_race_splits=None, return_logprobs=False):
     """Fused chain verification (Triton). Same contract as ``specdec.reference.verify``.
 
     target_logits [B, K+1, Vt] float32/float16/bfloat16; draft_token_ids [B, K] int64 (-1 tail =
@@ -311,14 +311,20 @@ def verify(target_logits, draft_token_ids, draft_probs, temperature, top_k, top_
     ``block_v`` / ``num_splits`` / ``num_race_splits`` override the tiling (tests, tuning):
     the stats pass's tile width and programs per (row, position); the race pass's tile width
     (rounded down to whole 256-id race blocks, at least one) and programs per row.
-    Returns (output_ids [B, K+1] int64, num_accepted [B] int32).
+    Returns (output_ids [B, K+1] int64, num_accepted [B] int32), and with ``return_logprobs``
+    also (processed_logprobs, raw_logprobs) [B, K+1] float32 (``logprobs.token_logprobs`` from
+    pass 1's statistics).
     """
     B, K1, Vt = target_logits.shape
     K = K1 - 1
     dev = target_logits.device
     if B == 0 or Vt == 0:
-        return (torch.full((B, K1), -1, dtype=torch.int64, device=dev),
-                torch.zeros((B,), dtype=torch.int32, device=dev))
+        out = (torch.full((B, K1), -1, dtype=torch.int64, device=dev),
+               torch.zeros((B,), dtype=torch.int32, device=dev))
+        if not return_logprobs:
+            return out
+        lp = torch.full((B, K1), float("-inf"), device=dev)
+        return (*out, lp, lp.clone())
     # every entry is written by the accept kernel's split-0 program (and the finish kernel)
     out = torch.empty((B, K1), dtype=torch.int64, device=dev)
     num_acc = torch.empty((B,), dtype=torch.int32, device=dev)
@@ -343,11 +349,22 @@ def verify(target_logits, draft_token_ids, draft_probs, temperature, top_k, top_
     BLOCK_V, tps1, S1, BLOCK_S1, warps1 = split_plan(Vt, rows, dev, block_v, num_splits)
     stats = torch.empty((3, rows, S1), dtype=torch.float32, device=dev)  # max, sum, argmax value
     stats_id = torch.empty((rows, S1), dtype=torch.int32, device=dev)
+    raw_sums = torch.empty((rows, S1), dtype=torch.float32, device=dev) if return_logprobs else None
     BLOCK_K = block_k(K)
     softmax_stats_kernel[(rows, S1)](
         logits, drafts_arg, temperature, thr_arg, stats[0], stats[1], stats[2], stats_id,
-        Vt, K, tps1, S1,
-        HAS_THR=thr is not None, BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V, num_warps=warps1)
+        raw_sums if return_logprobs else stats[1], Vt, K, tps1, S1,  # placeholder: never written
+        HAS_THR=thr is not None, BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V, num_warps=warps1, WANT_RAW=return_logprobs)
+
+    def with_logprobs(out, num_acc):
+        """The outputs plus the emitted tokens' logprobs (position j's token drawn at row b*K1 + j)."""
+        if not return_logprobs:
+            return out, num_acc
+        from specdec.kernels.logprobs import token_logprobs
+
+        source = torch.arange(K1, dtype=torch.int64, device=dev).expand(B, K1)
+        return (out, num_acc, *token_logprobs(logits.view(rows, Vt), out, source, temperature, thr, stats,
+                                              raw_sums))
 
     if not has_q:
         # sample and compare: every live position's own token (the sample op's race, counter
@@ -357,7 +374,7 @@ def verify(target_logits, draft_token_ids, draft_probs, temperature, top_k, top_
                   None, block_v, num_race_splits)
         _sample_compare_kernel[(B,)](own, drafts_arg, out, num_acc, K,
                                      BLOCK_K1=block_k(K1), num_warps=1)
-        return out, num_acc
+        return with_logprobs(out, num_acc)
 
     # pass 2: acceptance, then the block races at the emit position over (row, split of blocks)
     blocks_per_split, S2, BLOCK_S2, TILE_BLOCKS, warps2 = race_plan(
@@ -379,4 +396,4 @@ def verify(target_logits, draft_token_ids, draft_probs, temperature, top_k, top_
         logits, q, temperature, seed, offset, row_i[0], row_i[1], row_f[0], row_f[1], row_f[2],
         races[0], race_ids[0], races[1], race_ids[1], races[2], out, K, Vt, Vd, S2,
         HAS_Q=has_q, BLOCK_S2=BLOCK_S2, num_warps=4)
-    return out, num_acc
+    return with_logprobs(out, num_acc)

@@ -263,14 +263,16 @@ def _tree_walk_kernel(
 
 
 def verify_tree(target_logits, tree_token_ids, tree_parents, draft_probs, temperature, top_k, top_p,
-                seed, offset, max_depth, *, block_v=None, num_splits=None):
+                seed, offset, max_depth, *, block_v=None, num_splits=None, return_logprobs=False):
     """Tree verification (Triton). Same contract as ``specdec.reference.verify_tree``.
 
     target_logits [B, N+1, Vt] float32/float16/bfloat16; tree_token_ids, tree_parents [B, N] int
     (-1 token = unused slot; -1 parent = the root); draft_probs [B, N, Vd] float (Vd <= Vt) or
     None; temperature [B] float32 (<= 0: greedy row); top_k [B] int64 or None; top_p [B] float32
     or None; seed, offset [B] int64; max_depth D (int); all tensors on one device.
-    Returns (output_ids [B, D+1] int64, num_accepted [B] int32, accepted_nodes [B, D] int64).
+    Returns (output_ids [B, D+1] int64, num_accepted [B] int32, accepted_nodes [B, D] int64), and
+    with ``return_logprobs`` also (processed_logprobs, raw_logprobs) [B, D+1] float32
+    (``logprobs.token_logprobs`` from pass 1's statistics of the walked nodes).
     """
     B, N1, Vt = target_logits.shape
     N = N1 - 1
@@ -280,7 +282,10 @@ def verify_tree(target_logits, tree_token_ids, tree_parents, draft_probs, temper
     num_acc = torch.empty((B,), dtype=torch.int32, device=dev)
     nodes = torch.empty((B, D), dtype=torch.int64, device=dev)
     if B == 0:
-        return out, num_acc, nodes
+        if not return_logprobs:
+            return out, num_acc, nodes
+        lp = torch.empty((B, D + 1), dtype=torch.float32, device=dev)
+        return out, num_acc, nodes, lp, lp.clone()
     logits = target_logits.contiguous()
     temperature = temperature.to(torch.float32).contiguous()
     seed = seed.to(torch.int64).contiguous()
@@ -303,10 +308,11 @@ def verify_tree(target_logits, tree_token_ids, tree_parents, draft_probs, temper
     BLOCK_V, tps1, S1, BLOCK_S1, warps1 = split_plan(Vt, rows, dev, block_v, num_splits)
     stats = torch.empty((3, rows, S1), dtype=torch.float32, device=dev)
     stats_id = torch.empty((rows, S1), dtype=torch.int32, device=dev)
+    raw_sums = torch.empty((rows, S1), dtype=torch.float32, device=dev) if return_logprobs else None
     softmax_stats_kernel[(rows, S1)](
         logits, seed, temp_rows, thr_arg, stats[0], stats[1], stats[2], stats_id,
-        Vt, 0, tps1, S1,
-        HAS_THR=thr is not None, BLOCK_K=1, BLOCK_V=BLOCK_V, num_warps=warps1)
+        raw_sums if return_logprobs else stats[1], Vt, 0, tps1, S1,  # placeholder: never written
+        HAS_THR=thr is not None, BLOCK_K=1, BLOCK_V=BLOCK_V, num_warps=warps1, WANT_RAW=return_logprobs)
 
     # pass 2: the walk, one program per row
     width = block_v or min(2048, triton.next_power_of_2(max(Vt, 16)))
@@ -320,4 +326,11 @@ def verify_tree(target_logits, tree_token_ids, tree_parents, draft_probs, temper
         HAS_Q=has_q, HAS_THR=thr is not None, BLOCK_N=triton.next_power_of_2(max(N, 1)),
         BLOCK_D=triton.next_power_of_2(D + 1), BLOCK_S1=BLOCK_S1, TILE_BLOCKS=tile_blocks,
         num_warps=8 if tile_blocks * RACE_BLOCK.value >= 2048 else 4)
-    return out, num_acc, nodes
+    if not return_logprobs:
+        return out, num_acc, nodes
+    from specdec.kernels.logprobs import token_logprobs
+    from specdec.reference import tree_source_positions
+
+    # slot j was drawn at the root (j = 0) or at the (j-1)-th accepted node
+    return (out, num_acc, nodes, *token_logprobs(logits.view(rows, Vt), out, tree_source_positions(nodes),
+                                                 temperature, thr, stats, raw_sums))

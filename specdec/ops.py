@@ -114,29 +114,40 @@ def _verify_op(
     seed: torch.Tensor,
     offset: torch.Tensor,
     backend: str,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+    return_logprobs: bool = False,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (output_ids, num_accepted, processed_logprobs, raw_logprobs); the logprobs are
+    [B, K+1] float32 with return_logprobs, else [B, 0] (nothing computed)."""
     impl = _pick(backend, target_logits.device)
     if impl == "reference":
         top_k, top_p = _materialise(top_k, top_p, temperature)
-        return reference.verify(target_logits, draft_token_ids, draft_probs, temperature, top_k, top_p,
-                                seed, offset)
+        out = reference.verify(target_logits, draft_token_ids, draft_probs, temperature, top_k, top_p,
+                               seed, offset)
+        B, K1, _ = target_logits.shape
+        positions = torch.arange(K1, device=target_logits.device).expand(B, K1)
+        return (*out, *_reference_logprobs(return_logprobs, target_logits, positions, out[0], temperature,
+                                           top_k, top_p))
     t_ok = torch.nan_to_num(temperature, nan=1.0, posinf=1.0)  # the kernels never see NaN / inf
     if impl == "triton":  # None = filter off everywhere: the kernels then skip the threshold pass
         from specdec.kernels import verify as tv
 
-        out = tv.verify(target_logits, draft_token_ids, draft_probs, t_ok, top_k, top_p, seed, offset)
+        out = tv.verify(target_logits, draft_token_ids, draft_probs, t_ok, top_k, top_p, seed, offset,
+                        return_logprobs=return_logprobs)
+        out = _pad_logprobs(out, 2, return_logprobs)
     else:
         top_k, top_p = _materialise(top_k, top_p, temperature)
         out = torch.ops.specdec_cpp.verify(target_logits, draft_token_ids, draft_probs, t_ok, top_k, top_p,
-                                           seed, offset)
-    return _void_bad_temperature(temperature, *out)
+                                           seed, offset, return_logprobs)
+    return (*_void_bad_temperature(temperature, *out[:2]), *_void_logprobs(temperature, *out[2:]))
 
 
 @_verify_op.register_fake
-def _(target_logits, draft_token_ids, draft_probs, temperature, top_k, top_p, seed, offset, backend):
+def _(target_logits, draft_token_ids, draft_probs, temperature, top_k, top_p, seed, offset, backend,
+      return_logprobs=False):
     B, K1, _ = target_logits.shape
     return (target_logits.new_empty((B, K1), dtype=torch.int64),
-            target_logits.new_empty((B,), dtype=torch.int32))
+            target_logits.new_empty((B,), dtype=torch.int32),
+            *_fake_logprobs(target_logits, B, K1, return_logprobs))
 
 
 @torch.library.custom_op("specdec::verify_tree", mutates_args=())
@@ -152,32 +163,40 @@ def _verify_tree_op(
     offset: torch.Tensor,
     max_depth: int,
     backend: str,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return_logprobs: bool = False,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (output_ids, num_accepted, accepted_nodes, processed_logprobs, raw_logprobs); the
+    logprobs are [B, D+1] float32 with return_logprobs, else [B, 0] (nothing computed)."""
     impl = _pick(backend, target_logits.device)
     if impl == "reference":
         top_k, top_p = _materialise(top_k, top_p, temperature)
-        return reference.verify_tree(target_logits, tree_token_ids, tree_parents, draft_probs, temperature,
-                                     top_k, top_p, seed, offset, max_depth)
+        out = reference.verify_tree(target_logits, tree_token_ids, tree_parents, draft_probs, temperature,
+                                    top_k, top_p, seed, offset, max_depth)
+        positions = reference.tree_source_positions(out[2])
+        return (*out, *_reference_logprobs(return_logprobs, target_logits, positions, out[0], temperature,
+                                           top_k, top_p))
     t_ok = torch.nan_to_num(temperature, nan=1.0, posinf=1.0)  # the kernels never see NaN / inf
     if impl == "triton":
         from specdec.kernels import verify_tree as tvt
 
         out = tvt.verify_tree(target_logits, tree_token_ids, tree_parents, draft_probs, t_ok, top_k, top_p,
-                              seed, offset, max_depth)
+                              seed, offset, max_depth, return_logprobs=return_logprobs)
+        out = _pad_logprobs(out, 3, return_logprobs)
     else:
         top_k, top_p = _materialise(top_k, top_p, temperature)
         out = torch.ops.specdec_cpp.verify_tree(target_logits, tree_token_ids, tree_parents, draft_probs, t_ok,
-                                                top_k, top_p, seed, offset, max_depth)
-    return _void_bad_temperature(temperature, *out)
+                                                top_k, top_p, seed, offset, max_depth, return_logprobs)
+    return (*_void_bad_temperature(temperature, *out[:3]), *_void_logprobs(temperature, *out[3:]))
 
 
 @_verify_tree_op.register_fake
 def _(target_logits, tree_token_ids, tree_parents, draft_probs, temperature, top_k, top_p, seed, offset,
-      max_depth, backend):
+      max_depth, backend, return_logprobs=False):
     B = target_logits.shape[0]
     return (target_logits.new_empty((B, max_depth + 1), dtype=torch.int64),
             target_logits.new_empty((B,), dtype=torch.int32),
-            target_logits.new_empty((B, max_depth), dtype=torch.int64))
+            target_logits.new_empty((B, max_depth), dtype=torch.int64),
+            *_fake_logprobs(target_logits, B, max_depth + 1, return_logprobs))
 
 
 @torch.library.custom_op("specdec::sample", mutates_args=())
@@ -189,26 +208,69 @@ def _sample_op(
     seed: torch.Tensor,
     offset: torch.Tensor,
     backend: str,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+    return_logprobs: bool = False,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (token_ids, probs, processed_logprobs, raw_logprobs); the logprobs are [B] float32
+    with return_logprobs, else [0] (nothing computed)."""
     impl = _pick(backend, logits.device)
     if impl == "reference":
         top_k, top_p = _materialise(top_k, top_p, temperature)
-        return reference.sample(logits, temperature, top_k, top_p, seed, offset)
+        out = reference.sample(logits, temperature, top_k, top_p, seed, offset)
+        B = logits.shape[0]
+        lps = _reference_logprobs(return_logprobs, logits[:, None], torch.zeros(B, 1, dtype=torch.int64,
+                                  device=logits.device), out[0][:, None], temperature, top_k, top_p)
+        return (*out, *(lp.reshape(-1) for lp in lps))
     t_ok = torch.nan_to_num(temperature, nan=1.0, posinf=1.0)
     if impl == "triton":
         from specdec.kernels import sample as ts
 
-        out = ts.sample(logits, t_ok, top_k, top_p, seed, offset)
+        out = ts.sample(logits, t_ok, top_k, top_p, seed, offset, return_logprobs=return_logprobs)
+        out = _pad_logprobs(out, 2, return_logprobs, flat=True)
     else:
         top_k, top_p = _materialise(top_k, top_p, temperature)
-        out = torch.ops.specdec_cpp.sample(logits, t_ok, top_k, top_p, seed, offset)
-    return _void_bad_temperature(temperature, *out)
+        out = torch.ops.specdec_cpp.sample(logits, t_ok, top_k, top_p, seed, offset, return_logprobs)
+    return (*_void_bad_temperature(temperature, *out[:2]), *_void_logprobs(temperature, *out[2:]))
 
 
 @_sample_op.register_fake
-def _(logits, temperature, top_k, top_p, seed, offset, backend):
+def _(logits, temperature, top_k, top_p, seed, offset, backend, return_logprobs=False):
     B, V = logits.shape
-    return logits.new_empty((B,), dtype=torch.int64), logits.new_empty((B, V), dtype=torch.float32)
+    return (logits.new_empty((B,), dtype=torch.int64), logits.new_empty((B, V), dtype=torch.float32),
+            *(lp.reshape(-1) for lp in _fake_logprobs(logits, B, 1, return_logprobs)))
+
+
+# ---------------------------------------------------------------------------------------------
+# logprobs (return_logprobs=True): the custom ops always return the two tensors, empty when off
+
+
+def _fake_logprobs(like, B, M, return_logprobs):
+    """(processed, raw) shapes: [B, M] float32 when asked, else [B, 0]."""
+    width = M if return_logprobs else 0
+    return tuple(like.new_empty((B, width), dtype=torch.float32) for _ in range(2))
+
+
+def _reference_logprobs(return_logprobs, target_logits, positions, token_ids, temperature, top_k, top_p):
+    """The reference backend's logprobs: reference.emitted_logprobs, or [B, 0] when off."""
+    if not return_logprobs:
+        return _fake_logprobs(target_logits, token_ids.shape[0], 0, False)
+    return reference.emitted_logprobs(target_logits, positions, token_ids, temperature, top_k, top_p)
+
+
+def _pad_logprobs(out, n, return_logprobs, flat=False):
+    """The Triton functions return logprobs only when asked: add the empty pair the op returns
+    otherwise ([B, 0], or [0] for ``sample``: ``flat``)."""
+    if return_logprobs:
+        return out
+    B = out[0].shape[0]
+    empty = out[0].new_empty((0,) if flat else (B, 0), dtype=torch.float32)
+    return (*out[:n], empty, empty.clone())
+
+
+def _void_logprobs(temperature, *logprobs):
+    """-inf logprobs for the rows that ``_void_bad_temperature`` voids (NaN / +inf temperature)."""
+    bad = reference._bad_temperature(temperature)
+    return tuple(lp.masked_fill(bad.view(-1, *([1] * (lp.dim() - 1))), float("-inf")) if lp.numel() else lp
+                 for lp in logprobs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -464,7 +526,8 @@ def verify(
     offset: PerRow = 0,
     check: bool = False,
     backend: str = "auto",
-) -> Tuple[torch.Tensor, torch.Tensor]:
+    return_logprobs: bool = False,
+) -> Tuple[torch.Tensor, ...]:
     """Fused chain verification of K draft tokens per row (speculative sampling, exact).
 
     Args:
@@ -486,12 +549,22 @@ def verify(
             sequence length) to key the random numbers by absolute position.
         check: validate eagerly (host sync) and raise ValueError/TypeError naming the argument.
         backend: "auto", "cpp", "triton" or "reference".
+        return_logprobs: also return the log-probabilities of the emitted tokens (below),
+            computed from the statistics the op already keeps per position (no second pass over
+            the vocabulary). False returns exactly the two outputs below.
 
     Returns:
         output_ids: [B, K+1] int64: accepted drafts, one recovered-or-bonus token, then -1.
         num_accepted: [B] int32 in [0, K]; tokens emitted per row = num_accepted + 1. A row
             emits nothing (all -1, num_accepted 0) only when the position its token is drawn from
             has no finite logit; positions after it are never looked at.
+        processed_logprobs (return_logprobs only): [B, K+1] float32, log p(output_ids[b, j]) under
+            the target distribution at position j after temperature, top-k and top-p (vLLM's
+            processed logprobs); greedy rows give the raw value. A token emitted after a
+            rejection gets the target's value there, not the residual's. -inf where output_ids
+            is -1.
+        raw_logprobs (return_logprobs only): [B, K+1] float32, log_softmax(target_logits[b, j])
+            at the emitted token (temperature 1, no filtering); -inf where output_ids is -1.
     """
     if check:
         _check_float(target_logits, "target_logits")
@@ -512,9 +585,9 @@ def verify(
     offset_t = _per_row(offset, B, torch.int64, dev, "offset")
     if draft_probs is not None:
         draft_probs = draft_probs.contiguous()
-    out, num_accepted = torch.ops.specdec.verify(
+    out, num_accepted, processed, raw = torch.ops.specdec.verify(
         target_logits.contiguous(), draft_token_ids.to(torch.int64).contiguous(), draft_probs,
-        temperature_t, top_k_t, top_p_t, seed_t, offset_t, backend,
+        temperature_t, top_k_t, top_p_t, seed_t, offset_t, backend, return_logprobs,
     )
     if check:
         void = out[:, 0] < 0
@@ -522,6 +595,8 @@ def verify(
             b = int(void.nonzero()[0])
             raise ValueError(f"target_logits row {b}: the position its token is drawn from (after "
                              "its accepted drafts) has no finite logit; the row emits nothing")
+    if return_logprobs:
+        return out, num_accepted, processed, raw
     return out, num_accepted
 
 
@@ -539,7 +614,8 @@ def verify_tree(
     max_depth: Optional[int] = None,
     check: bool = False,
     backend: str = "auto",
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return_logprobs: bool = False,
+) -> Tuple[torch.Tensor, ...]:
     """Exact verification of a token tree per row (multi-draft speculative sampling: SpecInfer's
     recursive rejection sampling with the real draft distributions; ``specdec.reference.verify_tree``
     is the specification).
@@ -566,6 +642,8 @@ def verify_tree(
             (bad parent, parent an unused slot, too deep) are simply never anyone's child, and
             tokens outside [0, Vd) are rejected: nothing is read out of bounds.
         backend: "auto", "cpp", "triton" or "reference".
+        return_logprobs: also return the log-probabilities of the emitted tokens, as in
+            ``verify``. False returns exactly the three outputs below.
 
     Returns:
         output_ids: [B, D+1] int64: the accepted path's tokens, one emitted token (a recovered
@@ -574,6 +652,9 @@ def verify_tree(
         accepted_nodes: [B, D] int64: node indices of the accepted path, -1 padded (for cache
             compaction). A row emits nothing (all -1, num_accepted 0) only when the node where its
             token is drawn has no finite logit, or its temperature is NaN / +inf.
+        processed_logprobs, raw_logprobs (return_logprobs only): [B, D+1] float32 each, as in
+            ``verify``: slot j's token under the target at the node it was drawn at (the root for
+            j = 0, else accepted_nodes[j-1]); -inf where output_ids is -1.
     """
     if check:
         _check_float(target_logits, "target_logits")
@@ -601,10 +682,10 @@ def verify_tree(
     offset_t = _per_row(offset, B, torch.int64, dev, "offset")
     if draft_probs is not None:
         draft_probs = draft_probs.contiguous()
-    out, num_accepted, nodes = torch.ops.specdec.verify_tree(
+    out, num_accepted, nodes, processed, raw = torch.ops.specdec.verify_tree(
         target_logits.contiguous(), tree_token_ids.to(torch.int64).contiguous(),
         tree_parents.to(torch.int64).contiguous(), draft_probs, temperature_t, top_k_t, top_p_t, seed_t,
-        offset_t, max_depth, backend,
+        offset_t, max_depth, backend, return_logprobs,
     )
     if check:
         void = out[:, 0] < 0
@@ -612,6 +693,8 @@ def verify_tree(
             b = int(void.nonzero()[0])
             raise ValueError(f"target_logits row {b}: the node its token is drawn from (after its accepted "
                              "path) has no finite logit; the row emits nothing")
+    if return_logprobs:
+        return out, num_accepted, nodes, processed, raw
     return out, num_accepted, nodes
 
 
@@ -625,17 +708,22 @@ def sample(
     offset: PerRow = 0,
     check: bool = False,
     backend: str = "auto",
-) -> Tuple[torch.Tensor, torch.Tensor]:
+    return_logprobs: bool = False,
+) -> Tuple[torch.Tensor, ...]:
     """Fused sampling with temperature, top-k and top-p, for drafters and plain decoding.
 
     Args:
         logits: [B, V] float32/float16/bfloat16.
-        temperature, top_k, top_p, seed, offset, check, backend: as in ``verify``.
+        temperature, top_k, top_p, seed, offset, check, backend, return_logprobs: as in ``verify``.
 
     Returns:
         token_ids: [B] int64 (-1 for a row with no finite logit).
         probs: [B, V] float32, the exact distribution the token was drawn from (one-hot at the
             argmax for greedy rows), ready to pass to ``verify`` as ``draft_probs``.
+        processed_logprobs, raw_logprobs (return_logprobs only): [B] float32 each, as in
+            ``verify``: the token under the processed distribution (temperature, top-k, top-p;
+            greedy rows: raw) and under log_softmax(logits); -inf where token_ids is -1. Unlike
+            log(probs), never rounded to -inf by float32 underflow.
     """
     if check:
         _check_float(logits, "logits")
@@ -654,5 +742,8 @@ def sample(
             raise ValueError(f"logits row {int(dead.nonzero()[0])} has no finite logit")
     seed_t = _seeds(seed, B, dev)
     offset_t = _per_row(offset, B, torch.int64, dev, "offset")
-    return torch.ops.specdec.sample(logits.contiguous(), temperature_t, top_k_t, top_p_t, seed_t,
-                                    offset_t, backend)
+    token_ids, probs, processed, raw = torch.ops.specdec.sample(
+        logits.contiguous(), temperature_t, top_k_t, top_p_t, seed_t, offset_t, backend, return_logprobs)
+    if return_logprobs:
+        return token_ids, probs, processed, raw
+    return token_ids, probs

@@ -502,3 +502,45 @@ def verify_tree(target_logits, tree_token_ids, tree_parents, draft_probs, temper
     accepted_nodes = torch.where(void[:, None], torch.full_like(accepted_nodes, -1), accepted_nodes)
     num_accepted = torch.where(void, torch.zeros_like(num_accepted), num_accepted)
     return out, num_accepted.to(torch.int32), accepted_nodes
+
+
+def emitted_logprobs(target_logits, source_positions, token_ids, temperature, top_k, top_p):
+    """Log-probabilities of emitted tokens (``return_logprobs=True`` of every op), float64 inside.
+
+    target_logits [B, P, V] float; source_positions [B, M] int: the position (index into P) that
+    output slot m's token was drawn at; token_ids [B, M] int (-1: nothing emitted there);
+    temperature / top_k / top_p [B] as in ``verify``.
+    Returns (processed [B, M] float32: log p(token) with p the target distribution after
+    temperature, top-k and top-p (``_target_probs``), -inf outside what is kept; raw [B, M] float32:
+    log-softmax of the raw logits at temperature 1). Greedy rows (temperature <= 0): processed =
+    raw. -inf where token_ids is -1. For a token emitted after a rejection this is the target's
+    value, not the residual's: the distribution the position stands for, not the correction.
+    """
+    B, P, V = target_logits.shape
+    M = token_ids.shape[1]
+    dev = target_logits.device
+    rows = torch.arange(B, device=dev)[:, None]
+    logits = _clean(target_logits)[rows, source_positions.to(dev, torch.int64).clamp(0, max(P - 1, 0))]
+    raw = torch.log_softmax(logits, dim=-1)  # [B, M, V]; a row without a finite logit gives NaN
+    temperature = temperature.double().to(dev)
+    temperature = torch.where(_bad_temperature(temperature), torch.ones_like(temperature), temperature)
+    greedy = temperature <= 0
+    t = torch.where(greedy, torch.ones_like(temperature), temperature)
+    scaled = (logits / t[:, None, None]).reshape(B * M, V)
+    rep = lambda x: x.to(dev).repeat_interleave(M)  # noqa: E731  per row -> per (row, slot)
+    keep = _keep_mask(scaled, rep(top_k), rep(top_p.double()))
+    processed = torch.log_softmax(torch.where(keep, scaled, float("-inf")), dim=-1).view(B, M, V)
+    processed = torch.where(greedy[:, None, None], raw, processed)
+    tok = token_ids.to(dev, torch.int64)
+    emitted = tok >= 0
+    idx = tok.clamp(0, V - 1)[..., None]
+    pick = lambda lp: torch.where(emitted, lp.gather(2, idx).squeeze(2), float("-inf")).float()  # noqa: E731
+    return pick(processed), pick(raw)
+
+
+def tree_source_positions(accepted_nodes):
+    """Where ``verify_tree``'s output slots were drawn: [B, D] accepted nodes -> [B, D+1] indices
+    into target_logits (slot 0 at the root, index 0; slot j at the (j-1)-th accepted node, index
+    node + 1; slots after the emitted token get 0, their token is -1)."""
+    root = torch.zeros_like(accepted_nodes[:, :1])
+    return torch.cat([root, (accepted_nodes + 1).clamp(min=0)], dim=1)

@@ -82,7 +82,7 @@ def _verify_inputs(B, K, Vt, Vd, dtype, with_q, g, scale=2.0):
 
 
 def _check_verify(L, drafts, q, params):
-    got = OPS.verify(L, drafts, q, *params)
+    got = OPS.verify(L, drafts, q, *params)[:2]  # [2:]: logprobs, empty without return_logprobs
     ref = R.verify(L, drafts, q, *params)
     assert torch.equal(got[1], ref[1]), (got[1], ref[1])
     assert torch.equal(got[0], ref[0]), (got[0], ref[0])
@@ -167,7 +167,7 @@ def test_sample_matches_reference(B, V, dtype):
     g = torch.Generator().manual_seed(B + V)
     logits = (torch.randn(B, V, generator=g) * 3).to(dtype)
     params = _params(B, g, temps=(0.0, 0.6, 1.0, 1.7), top_k=(0, 0, 1, 40, V), top_p=(1.0, 1.0, 0.9, 0.5))
-    tok, probs = OPS.sample(logits, *params)
+    tok, probs = OPS.sample(logits, *params)[:2]
     rtok, rprobs = R.sample(logits, *params)
     assert torch.equal(tok, rtok)
     torch.testing.assert_close(probs, rprobs, atol=1e-5, rtol=1e-5)
@@ -182,7 +182,7 @@ def test_sample_non_finite_and_many_seeds():
     logits[:, 9] = float("inf")
     logits[0] = float("-inf")
     params = _params(B, g, temps=(0.8,), top_p=(1.0, 0.95))
-    tok, probs = OPS.sample(logits, *params)
+    tok, probs = OPS.sample(logits, *params)[:2]
     rtok, rprobs = R.sample(logits, *params)
     assert torch.equal(tok, rtok) and tok[0] == -1 and probs[0].eq(0).all()
     torch.testing.assert_close(probs, rprobs, atol=1e-6, rtol=1e-5)
@@ -192,7 +192,7 @@ def test_sample_non_finite_and_many_seeds():
 def test_meta_shapes():
     L = torch.empty(2, 4, 10, device="meta")
     out, n = OPS.verify(L, torch.empty(2, 3, dtype=torch.long, device="meta"), None,
-                        *[torch.empty(2, device="meta")] * 5)
+                        *[torch.empty(2, device="meta")] * 5)[:2]
     assert out.shape == (2, 4) and out.dtype == torch.int64 and n.shape == (2,) and n.dtype == torch.int32
-    tok, probs = OPS.sample(torch.empty(3, 10, device="meta"), *[torch.empty(3, device="meta")] * 5)
+    tok, probs = OPS.sample(torch.empty(3, 10, device="meta"), *[torch.empty(3, device="meta")] * 5)[:2]
     assert tok.shape == (3,) and probs.shape == (3, 10) and probs.dtype == torch.float32

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -83,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--raw", action="store_true", help="do not wrap prompts in the model's chat template")
     _add_output_options(gen)
     gen.add_argument("--json", action="store_true", help="print results and stats as JSON")
+    gen.add_argument("--logprobs", action="store_true",
+                     help="each generated token's log-probability (processed and raw): in the JSON with --json, "
+                          "else each row's total and mean on stderr")
 
     chat = sub.add_parser("chat", help="multi-turn chat on stdin, answers streamed",
                           description="Chat with the target model, speculative decoding every answer. Reads one "
@@ -227,18 +231,30 @@ def cmd_generate(args, parser) -> int:
     progress = not stream and not args.quiet and sys.stderr.isatty()
     result = gen.generate(ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                           top_p=args.top_p, seed=args.seed, batch_size=args.batch_size, callback=callback,
-                          progress=progress)
+                          progress=progress, logprobs=args.logprobs)
     if args.json:
-        print(json.dumps({"prompts": prompts, "texts": result.texts, "token_ids": result.sequences,
-                          "finish_reasons": result.finish_reasons, "stats": result.stats.as_dict()}, indent=2))
+        out = {"prompts": prompts, "texts": result.texts, "token_ids": result.sequences,
+               "finish_reasons": result.finish_reasons, "stats": result.stats.as_dict()}
+        if args.logprobs:  # -inf (a token outside top-k/top-p cannot be emitted, but be safe) as null
+            out["logprobs"] = [[_finite(x) for x in row] for row in result.logprobs]
+            out["raw_logprobs"] = [[_finite(x) for x in row] for row in result.raw_logprobs]
+        print(json.dumps(out, indent=2))
     elif stream:
         print()
     else:
         for i, (prompt, text) in enumerate(zip(prompts, result.texts)):
             print(f"=== [{i}] {prompt}\n{text}\n")
+    if args.logprobs and not args.json:
+        for i, row in enumerate(result.logprobs):
+            total = sum(row)
+            _log(f"specdec: [{i}] logprob {total:.3f} over {len(row)} tokens (mean {total / max(len(row), 1):.3f})")
     if not args.quiet:
         _log(f"specdec: {result.stats.summary()}")
     return 0
+
+
+def _finite(x: float):
+    return round(x, 6) if math.isfinite(x) else None
 
 
 CHAT_HELP = "/reset clears the conversation, /exit or Ctrl-D quits, Ctrl-C stops an answer"

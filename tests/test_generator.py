@@ -433,3 +433,39 @@ def test_sampled_tree_steps_match_target_distribution(kind):
     exp = np.append(expected[big], expected[~big].sum())
     _, pvalue = scipy_stats.chisquare(obs, exp)
     assert pvalue > 1e-3, pvalue
+
+
+def _logprobs_by_full_forward(target, prompt, generated, temperature):
+    """float64 log-softmax of the target's logits over prompt + generated, at each generated token:
+    (processed at ``temperature``, raw)."""
+    ids = torch.tensor([prompt + generated])
+    with torch.no_grad():
+        logits = target(input_ids=ids).logits[0, len(prompt) - 1: -1].double()
+    tok = torch.tensor(generated)[:, None]
+    raw = torch.log_softmax(logits, -1).gather(1, tok)[:, 0]
+    proc = raw if temperature == 0 else torch.log_softmax(logits / temperature, -1).gather(1, tok)[:, 0]
+    return proc, raw
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+@pytest.mark.parametrize("kind", ["ngram", "model"])
+def test_generate_logprobs_match_a_full_forward(family_setup, kind, temperature):
+    """generate(logprobs=True): the tokens do not change, and each token's logprobs are the target's
+    at its position (drafted-and-accepted, resampled or bonus alike), cut at the length limit."""
+    _, target, small, _ = family_setup
+    drafter = {"ngram": "ngram", "model": small}[kind]
+    gen = SpeculativeGenerator(target, drafter, num_draft_tokens=3)
+    plain = gen.generate(PROMPTS, max_new_tokens=N_NEW - 3, temperature=temperature, seed=7, eos_token_id=None)
+    chunks = []
+    res = gen.generate(PROMPTS, max_new_tokens=N_NEW - 3, temperature=temperature, seed=7, eos_token_id=None,
+                       logprobs=True, callback=chunks.append)
+    assert res.sequences == plain.sequences and plain.logprobs is None
+    for i, (prompt, seq) in enumerate(zip(PROMPTS, res.sequences)):
+        assert len(res.logprobs[i]) == len(res.raw_logprobs[i]) == len(seq) == N_NEW - 3
+        proc, raw = _logprobs_by_full_forward(target, prompt, seq, temperature)
+        torch.testing.assert_close(torch.tensor(res.raw_logprobs[i], dtype=torch.float64), raw, atol=2e-4, rtol=0)
+        torch.testing.assert_close(torch.tensor(res.logprobs[i], dtype=torch.float64), proc, atol=2e-4, rtol=0)
+        if temperature == 0:
+            assert res.logprobs[i] == res.raw_logprobs[i]
+        streamed = [p for c in chunks if c.row == i for p in c.logprobs]
+        assert [p for p, _ in streamed] == res.logprobs[i]

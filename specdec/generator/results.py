@@ -25,6 +25,7 @@ class Chunk(NamedTuple):
     num_drafted: int
     finished: bool
     leaf: bool | None = None  # tree steps: the accepted path ended at a node without children
+    logprobs: list | None = None  # generate(logprobs=True): (processed, raw) per token of token_ids
 
     @property
     def is_bonus(self) -> bool:
@@ -119,10 +120,16 @@ class GenerationStats:
 class GenerationResult:
     """sequences[i]: the generated token ids of prompt i (EOS included when hit), in input order;
     prompt_ids[i]: its prompt ids; texts[i]: decoded ``sequences[i]`` when a tokenizer is known;
-    finish_reasons[i]: "eos", "length" or "error" (the target produced no finite logit)."""
+    finish_reasons[i]: "eos", "length" or "error" (the target produced no finite logit).
+    With ``generate(logprobs=True)``: logprobs[i][j] is the log-probability of ``sequences[i][j]``
+    under the target's distribution it was drawn from at that position (temperature, top-k, top-p
+    applied; for a token drawn after a rejection still the target's value, not the residual's),
+    raw_logprobs[i][j] under the raw logits (log-softmax at temperature 1); greedy: both raw."""
 
     sequences: list
     prompt_ids: list
     finish_reasons: list
     stats: GenerationStats
     texts: list | None = None
+    logprobs: list | None = None
+    raw_logprobs: list | None = None

@@ -249,6 +249,7 @@ class SpeculativeGenerator:
         callback: Callable[[Chunk], None] | None = None,
         progress: bool = False,
         chat: bool | None = None,
+        logprobs: bool = False,
     ) -> GenerationResult:
         """Generate continuations for a batch of prompts.
 
@@ -269,6 +270,10 @@ class SpeculativeGenerator:
             chat: how string prompts are encoded: None (default) wraps each in the tokenizer's chat
                 template when it has one, as the CLI does (``--raw`` = chat=False); False: raw
                 completion text; True: the template or an error. Token-id prompts are used as given.
+            logprobs: also return each generated token's log-probability, processed (the
+                distribution it was drawn from) and raw (``GenerationResult.logprobs`` and
+                ``.raw_logprobs``; the callback's ``Chunk.logprobs``). They come out of the fused
+                verification op with the tokens: no second pass over the vocabulary, no extra sync.
         Returns:
             GenerationResult (token ids per prompt in input order, stats).
         """
@@ -307,20 +312,23 @@ class SpeculativeGenerator:
             raise TypeError(f"seed must be an int, a list of ints or None, got {type(seed).__name__}")
         opts = dict(max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=int(top_k),
                     top_p=float(top_p), k0=k0, adaptive=self.adaptive if adaptive is None else adaptive,
-                    eos=self._eos_ids(eos_token_id), callback=callback)
+                    eos=self._eos_ids(eos_token_id), callback=callback, logprobs=bool(logprobs))
         bar = None
         if progress:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(rows) * max_new_tokens, unit="tok", desc="generating", leave=False)
         sequences, reasons, stats = [None] * len(rows), [None] * len(rows), GenerationStats(drafter=self.drafter_name)
+        pairs = [None] * len(rows)
         step = batch_size or len(rows)
         try:
             for start in range(0, len(rows), step):
                 index = list(range(start, min(start + step, len(rows))))
                 part = run_batch(self, [rows[i] for i in index], index, seeds[index[0]: index[-1] + 1], opts, bar)
-                for i, (seq, why) in zip(index, zip(*part[:2])):
-                    sequences[i], reasons[i] = seq, why
+                for j, i in enumerate(index):
+                    sequences[i], reasons[i] = part[0][j], part[1][j]
+                    if logprobs:
+                        pairs[i] = part[3][j]
                 stats.merge(part[2])
         finally:
             if bar is not None:
@@ -328,7 +336,10 @@ class SpeculativeGenerator:
         texts = None
         if self.tokenizer is not None:
             texts = [self.tokenizer.decode(s, skip_special_tokens=True) for s in sequences]
-        return GenerationResult(sequences, rows, reasons, stats, texts)
+        if not logprobs:
+            return GenerationResult(sequences, rows, reasons, stats, texts)
+        return GenerationResult(sequences, rows, reasons, stats, texts,
+                                [[p for p, _ in row] for row in pairs], [[r for _, r in row] for row in pairs])
 
     def _continue(self, token_ids: Sequence[int], kept: KeptCache, *, callback: Callable[[Chunk], None] | None = None,
                   **kwargs) -> GenerationResult:

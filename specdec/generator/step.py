@@ -48,7 +48,8 @@ EXPLORE_AFTER = 8
 @torch.inference_mode()
 def run_batch(gen: SpeculativeGenerator, rows, user_index, seeds, opts, bar):
     """One batch of ``gen`` (a SpeculativeGenerator), step by step: draft -> target forward -> verify ->
-    commit. Returns each row's generated ids, finish reasons, and the batch's GenerationStats."""
+    commit. Returns each row's generated ids, finish reasons, the batch's GenerationStats, and each
+    row's (processed, raw) logprob pairs (None unless ``opts["logprobs"]``)."""
     models = (gen.target, getattr(gen.drafter, "model", None)) if gen.narrow_linear else ()
     run = _BatchRun(gen, rows, user_index, seeds, opts, bar)
     try:
@@ -64,7 +65,7 @@ def run_batch(gen: SpeculativeGenerator, rows, user_index, seeds, opts, bar):
             gen.drafter.finish()
     _sync(gen.device)
     run.stats.total_time = time.perf_counter() - run.t_start
-    return run.out_tokens, run.reasons, run.stats
+    return run.out_tokens, run.reasons, run.stats, run.out_logprobs
 
 
 def _sync(device: torch.device) -> None:
@@ -80,6 +81,7 @@ class _Verdict(NamedTuple):
     host: np.ndarray  # [B, K+2] int64: out_ids and num_accepted, the step's one host copy
     accepted_nodes: torch.Tensor | None = None  # tree steps: [B, D] int64 device, the accepted path
     host_nodes: np.ndarray | None = None  # ... and its host copy
+    logprobs: np.ndarray | None = None  # [B, K+1, 2] float32 host: (processed, raw) of out_ids, when asked
 
 
 class _BatchRun:
@@ -121,6 +123,7 @@ class _BatchRun:
         self.prompt_lengths = self.lengths.copy()
         self.live = list(range(batch))  # batch row -> position in `rows`
         self.out_tokens = [[] for _ in range(batch)]
+        self.out_logprobs = [[] for _ in range(batch)] if opts["logprobs"] else None
         self.reasons = ["length"] * batch
         self.seeds = seeds.to(device)
         # Philox offset of each row's next token: its absolute index (the sequence length), so the
@@ -297,18 +300,23 @@ class _BatchRun:
 
         opts = self.opts
         probs = draft.probs if self.sampled else None
+        want = opts["logprobs"]
+        args = dict(temperature=opts["temperature"], top_k=opts["top_k"], top_p=opts["top_p"], seed=self.seeds,
+                    offset=self.offsets, backend=self.gen.backend, return_logprobs=want)
         if isinstance(draft, _Tree):
             D = int(draft.depth.max(initial=0))
-            out_ids, num_acc, nodes = ops.verify_tree(
-                logits, draft.token_ids, draft.parents, probs, temperature=opts["temperature"], top_k=opts["top_k"],
-                top_p=opts["top_p"], seed=self.seeds, offset=self.offsets, max_depth=D, backend=self.gen.backend)
+            out_ids, num_acc, nodes, *lp = ops.verify_tree(logits, draft.token_ids, draft.parents, probs,
+                                                           max_depth=D, **args)
             host = torch.cat([out_ids, num_acc[:, None].long(), nodes.long()], dim=1).cpu().numpy()  # the one sync
-            return _Verdict(out_ids, num_acc, host[:, : D + 2], nodes, host[:, D + 2:])
-        out_ids, num_acc = ops.verify(logits, draft.token_ids, probs, temperature=opts["temperature"],
-                                      top_k=opts["top_k"], top_p=opts["top_p"], seed=self.seeds,
-                                      offset=self.offsets, backend=self.gen.backend)
+            return _Verdict(out_ids, num_acc, host[:, : D + 2], nodes, host[:, D + 2:], self._host_logprobs(lp))
+        out_ids, num_acc, *lp = ops.verify(logits, draft.token_ids, probs, **args)
         host = torch.cat([out_ids, num_acc[:, None].long()], dim=1).cpu().numpy()  # the one sync
-        return _Verdict(out_ids, num_acc, host)
+        return _Verdict(out_ids, num_acc, host, logprobs=self._host_logprobs(lp))
+
+    @staticmethod
+    def _host_logprobs(lp: list) -> np.ndarray | None:
+        # copied after the step's one sync: the values are ready, nothing more waits
+        return torch.stack(lp, dim=-1).cpu().numpy() if lp else None
 
     # -- 4. commit --------------------------------------------------------------------------------
 
@@ -334,7 +342,7 @@ class _BatchRun:
         t3 = time.perf_counter()
         leaf = draft.leaf_stop(verdict.host_nodes, accepted) if isinstance(draft, _Tree) else None
         self._count(draft, accepted, leaf, k, t2, t3)
-        keep = self._emit(draft, verdict.host, accepted, leaf)
+        keep = self._emit(draft, verdict.host, accepted, leaf, verdict.logprobs)
         self.step += 1
         if len(keep) < len(self.live):
             self._drop_finished(keep)
@@ -367,9 +375,10 @@ class _BatchRun:
         stats.accepted_tokens += int(accepted.sum())
         stats._count_positions(depth, accepted)
 
-    def _emit(self, draft: Draft, host: np.ndarray, accepted: np.ndarray, leaf: np.ndarray | None) -> list:
-        """Append each row's emitted tokens (cut at EOS and the length limit), call the callback;
-        returns the batch rows that go on."""
+    def _emit(self, draft: Draft, host: np.ndarray, accepted: np.ndarray, leaf: np.ndarray | None,
+              logprobs: np.ndarray | None) -> list:
+        """Append each row's emitted tokens (cut at EOS and the length limit) and, when asked, their
+        logprobs (cut the same way), call the callback; returns the batch rows that go on."""
         keep, emitted_total, callback = [], 0, self.opts["callback"]
         drafted = draft.num_drafted
         for b in range(len(self.live)):
@@ -387,12 +396,16 @@ class _BatchRun:
             self.tokens[b, self.lengths[b]: self.lengths[b] + m] = emitted
             self.lengths[b] += m
             self.out_tokens[self.live[b]].extend(emitted.tolist())
+            pairs = None
+            if logprobs is not None:
+                pairs = [tuple(p) for p in logprobs[b, :m].tolist()]
+                self.out_logprobs[self.live[b]].extend(pairs)
             emitted_total += m
             if self.lengths[b] - self.prompt_lengths[b] >= self.max_new:
                 finished = True
             if callback is not None:
                 callback(Chunk(self.user_index[self.live[b]], emitted.tolist(), min(n, m),
-                               int(drafted[b]), finished, None if leaf is None else bool(leaf[b])))
+                               int(drafted[b]), finished, None if leaf is None else bool(leaf[b]), pairs))
             if not finished:
                 keep.append(b)
         self.stats.generated_tokens += emitted_total

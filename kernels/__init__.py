@@ -1,6 +1,7 @@
 """Triton kernels of specdec (installed as ``specdec.kernels``).
 
 - ``specdec.kernels.verify.verify``: fused chain verification (``specdec.ops.verify``'s Triton path)
+- ``specdec.kernels.verify_block.verify_block``: block verification (``specdec.ops.verify(method="block")``)
 - ``specdec.kernels.sample.sample``: fused sampling (``specdec.ops.sample``'s Triton path)
 - ``specdec.kernels.thresholds.filter_thresholds``: top-k / top-p keep thresholds (a search, no sort)
 - ``specdec.kernels.philox``: Philox4x32-10 and the uniform / exponential conversions (jit helpers)

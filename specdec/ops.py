@@ -541,8 +541,9 @@ def verify(
             first rejection) or "block" (Sun et al., ICLR 2025: the chain verified jointly;
             exact too, and never fewer accepted drafts in expectation; ``reference.verify_block``
             has the algorithm). Same inputs, outputs and seeding (draws keyed by row seed and
-            offset + position). "block" costs up to one more pass over the vocabulary (and
-            draft_probs) per draft position. Without draft_probs, and for greedy rows, it is
+            offset + position). "block" reads every draft position (not only up to the first
+            rejection) and one more logits / draft_probs row per test of its backward scan.
+            Without draft_probs, and for greedy rows, it is
             "token" token for token: with a one-hot q each prefix is already accepted with its
             target probability, the most any exact verifier can, so the two coincide.
 

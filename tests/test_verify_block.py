@@ -376,3 +376,42 @@ def test_opcheck_and_compile():
 
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
     assert torch.equal(compiled(*args[:3])[0], step(*args[:3])[0])
+
+
+def test_triton_kernel_compiles_for_sm90(tmp_path):
+    """The interpreter accepts code that the compiler rejects: record the block kernel's launches
+    (fp32 and bf16 logits, with and without top-k/top-p, greedy and sampled rows) and compile each
+    for sm_90 in a child process with the interpreter off (tests/triton_compile.py)."""
+    import json
+    import os
+
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU the other tests compile the kernel already")
+    if not backend_available("triton") or os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs triton under its interpreter")
+    from triton.runtime import interpreter
+
+    import specdec.kernels.verify_block as kvb
+    from triton_compile import compile_in_child, describe_launch
+
+    launches = {}
+    run_ = interpreter.InterpretedFunction.run
+
+    def recording_run(self, *args, **kwargs):
+        launches[json.dumps(describe_launch(self.fn, args, kwargs), sort_keys=True, default=str)] = 1
+        return run_(self, *args, **kwargs)
+
+    g = torch.Generator().manual_seed(5)
+    B, K, V = 2, 2, 600
+    t, _, _, seed, offset = per_row(B, temperature=torch.tensor([0.0, 0.8]), seed=torch.tensor([1, 2]))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(interpreter.InterpretedFunction, "run", recording_run)
+        for dtype in (torch.float32, torch.bfloat16):
+            logits = torch.randn(B, K + 1, V, generator=g).to(dtype)
+            q = torch.softmax(torch.randn(B, K, V, generator=g), -1)
+            drafts = torch.randint(0, V, (B, K), generator=g)
+            for top_k, top_p in ((None, None), (torch.tensor([0, 5]), torch.tensor([1.0, 0.9]))):
+                kvb.verify_block(logits, drafts, q, t, top_k, top_p, seed, offset)
+    assert any("_verify_block_kernel" in k for k in launches)
+    ok, out = compile_in_child([json.loads(k) for k in launches], tmp_path)
+    assert ok, out

@@ -545,7 +545,8 @@ def verify(
             rejection) and one more logits / draft_probs row per test of its backward scan.
             Without draft_probs, and for greedy rows, it is
             "token" token for token: with a one-hot q each prefix is already accepted with its
-            target probability, the most any exact verifier can, so the two coincide.
+            target probability, the most any exact verifier can, so the two coincide (explicit
+            one-hot draft_probs run the block algorithm: other tokens, the same acceptance).
 
     Returns:
         output_ids: [B, K+1] int64: accepted drafts, one recovered-or-bonus token, then -1.

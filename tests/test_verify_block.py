@@ -235,6 +235,19 @@ def test_block_is_never_worse_on_random_cases():
     assert sum(x > 1e-6 for x in gains) >= 10  # often strictly better, not just equal
 
 
+def test_one_hot_drafts_gain_nothing():
+    """A deterministic drafter (one-hot q): every prefix is already accepted with its target
+    probability, so both methods accept the same number of drafts in distribution (why
+    draft_probs=None runs token verification under method="block")."""
+    g = torch.Generator().manual_seed(12)
+    for case in range(10):
+        V, K = (3, 3) if case % 2 else (4, 2)
+        model = PrefixModel(V, K, g)
+        one_hot = torch.nn.functional.one_hot(torch.randint(0, V, (len(model.logits),), generator=g), V)
+        token, block = exact_accepted(model.probs(1.0, 0, 1.0), one_hot.double(), model, K)
+        assert torch.allclose(token, block, atol=1e-12, rtol=0)
+
+
 @pytest.mark.parametrize("method", ["block", "token"])
 def test_accepted_lengths_follow_the_enumeration(fast_backend, method):
     """The backends' accepted lengths have the enumerated distribution (so the implementation is

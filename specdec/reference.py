@@ -18,7 +18,8 @@ Random numbers: counter-based Philox4x32-10, stateless. One 32-bit word per
 Streams: ``STREAM_ACCEPT`` (acceptance test, index 0), ``STREAM_RESAMPLE`` (residual or bonus
 token, index = vocabulary id), ``STREAM_SAMPLE`` (the ``sample`` op, and the target's own sample in
 verification without draft probabilities), and their block streams ``STREAM_RESAMPLE_BLOCK`` /
-``STREAM_SAMPLE_BLOCK`` (index = block number, below). The Philox ``position`` word is 0 in every op:
+``STREAM_SAMPLE_BLOCK`` (index = block number, below), and ``STREAM_ACCEPT_PREFIX`` (block
+verification's tests, below). The Philox ``position`` word is 0 in every op:
 
 Keyed by token position. ``verify`` draws everything about chain position j (its acceptance test,
 its emitted token) with the counter offset ``offset + j`` (int64, wrapping): a caller that passes

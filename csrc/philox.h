@@ -29,6 +29,7 @@ constexpr int kStreamResample = 1;  // residual / bonus token, index = vocabular
 constexpr int kStreamSample = 2;    // the sample op, position 0
 constexpr int kStreamResampleBlock = 3;  // block level of the two-level race: index = block number
 constexpr int kStreamSampleBlock = 4;
+constexpr int kStreamAcceptPrefix = 5;  // block verification: "keep drafts 0..j", index j
 
 struct PhiloxOut {
   uint32_t w[4];

@@ -86,6 +86,8 @@ inline __m256 clean8(__m256 x) {
   return _mm256_blendv_ps(_mm256_set1_ps(kNegInf), x, fin);
 }
 inline float clean1(float x) { return std::isfinite(x) ? x : kNegInf; }
+// A draft probability as the kernels read it: NaN counts as 0 (reference._draft_q, every backend).
+inline double draft_q1(float q) { return q == q ? double(q) : 0.0; }
 
 // ---------------------------------------------------------------------------------------------
 // exp and log for 8 floats (Cephes single-precision polynomials, ~1 ulp). Written here rather
@@ -488,6 +490,7 @@ struct Weights {
     __m256 qv;
     if (q != nullptr) {
       qv = j + 8 <= vq ? load8(q + j) : (j < vq ? load_partial(q + j, vq - j, 0.0f) : _mm256_setzero_ps());
+      qv = _mm256_and_ps(qv, _mm256_cmp_ps(qv, qv, _CMP_ORD_Q));  // NaN counts as 0 (draft_q1)
     } else {
       const __m256i ids = _mm256_add_epi32(_mm256_set1_epi32(int32_t(j)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
       qv = _mm256_and_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(ids, _mm256_set1_epi32(int32_t(onehot)))),

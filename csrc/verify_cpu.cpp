@@ -163,7 +163,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> verify_cpu(
               double p = 0.0;
               if (xd > kNegInf && xd >= st.thr) p = std::exp((double(xd) - double(st.max)) * r.inv_t) / st.z;
               // deterministic drafter: q is one-hot at the draft
-              const double qd = Qp ? double(static_cast<float>(Qp[(b * K + pos) * Vd + d])) : 1.0;
+              const double qd = Qp ? draft_q1(static_cast<float>(Qp[(b * K + pos) * Vd + d])) : 1.0;
               const double u = uniform_open_closed(PhiloxKey(rp.seed[b], at(b, pos), kStreamAccept, 0).bits(0));
               accept = p > 0.0 && u * qd <= p;  // q(d) = 0 < p(d): accepted; p(d) = 0: rejected
             }

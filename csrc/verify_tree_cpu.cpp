@@ -228,7 +228,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> verify_tr
                 } else {
                   p = double(buf[which][d]) * scale;
                 }
-                const double qd = double(static_cast<float>(q[d]));
+                const double qd = draft_q1(static_cast<float>(q[d]));
                 const double u = uniform_open_closed(accept_key.bits(rank));
                 accept = p > 0.0 && u * qd <= p;
               }

@@ -1,8 +1,11 @@
 """Triton kernels of specdec (installed as ``specdec.kernels``).
 
 - ``specdec.kernels.verify.verify``: fused chain verification (``specdec.ops.verify``'s Triton path)
+- ``specdec.kernels.verify_block.verify_block``: block verification (``specdec.ops.verify(method="block")``)
 - ``specdec.kernels.sample.sample``: fused sampling (``specdec.ops.sample``'s Triton path)
 - ``specdec.kernels.thresholds.filter_thresholds``: top-k / top-p keep thresholds (a search, no sort)
+- ``specdec.kernels.verify_tree.verify_tree``: tree verification (``specdec.ops.verify_tree``'s Triton path)
+- ``specdec.kernels.logprobs``: the emitted tokens' logprobs (``return_logprobs=True``)
 - ``specdec.kernels.philox``: Philox4x32-10 and the uniform / exponential conversions (jit helpers)
 
 They compute exactly ``specdec.reference`` (the specification) and draw the same Philox numbers.
@@ -42,6 +45,6 @@ else:
 
     _interpreter_compat.apply()  # before any kernel runs under Triton 3.6's interpreter
 
-    from specdec.kernels import philox, sample, thresholds, verify  # noqa: F401
+    from specdec.kernels import logprobs, philox, sample, thresholds, verify, verify_block, verify_tree  # noqa: F401
 
-    __all__ = ["philox", "sample", "thresholds", "verify"]
+    __all__ = ["logprobs", "philox", "sample", "thresholds", "verify", "verify_block", "verify_tree"]

@@ -21,6 +21,8 @@ STREAM_SAMPLE: tl.constexpr = tl.constexpr(2)  # the sample op: position 0, inde
 # block streams of the two-level race: same position as the token race, index = block number
 STREAM_RESAMPLE_BLOCK: tl.constexpr = tl.constexpr(3)
 STREAM_SAMPLE_BLOCK: tl.constexpr = tl.constexpr(4)
+# block verification: "keep drafts 0..j", counter offset + j, index j
+STREAM_ACCEPT_PREFIX: tl.constexpr = tl.constexpr(5)
 
 # Philox4x32 constants (Salmon et al. 2011). Literals above 2**31 are typed uint32 by Triton.
 _PHILOX_M0: tl.constexpr = tl.constexpr(0xD2511F53)

@@ -84,6 +84,7 @@ def _residual(p, q_row_ptr, offs, q_lim, resid_draft, HAS_Q: tl.constexpr):
     if HAS_Q:
         q = tl.load(q_row_ptr + offs, mask=offs < tl.where(use, q_lim, 0), other=0.0)
         q = q.to(tl.float32)
+        q = tl.where(q == q, q, 0.0)  # NaN counts as 0 (reference._draft_q)
     else:
         q = tl.where(offs == resid_draft, 1.0, 0.0)
     return tl.where(use, tl.maximum(p - q, 0.0), 0.0)
@@ -152,6 +153,7 @@ def _verify_accept_race_kernel(
     if HAS_Q:
         q_draft = tl.load(q_ptr + (b * K + pos).to(tl.int64) * Vd + safe, mask=readable,
                           other=0.0).to(tl.float32)
+        q_draft = tl.where(q_draft == q_draft, q_draft, 0.0)  # NaN counts as 0
     else:
         q_draft = tl.full([BLOCK_K1], 1.0, tl.float32)  # deterministic drafter: q one-hot
     u = uniform_open_closed(philox_bits(seed, offset + pos, STREAM_ACCEPT, 0, 0))

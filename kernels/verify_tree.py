@@ -109,6 +109,7 @@ def _residual_pass(row_ptr, src_ptr, use_src, scale, q_row_ptr, Vd, dst_ptr, Vt,
         s = tl.load(src_ptr + offs, mask=offs < lim_src, other=0.0) * scale
         p_cur = tl.where(use_src != 0, s, p)
         q = tl.load(q_row_ptr + offs, mask=offs < Vd, other=0.0).to(tl.float32)
+        q = tl.where(q == q, q, 0.0)  # NaN counts as 0 (reference._draft_q)
         r = tl.where(offs < Vt, tl.maximum(p_cur - q, 0.0), 0.0)
         tl.store(dst_ptr + offs, r, mask=offs < Vt)
         mass += r
@@ -217,6 +218,7 @@ def _tree_walk_kernel(
                         positive = tl.where(which >= 0, p_buf > 0, keep_x)
                         qd = tl.load(q_ptr + (b * N + i).to(tl.int64) * Vd + safe, mask=in_range,
                                      other=0.0).to(tl.float32)
+                        qd = tl.where(qd == qd, qd, 0.0)  # NaN counts as 0
                         u = uniform_open_closed(philox_bits(seed, off, STREAM_ACCEPT, 0, rank))
                         rank += 1
                         if in_range & positive & (u * qd <= p):

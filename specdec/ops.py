@@ -1,10 +1,11 @@
 """Public op API: ``verify`` (fused chain verification), ``verify_tree`` (tree verification) and
 ``sample`` (fused sampling).
 
-Each op is a ``torch.library`` custom op (``torch.ops.specdec.verify`` / ``verify_tree`` / ``sample``)
-with a fake implementation, so it traces under ``torch.compile``. The Python functions below turn
-scalar or per-row arguments into per-row tensors (on the device, no host sync), optionally validate
-them (``check=True``), and call the op, which dispatches to one of three implementations:
+Each op is a ``torch.library`` custom op (``torch.ops.specdec.verify`` / ``verify_block`` (``verify``'s
+``method="block"``) / ``verify_tree`` / ``sample``) with a fake implementation, so it traces under
+``torch.compile``. The Python functions below turn scalar or per-row arguments into per-row tensors
+(on the device, no host sync), optionally validate them (``check=True``), and call the op, which
+dispatches to one of three implementations:
 
 - ``"triton"``: Triton kernels in ``specdec.kernels`` (CUDA tensors; CPU tensors only under
   ``TRITON_INTERPRET=1``, which is how the tests run them);
@@ -50,6 +51,7 @@ def _load_triton():
             import specdec.kernels.sample  # noqa: F401
             import specdec.kernels.verify  # noqa: F401
             import specdec.kernels.verify_tree  # noqa: F401
+            import specdec.kernels.verify_block  # noqa: F401
 
             if os.environ.get("TRITON_INTERPRET") == "1":
                 msg = "triton kernels loaded (interpreter on: CPU tensors allowed, slow)"
@@ -148,6 +150,42 @@ def _(target_logits, draft_token_ids, draft_probs, temperature, top_k, top_p, se
     return (target_logits.new_empty((B, K1), dtype=torch.int64),
             target_logits.new_empty((B,), dtype=torch.int32),
             *_fake_logprobs(target_logits, B, K1, return_logprobs))
+
+
+@torch.library.custom_op("specdec::verify_block", mutates_args=())
+def _verify_block_op(
+    target_logits: torch.Tensor,
+    draft_token_ids: torch.Tensor,
+    draft_probs: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: Optional[torch.Tensor],
+    top_p: Optional[torch.Tensor],
+    seed: torch.Tensor,
+    offset: torch.Tensor,
+    backend: str,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    impl = _pick(backend, target_logits.device)
+    if impl == "reference":
+        top_k, top_p = _materialise(top_k, top_p, temperature)
+        return reference.verify_block(target_logits, draft_token_ids, draft_probs, temperature, top_k, top_p,
+                                      seed, offset)
+    t_ok = torch.nan_to_num(temperature, nan=1.0, posinf=1.0)  # the kernels never see NaN / inf
+    if impl == "triton":
+        from specdec.kernels import verify_block as tvb
+
+        out = tvb.verify_block(target_logits, draft_token_ids, draft_probs, t_ok, top_k, top_p, seed, offset)
+    else:
+        top_k, top_p = _materialise(top_k, top_p, temperature)
+        out = torch.ops.specdec_cpp.verify_block(target_logits, draft_token_ids, draft_probs, t_ok, top_k, top_p,
+                                                 seed, offset)
+    return _void_bad_temperature(temperature, *out)
+
+
+@_verify_block_op.register_fake
+def _(target_logits, draft_token_ids, draft_probs, temperature, top_k, top_p, seed, offset, backend):
+    B, K1, _ = target_logits.shape
+    return (target_logits.new_empty((B, K1), dtype=torch.int64),
+            target_logits.new_empty((B,), dtype=torch.int32))
 
 
 @torch.library.custom_op("specdec::verify_tree", mutates_args=())
@@ -294,6 +332,12 @@ def _filters(top_k, top_p, B, dev):
     return k, p
 
 
+def _verify_method(method) -> str:
+    if method not in ("token", "block"):
+        raise ValueError(f'method must be "token" or "block", got {method!r}')
+    return method
+
+
 def _is_scalar(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
@@ -315,6 +359,8 @@ def row_seeds(seed: int, batch_size: int, first_row: int = 0) -> torch.Tensor:
 
 def _per_row(value, B: int, dtype: torch.dtype, device, name: str) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
+        if value.device.type == "meta" and torch.device(device).type != "meta":
+            raise ValueError(f"{name} is a meta tensor (no data), the other inputs are on {device}")
         if value.is_floating_point() and not dtype.is_floating_point:
             raise TypeError(f"{name} must be an integer tensor, got {value.dtype}")
         if value.dim() == 0:
@@ -390,6 +436,9 @@ def _void_bad_temperature(temperature, out_ids, second, *more_ids):
 def _check_float(t: torch.Tensor, name: str):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.device.type == "meta":
+        raise ValueError(f"{name} is a meta tensor (no data): check=True validates values; "
+                         "pass check=False to trace shapes only")
     if t.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{name} must be float32/float16/bfloat16/float64, got {t.dtype}")
 
@@ -527,6 +576,7 @@ def verify(
     check: bool = False,
     backend: str = "auto",
     return_logprobs: bool = False,
+    method: str = "token",
 ) -> Tuple[torch.Tensor, ...]:
     """Fused chain verification of K draft tokens per row (speculative sampling, exact).
 
@@ -539,6 +589,7 @@ def verify(
             emits the target's own sample (what ``sample`` draws with offset + j), drafts are
             accepted while they equal it. With offset = the row's token index, the emitted text
             is then that of plain sampling with the same seed, whatever the drafts.
+            A NaN in draft_probs counts as 0 (every backend and method; ``check=True`` raises).
         temperature: float or [B]; <= 0 makes a row greedy (0, or vLLM's -1; rows may mix greedy
             and sampled). A NaN or +inf temperature voids its row (all -1, num_accepted 0).
         top_k: int or [B] (0 = off); top_p: float or [B] (1.0 = off), applied to the target.
@@ -552,6 +603,18 @@ def verify(
         return_logprobs: also return the log-probabilities of the emitted tokens (below),
             computed from the statistics the op already keeps per position (no second pass over
             the vocabulary). False returns exactly the two outputs below.
+        method: "token" (default: each draft accepted with probability min(1, p/q), stop at the
+            first rejection) or "block" (Sun et al., ICLR 2025: the chain verified jointly;
+            exact too, and never fewer accepted drafts in expectation; ``reference.verify_block``
+            has the algorithm). Same inputs, outputs and seeding (draws keyed by row seed and
+            offset + position). "block" reads every draft position (not only up to the first
+            rejection) and one more logits / draft_probs row per test of its backward scan.
+            Without draft_probs, and for greedy rows, it is
+            "token" token for token: with a one-hot q each prefix is already accepted with its
+            target probability, the most any exact verifier can, so the two coincide (explicit
+            one-hot draft_probs run the block algorithm: other tokens, the same acceptance).
+            With return_logprobs, "block" gets its logprobs from a second pass over the emitted
+            positions (``reference.emitted_logprobs``), not from its kernel's statistics.
 
     Returns:
         output_ids: [B, K+1] int64: accepted drafts, one recovered-or-bonus token, then -1.
@@ -585,10 +648,20 @@ def verify(
     offset_t = _per_row(offset, B, torch.int64, dev, "offset")
     if draft_probs is not None:
         draft_probs = draft_probs.contiguous()
-    out, num_accepted, processed, raw = torch.ops.specdec.verify(
-        target_logits.contiguous(), draft_token_ids.to(torch.int64).contiguous(), draft_probs,
-        temperature_t, top_k_t, top_p_t, seed_t, offset_t, backend, return_logprobs,
-    )
+    if _verify_method(method) == "block" and draft_probs is not None:  # else block = token
+        out, num_accepted = torch.ops.specdec.verify_block(
+            target_logits.contiguous(), draft_token_ids.to(torch.int64).contiguous(), draft_probs,
+            temperature_t, top_k_t, top_p_t, seed_t, offset_t, backend,
+        )
+        if return_logprobs:  # the block kernels keep no per-position statistics: a second pass
+            positions = torch.arange(out.shape[1], device=dev).expand(B, -1)
+            processed, raw = reference.emitted_logprobs(target_logits, positions, out, temperature_t,
+                                                        *_materialise(top_k_t, top_p_t, temperature_t))
+    else:
+        out, num_accepted, processed, raw = torch.ops.specdec.verify(
+            target_logits.contiguous(), draft_token_ids.to(torch.int64).contiguous(), draft_probs,
+            temperature_t, top_k_t, top_p_t, seed_t, offset_t, backend, return_logprobs,
+        )
     if check:
         void = out[:, 0] < 0
         if bool(void.any()):
@@ -630,7 +703,7 @@ def verify_tree(
             (for siblings drawn without replacement, the conditional one that excluded the earlier
             siblings), or None for deterministic children (n-gram / argmax trees): then a node
             accepts the first child equal to the target's own sample there (what ``sample`` draws
-            with offset + depth), drawn once.
+            with offset + depth), drawn once. A NaN in draft_probs counts as 0, as in ``verify``.
         temperature, top_k, top_p, seed, offset: as in ``verify``. The draws that decide the
             children of a node at depth j (the root is at depth 0) use counter offset + j, so on a
             chain (node i's parent is i - 1) this op gives ``verify``'s tokens.
@@ -672,6 +745,9 @@ def verify_tree(
         raise TypeError(f"max_depth must be an int or None, got {type(max_depth).__name__}")
     if max_depth < 0:
         raise ValueError(f"max_depth must be >= 0, got {max_depth}")
+    if max_depth > N1 - 1 and B * (max_depth + 1) >= 2**31:  # never a real tree: a caller's slip
+        raise ValueError(f"max_depth={max_depth}: no path is longer than the N={N1 - 1} tree nodes, and the "
+                         f"[B, max_depth + 1] output would hold {B * (max_depth + 1)} entries; pass max_depth <= N")
     dev = target_logits.device
     temperature_t = _per_row(temperature, B, torch.float32, dev, "temperature")
     top_k_t, top_p_t = _filters(top_k, top_p, B, dev)

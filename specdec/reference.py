@@ -18,7 +18,8 @@ Random numbers: counter-based Philox4x32-10, stateless. One 32-bit word per
 Streams: ``STREAM_ACCEPT`` (acceptance test, index 0), ``STREAM_RESAMPLE`` (residual or bonus
 token, index = vocabulary id), ``STREAM_SAMPLE`` (the ``sample`` op, and the target's own sample in
 verification without draft probabilities), and their block streams ``STREAM_RESAMPLE_BLOCK`` /
-``STREAM_SAMPLE_BLOCK`` (index = block number, below). The Philox ``position`` word is 0 in every op:
+``STREAM_SAMPLE_BLOCK`` (index = block number, below), and ``STREAM_ACCEPT_PREFIX`` (block
+verification's tests, below). The Philox ``position`` word is 0 in every op:
 
 Keyed by token position. ``verify`` draws everything about chain position j (its acceptance test,
 its emitted token) with the counter offset ``offset + j`` (int64, wrapping): a caller that passes
@@ -30,6 +31,11 @@ equal the target's own samples and the first mismatch emits it, so the emitted t
 text that plain sampling (``sample`` with offset = token index, no drafter) produces with the same
 seed, whatever the drafts, K or batch. With draft probabilities the bonus token (no rejection) is
 the target's own sample too; a rejection draws the residual from ``STREAM_RESAMPLE*``.
+Block verification (``verify_block``) decides "keep drafts 0..j" with a uniform of its own stream
+``STREAM_ACCEPT_PREFIX`` at counter ``offset + j`` and index ``j``: it reads the decisions of drafts
+past the one it stops at, so the next step, which starts right after the stop, must not reuse
+them; the index (the draft's place in this step) keeps them apart, since the same absolute position
+has a smaller index in any later step. Its emitted token uses the streams above, at ``offset + s``.
 ``verify_tree`` keys the same way by depth: everything about the children of a node at depth j
 (the root is at depth 0) uses ``offset + j``, and the r-th child tried there uses index r of
 ``STREAM_ACCEPT``; on a chain this is ``verify``'s layout.
@@ -60,6 +66,7 @@ STREAM_RESAMPLE = 1
 STREAM_SAMPLE = 2
 STREAM_RESAMPLE_BLOCK = 3
 STREAM_SAMPLE_BLOCK = 4
+STREAM_ACCEPT_PREFIX = 5  # block verification: "stop after draft j", index j (verify_block)
 RACE_BLOCK = 256  # vocabulary ids per block of the two-level race
 
 _PHILOX_M0 = 0xD2511F53
@@ -213,6 +220,14 @@ def _positions(target_logits, temperature, top_k, top_p):
     return logits, probs.view(B, P, Vt), argmax.view(B, P), temperature, temperature <= 0, bad_t
 
 
+def _draft_q(draft_probs, dev) -> torch.Tensor:
+    """draft_probs in float64 on ``dev``, NaN read as 0: the rule of every backend and op. A NaN is
+    no probability a drafter can have had; as 0 (like a non-finite logit, which is -inf) the draft
+    is accepted iff the target gives it p(x) > 0, and the entry takes nothing from the residual."""
+    q = draft_probs.to(dev).double()
+    return torch.where(torch.isnan(q), torch.zeros_like(q), q)
+
+
 def verify(target_logits, draft_token_ids, draft_probs, temperature, top_k, top_p, seed, offset):
     """Chain verification, reference implementation (float64 inside).
 
@@ -255,7 +270,7 @@ def verify(target_logits, draft_token_ids, draft_probs, temperature, top_k, top_
         token = own[rows, num_accepted]
     else:
         p_draft = probs[:, :K].gather(2, safe[..., None]).squeeze(-1)
-        q_all = draft_probs.to(dev).double()
+        q_all = _draft_q(draft_probs, dev)
         q_draft = q_all.gather(2, safe[..., None]).squeeze(-1)
         u = uniform_open_closed(philox_bits(seed[:, None], offsets[:, :K], STREAM_ACCEPT, 0, 0))
         accept_sampled = (p_draft > 0) & (u * q_draft <= p_draft)
@@ -413,7 +428,7 @@ def verify_tree(target_logits, tree_token_ids, tree_parents, draft_probs, temper
     in_range = (tokens >= 0) & (tokens < Vd)
     safe = tokens.clamp(0, Vd - 1)
     node_ids = torch.arange(N, device=dev)
-    q_all = draft_probs.to(dev).double() if draft_probs is not None else None
+    q_all = _draft_q(draft_probs, dev) if draft_probs is not None else None
 
     out = torch.full((B, D + 1), -1, dtype=torch.int64, device=dev)
     accepted_nodes = torch.full((B, D), -1, dtype=torch.int64, device=dev)
@@ -490,7 +505,7 @@ def verify_tree(target_logits, tree_token_ids, tree_parents, draft_probs, temper
         go_on = active & (accepted >= 0)
         stop = active & ~go_on
         out[:, j] = torch.where(stop, token, out[:, j])
-        if j < D:
+        if j < D and N > 0:  # N = 0: nothing to accept, only the bonus (no node to index)
             safe_acc = accepted.clamp(min=0)
             out[:, j] = torch.where(go_on, tokens[rows, safe_acc], out[:, j])
             accepted_nodes[:, j] = torch.where(go_on, accepted, accepted_nodes[:, j])
@@ -544,3 +559,93 @@ def tree_source_positions(accepted_nodes):
     node + 1; slots after the emitted token get 0, their token is -1)."""
     root = torch.zeros_like(accepted_nodes[:, :1])
     return torch.cat([root, (accepted_nodes + 1).clamp(min=0)], dim=1)
+
+
+def verify_block(target_logits, draft_token_ids, draft_probs, temperature, top_k, top_p, seed, offset):
+    """Block verification of a chain (Sun et al., "Block Verification Accelerates Speculative
+    Decoding", ICLR 2025), reference implementation (float64 inside). Arguments and outputs as
+    ``verify``; exact like it, and it accepts at least as many drafts in expectation (the most any
+    exact verifier of a drafted chain can).
+
+    Per sampled row with drafts x_0..x_{g-1} (g = the drafts before the -1 tail or the first id
+    outside [0, Vd), which ends the chain like a -1), target p_j and draft q_j (NaN read as 0):
+      weights  w_0 = 1,  w_i = min(1, w_{i-1} p_{i-1}(x_{i-1}) / q_{i-1}(x_{i-1}))
+               (0 when p_{i-1}(x_{i-1}) = 0; 1 when q_{i-1}(x_{i-1}) = 0 < p);
+      residual mass R_i = sum_x max(0, w_i p_i(x) - q_i(x)) over the target vocabulary (q = 0
+               past Vd), for 0 < i < g;
+      stop after draft i-1 (keep i drafts), for i = g, g-1, ..., 1, the first that holds:
+               i = g:  u_i <= w_g;   i < g:  u_i (R_i + 1 - w_i) <= R_i   (h_i = R_i / (R_i + 1 - w_i),
+               1 when both are 0), with u_i = uniform_open_closed on STREAM_ACCEPT_PREFIX at counter
+               offset + i - 1, index i - 1; none: keep 0 drafts.
+    Keeping s < g drafts emits a race over max(0, w_s p_s - q_s) (its mass 0: over p_s) on the
+    resample streams at offset + s; keeping all g emits the bonus, the target's own sample at g
+    (sample's streams), as ``verify`` does. Greedy rows, and every row without draft probabilities
+    (q one-hot: each prefix is then accepted with its target probability, the most any exact
+    verifier can, so block and token verification coincide), are ``verify``'s, token for token.
+    Positions after a draft that the target gives probability 0 (its weight, and all later
+    ones, are 0: no test there can hold) are never looked at; a row emits nothing
+    only when the position its token is drawn from has no finite logit (or its temperature is NaN
+    / +inf).
+    """
+    token_out, token_n = verify(target_logits, draft_token_ids, draft_probs, temperature, top_k, top_p,
+                                seed, offset)
+    if draft_probs is None:
+        return token_out, token_n
+    B, K1, Vt = target_logits.shape
+    K = K1 - 1
+    dev = target_logits.device
+    logits, probs, argmax, temperature, greedy, bad_t = _positions(target_logits, temperature, top_k, top_p)
+    finite = torch.isfinite(logits).any(-1)  # [B, K+1]
+    seed, offset = seed.to(dev, torch.int64), offset.to(dev, torch.int64)
+    rows = torch.arange(B, device=dev)
+    drafts = draft_token_ids.to(dev, torch.int64)
+    Vd = draft_probs.shape[-1]
+    q = torch.zeros(B, K, Vt, dtype=torch.float64, device=dev)
+    q[..., :Vd] = _draft_q(draft_probs, dev)
+    in_range = (drafts >= 0) & (drafts < Vd)
+    g = in_range.long().cumprod(1).sum(1)  # the chain: drafts before the -1 tail or a bad id
+    safe = drafts.clamp(0, Vd - 1)
+
+    # w[:, i] = min(1, w_{i-1} p(x) / q(x)), i = 0..K
+    w = torch.ones(B, K + 1, dtype=torch.float64, device=dev)
+    for i in range(1, K + 1):
+        px = probs[rows, i - 1, safe[:, i - 1]]
+        qx = q[rows, i - 1, safe[:, i - 1]]
+        ratio = torch.where(qx > 0, w[:, i - 1] * px / torch.where(qx > 0, qx, torch.ones_like(qx)),
+                            torch.ones_like(px))
+        w[:, i] = torch.where((i - 1 < g) & (px > 0) & (w[:, i - 1] > 0), ratio.clamp(max=1.0),
+                              torch.zeros_like(px))
+
+    # the stop: the largest i in 1..g whose test holds (the tests read backwards from g)
+    s = torch.zeros(B, dtype=torch.int64, device=dev)
+    for i in range(1, K + 1):
+        u = uniform_open_closed(philox_bits(seed, offset + (i - 1), STREAM_ACCEPT_PREFIX, 0, i - 1))
+        if i < K:
+            resid_mass = (w[:, i, None] * probs[:, i] - q[:, i]).clamp(min=0).sum(-1)
+        else:
+            resid_mass = torch.zeros(B, dtype=torch.float64, device=dev)
+        test = torch.where(i == g, u <= w[:, i], u * (resid_mass + 1 - w[:, i]) <= resid_mass)
+        s = torch.where((i <= g) & test, torch.full_like(s, i), s)
+
+    # the emitted token at s
+    zero = torch.zeros(B, dtype=torch.int64, device=dev)
+    p_s = probs[rows, s]
+    w_s = w[rows, s]
+    q_s = q[rows, s.clamp(max=max(K - 1, 0))] if K > 0 else torch.zeros_like(p_s)
+    resid = (w_s[:, None] * p_s - q_s).clamp(min=0)
+    weights = torch.where((resid.sum(-1) > 0)[:, None], resid, p_s)  # mass 0: sample from p
+    resampled = _race(weights, seed, offset + s, STREAM_RESAMPLE, STREAM_RESAMPLE_BLOCK, zero)
+    bonus = _race(p_s, seed, offset + s, STREAM_SAMPLE, STREAM_SAMPLE_BLOCK, zero)
+    token = torch.where(s == g, bonus, resampled)
+
+    positions = torch.arange(K1, device=dev)
+    out = torch.full((B, K1), -1, dtype=torch.int64, device=dev)
+    out[:, :K] = torch.where(positions[None, :K] < s[:, None], drafts, out[:, :K])
+    out[rows, s] = token
+    row_ok = finite[rows, s] & ~bad_t
+    out = torch.where(row_ok[:, None], out, torch.full_like(out, -1))
+    n = torch.where(row_ok, s, torch.zeros_like(s)).to(torch.int32)
+    # greedy rows: token verification
+    out = torch.where(greedy[:, None], token_out.to(dev), out)
+    n = torch.where(greedy, token_n.to(dev), n)
+    return out, n

@@ -256,6 +256,37 @@ def test_compact_tree_checks_and_host_copies():
         cache.compact_tree(acc, torch.tensor([0, 0]), num_nodes=5)
 
 
+def test_compact_tree_refuses_inconsistent_steps():
+    """num_nodes that contradicts the remembered step, host lengths that contradict num_accepted, and
+    duplicate or out-of-order node indices are refused (nothing changes); the device lengths follow
+    host_lengths."""
+    def fresh():
+        cache = RaggedCache(1, 2, 1, 4, 32)
+        cache.store.append(torch.zeros(1, 2, 1, 2, 4), torch.zeros(1, 2, 1, 2, 4))
+        cache.tree_attention_mask(torch.tensor([[-1, 0, 1, 1], [-1, 0, 0, 2]]))  # a step of N = 4 nodes
+        cache.store.append(torch.zeros(1, 2, 1, 5, 4), torch.zeros(1, 2, 1, 5, 4))
+        return cache
+
+    cache = fresh()
+    acc, num = torch.tensor([[0, 1, 3], [0, 2, 3]]), torch.tensor([3, 2])
+    with pytest.raises(ValueError, match="num_nodes=7 but the last tree step .* had 4 nodes"):
+        cache.compact_tree(acc, num, num_nodes=7)
+    with pytest.raises(ValueError, match="row 1 host length 4 means 1 accepted nodes, num_accepted says 2"):
+        cache.compact_tree(acc, num, host_lengths=torch.tensor([6, 4]))
+    for bad, where in ((torch.tensor([[0, 1, 1], [0, 2, 3]]), r"row 0 accepted_nodes\[2\] = 1 after 1"),
+                       (torch.tensor([[0, 1, 3], [2, 0, 3]]), r"row 1 accepted_nodes\[1\] = 0 after 2")):
+        for host in (None, torch.tensor([6, 5])):
+            with pytest.raises(ValueError, match=where):
+                cache.compact_tree(bad, num, host_lengths=host)
+    assert cache.lengths.tolist() == [7, 7]  # nothing changed by a refused call
+    cache.compact_tree(acc, num, num_nodes=4, host_lengths=torch.tensor([6, 5]))
+    assert cache.lengths.tolist() == [6, 5] and cache.store.host_lengths.tolist() == [6, 5]
+    # a path that stops early may leave anything in its unused columns
+    cache = fresh()
+    cache.compact_tree(torch.tensor([[2, 0, 0], [0, 2, 1]]), torch.tensor([1, 2]))
+    assert cache.lengths.tolist() == [4, 5]
+
+
 def test_tree_step_never_waits_for_the_device_given_host_copies():
     """On the meta device any device-to-host copy raises: masks, positions and compaction with the caller's
     host lengths make none."""
@@ -346,7 +377,9 @@ def test_cuda_tree_step_matches_cpu(backend):
         pos = cache.tree_position_ids(parents.to(dev), valid.to(dev)).cpu()
         mask = cache.tree_attention_mask(parents.to(dev), valid.to(dev)).cpu()
         cache.store.append(data[:, :, :, 5:38].to(dev), data[:, :, :, 5:38].to(dev))
-        acc = torch.tensor([[3, 1, 0], [2**40, -5, 7], [31, 30, 29]], device=dev)
+        # valid paths (a CPU cache refuses garbage; test_cuda_compact_tree_garbage_stays_in_bounds
+        # covers garbage on CUDA)
+        acc = torch.tensor([[0, 1, 3], [2, 5, 7], [29, 30, 31]], device=dev)
         cache.compact_tree(acc, torch.tensor([3, 2, 0], device=dev), host_lengths=torch.tensor([9, 6, 5]))
         out[dev] = (pos, mask, cache.lengths.cpu(), cache.store.keys.cpu(), cache.store.values.cpu())
     for a, b in zip(out["cpu"][:3], out["cuda"][:3]):

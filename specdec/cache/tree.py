@@ -101,12 +101,18 @@ class _TreeSteps:
                 ``accepted_nodes``; entries past ``num_accepted[b]`` are ignored).
             num_accepted: ``[B]`` int32/int64 in ``[0, min(D, N)]``.
             num_nodes: ``N`` of the step; default: the ``N`` of the last :meth:`tree_attention_mask` /
-                :meth:`tree_position_ids` call, whose step must be the last thing appended.
+                :meth:`tree_position_ids` call, whose step must be the last thing appended. When given while
+                such a step is remembered, it must be that step's ``N`` (ValueError otherwise).
             host_lengths: a CPU ``[B]`` int tensor of the new lengths ``L_b + 1 + num_accepted[b]`` when the
                 caller has them (the generator does): then nothing waits for the device, the host values are
-                checked against ``[L_b + 1, L_b + 1 + N]`` and the device inputs are clamped into range
-                (garbage in, garbage rows out, never a write outside the step's slots). Without it the
-                inputs are read back (one synchronisation on CUDA) and checked: ValueError names the row.
+                checked against ``[L_b + 1, L_b + 1 + N]``, the device lengths are derived from them (so host
+                and device lengths cannot disagree) and the device inputs are clamped into range (garbage
+                in, garbage rows out, never a write outside the step's slots). Without it the inputs are
+                read back (one synchronisation on CUDA) and checked: ValueError names the row.
+        On a CPU cache every input is checked whether or not ``host_lengths`` is given (reading costs
+        nothing there): ``num_accepted`` in range and equal to what ``host_lengths`` says, node indices
+        in ``[0, N)`` and strictly increasing along each row's path (a root-to-node path of a tree whose
+        parents come before their children; the in-place move also relies on it).
         """
         store = self.store
         if num_nodes is None:
@@ -119,6 +125,11 @@ class _TreeSteps:
                                                                             before + num_nodes + 1):
                 raise RuntimeError(f"compact_tree: the cache is not one tree step of {num_nodes + 1} positions past "
                                    "the last tree_attention_mask call (pass num_nodes to compact anyway)")
+        else:
+            step = getattr(self, "_tree_step", None)
+            if step is not None and int(num_nodes) != step[0]:
+                raise ValueError(f"compact_tree: num_nodes={int(num_nodes)} but the last tree step "
+                                 f"(tree_attention_mask / tree_position_ids) had {step[0]} nodes")
         N = int(num_nodes)
         if N < 0:
             raise ValueError(f"compact_tree: num_nodes must be >= 0, got {N}")
@@ -129,7 +140,7 @@ class _TreeSteps:
             raise ValueError(f"compact_tree: row {b} holds {int(store.host_lengths[b])} slots, fewer than its left "
                              f"padding plus a tree step of {N + 1}")
         accepted_nodes = _as_index(accepted_nodes, "accepted_nodes")
-        num_accepted = _as_index(num_accepted, "num_accepted")
+        num_accepted = num_accepted_in = _as_index(num_accepted, "num_accepted")
         if accepted_nodes.dim() != 2 or accepted_nodes.shape[0] != self.batch_size \
                 or tuple(num_accepted.shape) != (self.batch_size,):
             raise ValueError(f"compact_tree: need accepted_nodes [B, D] and num_accepted [B] with B = "
@@ -142,8 +153,18 @@ class _TreeSteps:
                 b = int(bad[0, 0])
                 raise ValueError(f"compact_tree: row {b} host length {int(host[b])} outside [{int(base_host[b]) + 1}, "
                                  f"{int(base_host[b]) + 1 + depth}] (root + at most {depth} accepted nodes)")
-        else:  # read back (a synchronisation on CUDA) and check
+            # the device lengths follow the host's: one small copy to the device, no wait for it
+            num_accepted = (host - base_host - 1).to(store.device, non_blocking=True)
+        on_host = accepted_nodes.device.type == "cpu" and num_accepted_in.device.type == "cpu"
+        if host_lengths is None or on_host:  # read back (a synchronisation on CUDA) and check
             n_h, nodes_h = num_accepted.cpu().long(), accepted_nodes.cpu().long()
+            if host_lengths is not None:
+                n_given = num_accepted_in.long()
+                bad = (n_given != n_h).nonzero()
+                if bad.numel():
+                    b = int(bad[0, 0])
+                    raise ValueError(f"compact_tree: row {b} host length {int(host[b])} means {int(n_h[b])} "
+                                     f"accepted nodes, num_accepted says {int(n_given[b])}")
             bad = ((n_h < 0) | (n_h > depth)).nonzero()
             if bad.numel():
                 b = int(bad[0, 0])
@@ -154,6 +175,13 @@ class _TreeSteps:
                 b, j = (int(x) for x in bad[0])
                 raise ValueError(f"compact_tree: row {b} accepted_nodes[{j}] = {int(nodes_h[b, j])} outside the "
                                  f"tree's nodes [0, {N})")
+            order = cols[:, 1:] & (nodes_h[:, 1:] <= nodes_h[:, :-1])
+            bad = order.nonzero()
+            if bad.numel():
+                b, j = (int(x) for x in bad[0])
+                raise ValueError(f"compact_tree: row {b} accepted_nodes[{j + 1}] = {int(nodes_h[b, j + 1])} after "
+                                 f"{int(nodes_h[b, j])}: a path's nodes are strictly increasing (duplicates or "
+                                 "out-of-order indices would move slots already overwritten)")
             host = base_host + 1 + n_h
         compact_tree_(store.keys, store.values, store.lengths, accepted_nodes.to(store.device),
                       num_accepted.to(store.device), N, backend=store.backend)

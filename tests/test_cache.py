@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 
+from specdec.hf_compat import cache_kwargs
 from specdec import cache as C
 from specdec.cache import KVStore, RaggedCache
 
@@ -452,7 +453,7 @@ def _forward(model, cache, ids):
     q = ids.shape[1]
     with torch.no_grad():
         return model(input_ids=ids, position_ids=cache.position_ids(q), attention_mask=cache.attention_mask(q),
-                     past_key_values=cache, use_cache=True).logits
+                     **cache_kwargs(model, cache), use_cache=True).logits
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -543,13 +544,13 @@ def test_hf_batch1_without_explicit_mask():
     prompt = torch.randint(1, VOCAB, (1, 7), generator=g)
     cache = RaggedCache.from_model(model, batch_size=1, max_length=20)
     with torch.no_grad():
-        model(input_ids=prompt, past_key_values=cache, use_cache=True)
+        model(input_ids=prompt, **cache_kwargs(model, cache), use_cache=True)
         block = torch.randint(1, VOCAB, (1, 4), generator=g)
-        model(input_ids=block, past_key_values=cache, use_cache=True)
+        model(input_ids=block, **cache_kwargs(model, cache), use_cache=True)
         cache.crop(-3)  # keep 1 of the 4
         assert cache.get_seq_length() == 8
         nxt = torch.randint(1, VOCAB, (1, 1), generator=g)
-        logits = model(input_ids=nxt, past_key_values=cache, use_cache=True).logits[0, -1]
+        logits = model(input_ids=nxt, **cache_kwargs(model, cache), use_cache=True).logits[0, -1]
     seq = prompt[0].tolist() + block[0, :1].tolist() + nxt[0].tolist()
     torch.testing.assert_close(logits, _fresh_last_logits(model, seq), rtol=1e-4, atol=1e-5)
 

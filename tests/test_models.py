@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from specdec.hf_compat import cache_kwargs
 from specdec.generator import DraftLengthPolicy, SpeculativeGenerator
 from specdec.models import (IncompatibleModelsError, ModelLoadError, cache_dir, check_compatible, load_model,
                             load_tokenizer, resolve_quantization)
@@ -72,7 +73,7 @@ def _int8_noise(model, seq, chunk):
     cache, parts = DynamicCache(), []
     for s in range(0, len(seq), chunk):
         ids = torch.tensor([seq[s: s + chunk]])
-        parts.append(model(ids, past_key_values=cache, use_cache=True).logits[0].float())
+        parts.append(model(ids, **cache_kwargs(model, cache), use_cache=True).logits[0].float())
     return float((full - torch.cat(parts)).abs().max())
 
 

@@ -10,6 +10,7 @@ parent is ``tree_parents[b, i]`` (-1 = the root), unused slots have ``tree_token
 import pytest
 import torch
 
+from specdec.hf_compat import cache_kwargs
 from specdec import cache as C
 from specdec.cache import RaggedCache, compact_tree_, tree_ancestors
 
@@ -70,7 +71,7 @@ def _tree_step(model, cache, roots, tokens, parents, valid):
     ids = torch.cat([roots[:, None], tokens.clamp(min=0)], 1)  # unused slots get any real id (masked)
     with torch.no_grad():
         return model(input_ids=ids, position_ids=cache.tree_position_ids(parents, valid),
-                     attention_mask=cache.tree_attention_mask(parents, valid), past_key_values=cache,
+                     attention_mask=cache.tree_attention_mask(parents, valid), **cache_kwargs(model, cache),
                      use_cache=True).logits
 
 
@@ -100,7 +101,7 @@ def test_tree_steps_and_compaction_match_fresh_forward(arch, attn, backend):
     with torch.no_grad():
         ids = torch.tensor([[0] * p + s for p, s in zip(pad, seqs)])
         model(input_ids=ids, position_ids=cache.position_ids(T0), attention_mask=cache.attention_mask(T0),
-              past_key_values=cache, use_cache=True)
+              **cache_kwargs(model, cache), use_cache=True)
 
     rounds = [[TREES["chain"], TREES["star"], TREES["binary"]],
               [TREES["ragged"], _random_tree(g), TREES["holes"]],
@@ -137,7 +138,7 @@ def test_tree_steps_and_compaction_match_fresh_forward(arch, attn, backend):
     nxt = torch.randint(3, VOCAB, (B, 2), generator=g)
     with torch.no_grad():
         logits = model(input_ids=nxt, position_ids=cache.position_ids(2), attention_mask=cache.attention_mask(2),
-                       past_key_values=cache, use_cache=True).logits
+                       **cache_kwargs(model, cache), use_cache=True).logits
     for b in range(B):
         _assert_close(logits[b], _fresh_logits(model, seqs[b] + nxt[b].tolist())[-2:])
 

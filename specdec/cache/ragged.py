@@ -76,7 +76,8 @@ class RaggedCache(_TreeSteps, _HFCache):
 
         cache = RaggedCache.from_model(model, batch_size=B, max_length=T_max)
         out = model(input_ids=ids, position_ids=cache.position_ids(q), attention_mask=cache.attention_mask(q),
-                    past_key_values=cache, use_cache=True)   # every row advances by q
+                    use_cache=True, **cache_kwargs(model, cache))   # every row advances by q;
+        # cache_kwargs (specdec.hf_compat): cache= or past_key_values=, whichever the release takes
         cache.rollback(new_lengths)                           # per row, O(1)
 
     ``update`` writes layer ``l``'s new keys/values at ``lengths[b] + arange(q)`` and returns the

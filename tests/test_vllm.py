@@ -43,6 +43,7 @@ if not torch.cuda.is_available():
 
     current_platform.is_pin_memory_available = lambda: False
     current_platform.num_compute_units = lambda device_id=0: 2
+    current_platform.device_type = "cpu"  # Model Runner V2's buffers are allocated on it
     _platform_utils.is_pin_memory_available.cache_clear()
     _platform_utils.num_compute_units.cache_clear()
     import vllm.v1.sample.ops.penalties as _penalties  # noqa: E402
@@ -381,3 +382,163 @@ def test_v2_custom_sampler_hook_builds_specdec_sampler():
     assert rejection.num_speculative_steps == 3
     Config.speculative_config = None
     assert ModelState.custom_sampler(State(), sampler) is None
+
+
+# --- Model Runner V2 ---------------------------------------------------------------------------
+
+from types import SimpleNamespace  # noqa: E402
+
+from vllm.sampling_params import SamplingParams  # noqa: E402
+from vllm.v1.worker.gpu.input_batch import InputBatch  # noqa: E402
+from vllm.v1.worker.gpu.sample.sampler import Sampler as V2Sampler  # noqa: E402
+from vllm.v1.worker.gpu.spec_decode.rejection_sampler import RejectionSampler as VllmV2RejectionSampler  # noqa: E402
+from vllm.v1.worker.gpu.states import RequestState  # noqa: E402
+
+from specdec.integrations.vllm import ModelRunnerV2RejectionSampler  # noqa: E402
+
+
+def v2_spec_config(K: int):
+    return SimpleNamespace(num_speculative_tokens=K, enable_adaptive_verification=False,
+                           rejection_sample_method="standard", fly_entropy_threshold=0.3, fly_entropy_top_k=3,
+                           fly_window_size=None, synthetic_acceptance_rates=None)
+
+
+class V2Step:
+    """One decode step of Model Runner V2 with drafts: V2's real RequestState, Sampler (as the
+    runner builds them) and InputBatch. Request i: prompt of `prompt_len` tokens, `generated`
+    tokens so far, its last sampled token then its drafts as the step's input."""
+
+    def __init__(self, V: int, K: int, params: list, drafts: list, *, prompt_len: int = 5, generated=None,
+                 chunked_prefill=()):
+        B = len(params)
+        self.V, self.K = V, K
+        self.req_states = RequestState(max_num_reqs=B, max_model_len=64, max_num_batched_tokens=B * (K + 1),
+                                       num_speculative_steps=K, vocab_size=V, device=DEV)
+        self.sampler = V2Sampler(SimpleNamespace(reasoning_config=None), B, V, DEV, self.req_states,
+                                 num_speculative_tokens=K + 1)
+        generated = generated or [3] * B
+        idx, ids, positions, seq_lens, local = [], [], [], [], []
+        for i, (sp, d) in enumerate(zip(params, drafts)):
+            prefill = prompt_len + (40 if i in chunked_prefill else 0)  # still prefilling: seq_len < prefill_len
+            self.req_states.add_request(f"r{i}", prompt_len, list(range(prefill)), prompt_len, 20)
+            r = self.req_states.req_id_to_index[f"r{i}"]
+            self.sampler.add_request(r, sp)
+            idx.append(r)
+            start = prompt_len + generated[i]
+            ids += [7] + list(d)
+            positions += list(range(start, start + len(d) + 1))
+            seq_lens.append(start + len(d) + 1)
+            local += list(range(len(d) + 1))
+        self.req_states.apply_staged_writes()
+        self.sampler.apply_staged_writes()
+        counts = np.array([len(d) + 1 for d in drafts], dtype=np.int32)
+        cu = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+        n = int(cu[-1])
+        idx_t = torch.tensor(idx, dtype=torch.int64)
+        self.batch = InputBatch(
+            req_ids=[f"r{i}" for i in range(B)], num_reqs=B, num_reqs_after_padding=B,
+            idx_mapping=idx_t, idx_mapping_np=np.array(idx, dtype=np.intp),
+            expanded_idx_mapping=idx_t.repeat_interleave(torch.from_numpy(counts).long()),
+            expanded_local_pos=torch.tensor(local, dtype=torch.int32),
+            num_scheduled_tokens=counts, num_tokens=n, num_tokens_after_padding=n,
+            num_draft_tokens=n - B, num_draft_tokens_per_req=counts - 1,
+            query_start_loc=torch.from_numpy(cu.copy()), query_start_loc_np=cu,
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32), seq_lens_cpu_upper_bound=torch.tensor(seq_lens),
+            dcp_local_seq_lens=None, num_computed_tokens_np=np.array(seq_lens) - counts,
+            prefill_len_np=self.req_states.prefill_len.np[idx], num_computed_prefill_tokens_np=np.zeros(B, np.int32),
+            is_prefilling_np=np.zeros(B, bool), has_prefill=False, decode_graph_eligible=False,
+            input_ids=torch.tensor(ids, dtype=torch.int32), positions=torch.tensor(positions, dtype=torch.int64),
+            is_padding=torch.zeros(n, dtype=torch.bool), logits_indices=torch.arange(n, dtype=torch.int64),
+            cu_num_logits=torch.from_numpy(cu.copy()), cu_num_logits_np=cu,
+            has_structured_output_reqs=False, prompt_lens=None)
+
+    def run(self, cls, logits, draft_logits=None, invalid_drafts=None):
+        rejection = cls(self.sampler, v2_spec_config(self.K), DEV)
+        return rejection(logits.clone(), self.batch, draft_logits, invalid_drafts)  # as model_runner.py calls it
+
+
+def test_v2_greedy_output_format_and_argmax_walk():
+    torch.manual_seed(10)
+    V, K = 40, 3
+    drafts = [[0, 0, 0], [0], [0, 0, 0], []]
+    counts = [len(d) + 1 for d in drafts]
+    logits = torch.randn(sum(counts), V)
+    best = logits.argmax(-1).tolist()
+    starts = np.cumsum([0] + counts[:-1])
+    drafts[0] = [best[starts[0]], best[starts[0] + 1], (best[starts[0] + 2] + 1) % V]  # 2 accepted
+    drafts[1] = [best[starts[1]]]                                                       # all + bonus
+    drafts[2] = [(best[starts[2]] + 5) % V, 1, 2]                                       # rejected at once
+    params = [SamplingParams(temperature=0.0)] * 4
+    step = V2Step(V, K, params, drafts)
+    out = step.run(ModelRunnerV2RejectionSampler, logits)
+    expected = [best[starts[0]:starts[0] + 3], best[starts[1]:starts[1] + 2], best[starts[2]:starts[2] + 1],
+                best[starts[3]:starts[3] + 1]]
+    assert out.sampled_token_ids.shape == (4, K + 1) and out.sampled_token_ids.dtype == torch.int64
+    assert out.num_sampled.dtype == torch.int32 and out.num_sampled.tolist() == [len(e) for e in expected]
+    assert out.num_rejected.tolist() == [c - len(e) for c, e in zip(counts, expected)]
+    for row, e in zip(out.sampled_token_ids.tolist(), expected):
+        assert row[:len(e)] == e and all(t == -1 for t in row[len(e):])
+    assert out.logprobs_tensors is None
+    theirs = step.run(VllmV2RejectionSampler, logits)
+    for b, e in enumerate(expected):
+        assert theirs.sampled_token_ids[b, :len(e)].tolist() == e
+    assert torch.equal(out.num_sampled, theirs.num_sampled) and torch.equal(out.num_rejected, theirs.num_rejected)
+
+
+def test_v2_chunked_prefill_and_invalid_drafts():
+    torch.manual_seed(11)
+    V, K = 30, 2
+    logits = torch.randn(3 + 3, V)
+    best = logits.argmax(-1).tolist()
+    drafts = [[best[0], best[1]], [best[3], best[4]]]
+    step = V2Step(V, K, [SamplingParams(temperature=0.0)] * 2, drafts, chunked_prefill=(1,))
+    invalid = torch.zeros(6, dtype=torch.bool)
+    invalid[2] = True  # request 0's second draft (logit row 2 holds it): rejected, argmax emitted
+    out = step.run(ModelRunnerV2RejectionSampler, logits, invalid_drafts=invalid)
+    assert out.num_sampled.tolist() == [2, 0]  # request 1 is still prefilling: emits nothing
+    assert out.sampled_token_ids[0, :2].tolist() == [best[0], best[1]]
+
+
+@pytest.mark.parametrize("with_draft_logits", [False, True])
+def test_v2_sampled_tokens_follow_the_target(with_draft_logits):
+    V, K, B = 10, 2, 3000
+    gen = torch.Generator().manual_seed(12)
+    row_logits = torch.randn(K + 1, V, generator=gen) * 1.5
+    temperature, top_k = 0.7, 8
+    p0 = _target_probs(row_logits[0], temperature, top_k)
+    draft_logits = None
+    if with_draft_logits:
+        draft_row = torch.randn(K, V, generator=gen)
+        q = torch.softmax(draft_row / temperature, -1)
+        drafts = torch.stack([torch.multinomial(q[j], B, True, generator=gen) for j in range(K)], 1).tolist()
+        draft_logits = draft_row.repeat(B, 1, 1)  # [max_num_reqs, K, V], before temperature
+    else:
+        drafts = [[int(p0.argmax()), 1]] * B
+    params = [SamplingParams(temperature=temperature, top_k=top_k, seed=i) for i in range(B)]
+    step = V2Step(V, K, params, drafts)
+    out = step.run(ModelRunnerV2RejectionSampler, row_logits.repeat(B, 1), draft_logits)
+    assert ((out.num_sampled >= 1) & (out.num_sampled <= K + 1)).all()
+    t0 = out.sampled_token_ids[:, 0]
+    assert chi2_pvalue(t0, p0) > ALPHA
+    assert chi2_pvalue(t0, biased(p0, 0.02)) < ALPHA
+
+
+def test_v2_seeded_by_request_seed_and_position():
+    V, K = 30, 3
+    torch.manual_seed(13)
+    req_logits = torch.randn(K + 1, V)
+    req_drafts = [int(req_logits[0].argmax()), 4, 5]
+
+    def run(slot, others, seed=99):
+        params, drafts, rows = [], [], []
+        for b in range(others + 1):
+            params.append(SamplingParams(temperature=1.0, seed=seed if b == slot else 1000 + b))
+            drafts.append(req_drafts if b == slot else [1, 2, 3])
+            rows.append(req_logits if b == slot else torch.randn(K + 1, V))
+        out = V2Step(V, K, params, drafts).run(ModelRunnerV2RejectionSampler, torch.cat(rows))
+        n = int(out.num_sampled[slot])
+        return out.sampled_token_ids[slot, :n].tolist()
+
+    a = run(0, 0)
+    assert a == run(2, 3) == run(1, 2)
+    assert len({tuple(run(0, 0, seed)) for seed in range(8)}) > 1

@@ -92,4 +92,30 @@ clean:
 
 # a fresh environment on the next `make setup`
 clean-venv:
-	rm -rf $(VENV) .venv-latest .venv-triton-old
+	rm -rf $(VENV) .venv-latest .venv-triton-old $(VLLM_VENV)
+
+# --- vLLM drop-in tests (issue 24; README: vLLM) -------------------------------------------------
+# vllm 0.33.0 in its own venv: the wheel with --no-deps plus requirements-vllm.txt (what the
+# imported modules need), torch 2.14.1 (vllm pins 2.14.0; .1 is ABI-compatible). Its Triton
+# kernels run on the CPU through Triton's interpreter. `make test-vllm` runs exactly the tests
+# marked `vllm` (tests/test_vllm.py); the main venv skips them.
+VLLM_VENV  ?= .venv-vllm
+VLLM_TORCH ?= torch==2.14.1
+VLLM_STAMP := $(VLLM_VENV)/.specdec-vllm-installed
+
+.PHONY: setup-vllm test-vllm
+
+setup-vllm: $(VLLM_STAMP)
+
+$(VLLM_STAMP): setup.py requirements-vllm.txt
+	rm -f $(VLLM_STAMP)
+	$(PY) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q $(VLLM_TORCH)
+	$(VLLM_VENV)/bin/pip install -q -r requirements-vllm.txt
+	$(VLLM_VENV)/bin/pip install -q --no-deps vllm==0.33.0
+	SPECDEC_NO_EXT=1 $(VLLM_VENV)/bin/pip install -q --no-build-isolation --no-deps -e .
+	touch $(VLLM_STAMP)
+
+test-vllm: setup-vllm
+	TRITON_INTERPRET=1 $(VLLM_VENV)/bin/python -m pytest -q -m vllm tests/test_vllm.py $(ARGS)

@@ -113,5 +113,9 @@ if __name__ == "__main__":
             "bench": ["matplotlib"],
             "test": ["pytest", "scipy"],
         },
-        entry_points={"console_scripts": ["specdec=specdec.cli:main"]},
+        entry_points={
+            "console_scripts": ["specdec=specdec.cli:main"],
+            # vLLM loads this in every process; it acts only when SPECDEC_VLLM_SAMPLER=1 (README: vLLM)
+            "vllm.general_plugins": ["specdec_sampler=specdec.integrations.vllm_plugin:register"],
+        },
     )

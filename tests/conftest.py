@@ -110,6 +110,10 @@ def no_deprecated_calls(monkeypatch):
         pytest.fail("deprecated calls from specdec's code:\n" + "\n".join(sorted(set(seen))), pytrace=False)
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "vllm: needs the real vllm package (make test-vllm, its own venv)")
+
+
 def pytest_report_header(config):
     return ["specdec backends: " + ", ".join(
         f"{k}={'yes' if v[0] else 'no'} ({v[1]})" for k, v in specdec.ops.backends().items())]

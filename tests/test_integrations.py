@@ -1,9 +1,8 @@
-"""Drop-in adapters: patched HF assisted generation and the vLLM-shaped rejection sampler."""
+"""Drop-in adapter: patched HF assisted generation (the vLLM samplers: tests/test_vllm.py)."""
 import pytest
 import torch
 
 import specdec.integrations.transformers as sd_hf
-from specdec.integrations.vllm import RejectionSampler, SamplingMetadata, SpecDecodeMetadata
 from _tiny_models import PROMPTS, hf_greedy, tiny_model
 
 
@@ -64,37 +63,3 @@ def test_select_tokens_matches_hf_greedy_rule():
     cand = torch.cat([torch.tensor([[7, 8]]), best[None, :2], torch.tensor([[(int(best[2]) + 1) % 50]])], 1)
     valid, n = sd_hf.select_tokens(cand, None, 3, logits, 2, False)
     assert n == 2 and valid.tolist() == [best[:3].tolist()]
-
-
-def test_vllm_rejection_sampler_greedy():
-    torch.manual_seed(0)
-    V = 32
-    drafts = [[3, 4, 5], [], [7, 8]]
-    logits = torch.randn(5, V)
-    best = logits.argmax(-1)
-    drafts[0] = [int(best[0]), int(best[1]), (int(best[2]) + 1) % V]  # two accepted, third rejected
-    drafts[2] = [int(best[3]), int(best[4])]  # all accepted -> bonus
-    meta = SpecDecodeMetadata.from_lists(drafts)
-    bonus = torch.tensor([[11], [12], [13]])
-    out = RejectionSampler()(meta, None, logits, bonus, SamplingMetadata(all_greedy=True))
-    assert out.dtype == torch.int32 and out.shape == (3, 4)
-    assert out[0].tolist() == [int(best[0]), int(best[1]), int(best[2]), -1]
-    assert out[1].tolist() == [12, -1, -1, -1]
-    assert out[2].tolist() == [int(best[3]), int(best[4]), 13, -1]
-    assert RejectionSampler.parse_output(out, V) == [out[0, :3].tolist(), [12], out[2, :3].tolist()]
-
-
-def test_vllm_rejection_sampler_random_with_probs():
-    V, B = 16, 2
-    meta = SpecDecodeMetadata.from_lists([[1, 2], [3]])
-    target_logits = torch.randn(3, V)
-    draft_probs = torch.softmax(torch.randn(3, V), -1)
-    sm = SamplingMetadata(temperature=torch.tensor([1.0, 0.7]), seeds=torch.tensor([5, 6]), step=0)
-    a = RejectionSampler()(meta, draft_probs, target_logits, torch.tensor([[9], [10]]), sm)
-    b = RejectionSampler()(meta, draft_probs, target_logits, torch.tensor([[9], [10]]), sm)
-    assert torch.equal(a, b) and a.shape == (B, 3)
-    for row, k in zip(a.tolist(), (2, 1)):
-        emitted = [t for t in row if t != -1]
-        assert 1 <= len(emitted) <= k + 1 and all(0 <= t < V for t in emitted)
-    with pytest.raises(ValueError):
-        RejectionSampler()(meta, None, target_logits[:2], torch.tensor([[9], [10]]))

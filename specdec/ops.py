@@ -14,6 +14,11 @@ dispatches to one of three implementations:
 
 ``backend="auto"`` picks triton for CUDA tensors and cpp for CPU tensors, falling back to the
 reference when those are unavailable; ``backends()`` reports what loaded and why not.
+
+Why one file of 800 lines: the four ops share every helper here (per-row arguments without a host
+sync, the checks that name the argument, backend choice, the custom-op registrations and fake
+kernels); split per op, each file would import most of the others. Read it as: helpers, then one
+section per op (custom op + fake, then the public function).
 """
 from __future__ import annotations
 

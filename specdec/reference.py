@@ -2,7 +2,9 @@
 
 This file is the specification: the C++ (``csrc/``) and Triton (``kernels/``) implementations
 compute exactly what is written here, including which random number is used for what, so that all
-backends emit the same tokens on the same inputs (barring floating-point near-ties).
+backends emit the same tokens on the same inputs (barring floating-point near-ties). It is one
+file (about 650 lines) on purpose: the ops share its Philox streams, filters and residual rules,
+and a reader checks a kernel against one place.
 
 Random numbers: counter-based Philox4x32-10, stateless. One 32-bit word per
 (seed, offset, stream, position, index):

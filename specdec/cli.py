@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--raw", action="store_true", help="do not wrap prompts in the model's chat template")
     _add_output_options(gen)
     gen.add_argument("--json", action="store_true", help="print results and stats as JSON")
+    gen.add_argument("--verify-method", choices=("token", "block"), default="token",
+                     help="chain verification: token by token (default) or block (Sun et al. 2025; differs only "
+                          "with a sampled model or early-exit drafter; trees use tree verification)")
     gen.add_argument("--logprobs", action="store_true",
                      help="each generated token's log-probability (processed and raw): in the JSON with --json, "
                           "else each row's total and mean on stderr")
@@ -231,7 +234,8 @@ def cmd_generate(args, parser) -> int:
     progress = not stream and not args.quiet and sys.stderr.isatty()
     result = gen.generate(ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                           top_p=args.top_p, seed=args.seed, batch_size=args.batch_size, callback=callback,
-                          progress=progress, logprobs=args.logprobs)
+                          progress=progress, logprobs=args.logprobs,
+                          verify_method=args.verify_method)
     if args.json:
         out = {"prompts": prompts, "texts": result.texts, "token_ids": result.sequences,
                "finish_reasons": result.finish_reasons, "stats": result.stats.as_dict()}

@@ -469,3 +469,28 @@ def test_generate_logprobs_match_a_full_forward(family_setup, kind, temperature)
             assert res.logprobs[i] == res.raw_logprobs[i]
         streamed = [p for c in chunks if c.row == i for p in c.logprobs]
         assert [p for p, _ in streamed] == res.logprobs[i]
+
+
+def test_verify_method_block_reaches_the_op(family_setup, monkeypatch):
+    """generate(verify_method="block") verifies chain steps with method="block" (greedy: the same
+    tokens as the target's own; sampled with a model drafter: runs, rows complete) and refuses an
+    unknown method."""
+    from specdec import ops
+
+    _, target, small, refs = family_setup
+    gen = SpeculativeGenerator(target, small, num_draft_tokens=3, adaptive=False, tree=False)
+    seen = []
+    real = ops.verify
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("method"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ops, "verify", spy)
+    greedy = gen.generate(PROMPTS, max_new_tokens=N_NEW, eos_token_id=None, verify_method="block")
+    assert greedy.sequences == refs and seen and set(seen) == {"block"}
+    sampled = gen.generate(PROMPTS, max_new_tokens=N_NEW, eos_token_id=None, temperature=1.0, seed=3,
+                           verify_method="block")
+    assert all(len(s) == N_NEW for s in sampled.sequences) and sampled.stats.drafted_tokens > 0
+    with pytest.raises(ValueError, match="verify_method"):
+        gen.generate(PROMPTS, max_new_tokens=2, verify_method="joint")

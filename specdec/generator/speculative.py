@@ -250,6 +250,7 @@ class SpeculativeGenerator:
         progress: bool = False,
         chat: bool | None = None,
         logprobs: bool = False,
+        verify_method: str = "token",
     ) -> GenerationResult:
         """Generate continuations for a batch of prompts.
 
@@ -274,6 +275,10 @@ class SpeculativeGenerator:
                 distribution it was drawn from) and raw (``GenerationResult.logprobs`` and
                 ``.raw_logprobs``; the callback's ``Chunk.logprobs``). They come out of the fused
                 verification op with the tokens: no second pass over the vocabulary, no extra sync.
+            verify_method: how chain steps are verified: "token" (default) or "block" (Sun et al.,
+                ICLR 2025; exact as well, never fewer accepted drafts in expectation; it differs
+                only with draft probabilities, i.e. a sampled model or early-exit drafter). Tree
+                steps always use tree verification.
         Returns:
             GenerationResult (token ids per prompt in input order, stats).
         """
@@ -291,6 +296,8 @@ class SpeculativeGenerator:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 0:
             raise ValueError(f"top_k must be an int >= 0 (0 = off), got {top_k!r}")
+        if verify_method not in ("token", "block"):
+            raise ValueError(f'verify_method must be "token" or "block", got {verify_method!r}')
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral)
                                        or batch_size < 1):
             raise ValueError(f"batch_size must be an int >= 1 or None, got {batch_size!r}")
@@ -312,7 +319,8 @@ class SpeculativeGenerator:
             raise TypeError(f"seed must be an int, a list of ints or None, got {type(seed).__name__}")
         opts = dict(max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=int(top_k),
                     top_p=float(top_p), k0=k0, adaptive=self.adaptive if adaptive is None else adaptive,
-                    eos=self._eos_ids(eos_token_id), callback=callback, logprobs=bool(logprobs))
+                    eos=self._eos_ids(eos_token_id), callback=callback, logprobs=bool(logprobs),
+                    verify_method=verify_method)
         bar = None
         if progress:
             from tqdm.auto import tqdm

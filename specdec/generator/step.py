@@ -309,7 +309,7 @@ class _BatchRun:
                                                            max_depth=D, **args)
             host = torch.cat([out_ids, num_acc[:, None].long(), nodes.long()], dim=1).cpu().numpy()  # the one sync
             return _Verdict(out_ids, num_acc, host[:, : D + 2], nodes, host[:, D + 2:], self._host_logprobs(lp))
-        out_ids, num_acc, *lp = ops.verify(logits, draft.token_ids, probs, **args)
+        out_ids, num_acc, *lp = ops.verify(logits, draft.token_ids, probs, method=opts["verify_method"], **args)
         host = torch.cat([out_ids, num_acc[:, None].long()], dim=1).cpu().numpy()  # the one sync
         return _Verdict(out_ids, num_acc, host, logprobs=self._host_logprobs(lp))
 

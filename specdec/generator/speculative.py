@@ -249,6 +249,8 @@ class SpeculativeGenerator:
         callback: Callable[[Chunk], None] | None = None,
         progress: bool = False,
         chat: bool | None = None,
+        grammar=None,
+        grammar_drafts: bool = True,
     ) -> GenerationResult:
         """Generate continuations for a batch of prompts.
 
@@ -269,6 +271,15 @@ class SpeculativeGenerator:
             chat: how string prompts are encoded: None (default) wraps each in the tokenizer's chat
                 template when it has one, as the CLI does (``--raw`` = chat=False); False: raw
                 completion text; True: the template or an error. Token-id prompts are used as given.
+            grammar: structured output (needs the tokenizer; xgrammar): a JSON schema (dict or JSON
+                text), ``"json"`` (any JSON value), a :class:`specdec.Grammar` (``Grammar.regex``,
+                ``Grammar.ebnf``, ...), or a list of those, one per prompt. Every position's target
+                distribution is restricted to the ids the row's grammar allows (greedy = the argmax
+                over them); drafts the grammar refuses are never verified; a row ends (reason "eos")
+                when its grammar is complete and a stop token is emitted, which the grammar allows
+                only there.
+            grammar_drafts: with a grammar and the n-gram drafter or none, draft the tokens the
+                grammar forces (specdec/generator/grammar.py) ahead of the n-gram lookup (default on).
         Returns:
             GenerationResult (token ids per prompt in input order, stats).
         """
@@ -305,9 +316,11 @@ class SpeculativeGenerator:
             seeds = ops.row_seeds(int(seed), len(rows))
         else:
             raise TypeError(f"seed must be an int, a list of ints or None, got {type(seed).__name__}")
+        eos = self._eos_ids(eos_token_id)
         opts = dict(max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=int(top_k),
                     top_p=float(top_p), k0=k0, adaptive=self.adaptive if adaptive is None else adaptive,
-                    eos=self._eos_ids(eos_token_id), callback=callback)
+                    eos=eos, callback=callback, grammars=self._compile_grammars(grammar, len(rows), eos),
+                    grammar_drafts=bool(grammar_drafts))
         bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -329,6 +342,21 @@ class SpeculativeGenerator:
         if self.tokenizer is not None:
             texts = [self.tokenizer.decode(s, skip_special_tokens=True) for s in sequences]
         return GenerationResult(sequences, rows, reasons, stats, texts)
+
+    def _compile_grammars(self, grammar, n: int, eos: list):
+        """``generate``'s grammar argument compiled for the target's tokenizer: a list of n xgrammar
+        CompiledGrammars, or None. Stop tokens: the request's EOS ids (the tokenizer's when none)."""
+        from specdec.generator.grammar import GrammarCompiler, grammars_for
+
+        specs = grammars_for(grammar, n)
+        if specs is None:
+            return None
+        compiler = self._grammar_compiler
+        if compiler is None or compiler.stop != tuple(eos):
+            compiler = self._grammar_compiler = GrammarCompiler(self.tokenizer, self.vocab_size, eos)
+        return [compiler.compile(g) for g in specs]
+
+    _grammar_compiler = None  # GrammarCompiler, kept across generate calls (compiled grammars are cached)
 
     def _continue(self, token_ids: Sequence[int], kept: KeptCache, *, callback: Callable[[Chunk], None] | None = None,
                   **kwargs) -> GenerationResult:

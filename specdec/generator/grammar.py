@@ -23,6 +23,7 @@ the same with or without drafts, and seeded sampled text too (module docstring o
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,14 +46,17 @@ def masked(logits: torch.Tensor, token_bitmask: torch.Tensor) -> torch.Tensor:
         [..., V] a new tensor of the logits' dtype.
     """
     V = logits.shape[-1]
+    if sys.byteorder != "little":  # pragma: no cover  (the byte view below assumes it)
+        raise NotImplementedError("masked: big-endian hosts are not supported")
     if token_bitmask.dtype != torch.int32:
         raise TypeError(f"token_bitmask must be int32, got {token_bitmask.dtype}")
     if token_bitmask.shape[:-1] != logits.shape[:-1] or token_bitmask.shape[-1] * 32 < V:
         raise ValueError(f"token_bitmask {tuple(token_bitmask.shape)} does not fit logits {tuple(logits.shape)}: "
                          f"need [..., >= {(V + 31) // 32}] with the logits' leading shape")
-    ids = torch.arange(V, device=logits.device)
-    words = token_bitmask.index_select(-1, ids // 32)  # [..., V]
-    allowed = ((words >> (ids % 32).to(torch.int32)) & 1).bool()  # arithmetic shift: bit 31 too
+    # little-endian bytes of each word: byte j holds ids 8j..8j+7 (bit i%8 of byte i//8)
+    octets = token_bitmask.contiguous().view(torch.uint8)  # [..., 4W]
+    shifts = torch.arange(8, dtype=torch.uint8, device=logits.device)
+    allowed = ((octets[..., None] >> shifts) & 1).flatten(-2)[..., :V].bool()  # [..., V]
     return logits.masked_fill(~allowed, float("-inf"))
 
 

@@ -118,6 +118,7 @@ class SpeculativeGenerator:
         if tree and not supports_tree:
             raise ValueError(f"tree=True, but the {self.drafter_name} drafter does not propose trees")
         self.tree = supports_tree if tree is None else bool(tree)
+        self._tree_auto = tree is None  # grammar-forced drafts then make chains (see generate's grammar_drafts)
         if max_tree_nodes is None:
             max_tree_nodes = min(64, max(4, 2 * num_draft_tokens))
         if not 1 <= max_tree_nodes <= 256:
@@ -280,6 +281,8 @@ class SpeculativeGenerator:
                 only there.
             grammar_drafts: with a grammar and the n-gram drafter or none, draft the tokens the
                 grammar forces (specdec/generator/grammar.py) ahead of the n-gram lookup (default on).
+                Forced drafts form chains: with them and ``tree=None`` the steps draft chains, not
+                trees (``tree=True`` keeps trees, without forced drafts).
         Returns:
             GenerationResult (token ids per prompt in input order, stats).
         """

@@ -141,6 +141,8 @@ class _BatchRun:
             self.grammar = _BatchGrammar([opts["grammars"][i] for i in user_index], gen.vocab_size, device)
         self.grammar_drafts = self.grammar is not None and opts.get("grammar_drafts", True) and (
             self.drafter is None or (self.drafter.cheap and not self.drafter.needs_target_cache))
+        # forced drafts are chains; the tree steps of tree=None give way to them (tree=True keeps trees)
+        self.tree_steps = gen.tree and not (self.grammar_drafts and gen._tree_auto)
 
         cache, layout = None, _PaddedLayout()
         prefix = _common_prefix(rows) if batch > 1 and gen.share_prefix else 0
@@ -200,7 +202,7 @@ class _BatchRun:
                 t_started = time.perf_counter()
                 self.stats.drafter_time += t_started - self.t0
                 self.t0 = t_started  # the step's drafting time (observe_draft_time) excludes the start
-            if self.gen._tree_step(self.step):
+            if self.tree_steps and self.gen._tree_step(self.step):
                 draft = self._draft_tree(state, budget)
             elif not opts["adaptive"]:
                 draft = self._allowed(drafter.propose(state))

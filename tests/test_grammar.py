@@ -204,3 +204,31 @@ def test_forced_drafts_accepted(model, tok):
     # all the same
     assert forced.stats.accepted_tokens >= 5
     assert forced.stats.target_steps < plain.stats.target_steps
+
+
+# -- a real model ---------------------------------------------------------------------------------
+
+def test_smollm2_extraction_exact_and_valid():
+    """SmolLM2-135M-Instruct extracting fields into a schema: the same text without drafts, with n-gram
+    drafts, and with n-gram + grammar-forced drafts (fewer target forwards), valid against the schema."""
+    pytest.importorskip("gguf")
+    from specdec.models import ModelLoadError, load_model, load_tokenizer
+
+    try:
+        target = load_model(None, quantization="none", device="cpu")
+    except ModelLoadError as error:
+        pytest.skip(str(error))
+    tokenizer = load_tokenizer(None)
+    schema = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
+                                               "city": {"type": "string"}}, "required": ["name", "age", "city"]}
+    prompt = "Alice Martin is 34 years old and lives in Lyon. Extract name, age and city as JSON."
+    runs = {}
+    for name, drafter, forced in [("plain", "none", False), ("ngram", "ngram", False), ("forced", "ngram", True)]:
+        gen = SpeculativeGenerator(target, drafter, tokenizer, tree=False)
+        runs[name] = gen.generate([prompt], grammar=schema, grammar_drafts=forced, max_new_tokens=40)
+    plain = runs["plain"]
+    assert plain.finish_reasons == ["eos"]
+    assert json.loads(plain.texts[0]) == {"name": "Alice Martin", "age": 34, "city": "Lyon"}
+    for name in ("ngram", "forced"):
+        assert runs[name].sequences == plain.sequences, name
+    assert runs["forced"].stats.target_steps < runs["ngram"].stats.target_steps <= plain.stats.target_steps

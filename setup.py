@@ -107,11 +107,12 @@ if __name__ == "__main__":
         extras_require={
             # transformers >= 5.25 imports Hugging Face's `kernels`, which this repository's kernels/
             # folder no longer shadows (kernels/__init__.py); the tested set is requirements-lock.txt
-            "hf": ["transformers>=4.57", "accelerate", "safetensors", "gguf", "bitsandbytes>=0.45"],
+            # xgrammar: structured output (generate(grammar=...)), tested on 0.2.9
+            "hf": ["transformers>=4.57", "accelerate", "safetensors", "gguf", "bitsandbytes>=0.45", "xgrammar>=0.2.9"],
             # the Triton kernels are tested on triton 3.6 (the GPU image) to 3.8 (torch 2.14)
             "triton": ["triton>=3.6,<3.9"],
             "bench": ["matplotlib"],
-            "test": ["pytest", "scipy"],
+            "test": ["pytest", "scipy", "jsonschema"],
         },
         entry_points={
             "console_scripts": ["specdec=specdec.cli:main"],

@@ -18,6 +18,7 @@ _LAZY = {
     "GenerationResult": "specdec.generator",
     "GenerationStats": "specdec.generator",
     "DraftLengthPolicy": "specdec.generator",
+    "Grammar": "specdec.generator.grammar",
     "ChatSession": "specdec.chat",
 }
 

@@ -90,6 +90,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--logprobs", action="store_true",
                      help="each generated token's log-probability (processed and raw): in the JSON with --json, "
                           "else each row's total and mean on stderr")
+    structured = gen.add_argument_group("structured output (xgrammar; one grammar for every prompt)")
+    one = structured.add_mutually_exclusive_group()
+    one.add_argument("--json-schema", metavar="FILE|TEXT", help="JSON schema the output must satisfy (a file or the "
+                     "schema text)")
+    one.add_argument("--any-json", action="store_true", help="the output is any JSON value (--json, which prints "
+                     "the results as JSON, is a different option)")
+    one.add_argument("--regex", metavar="PATTERN", help="regular expression the whole output must match")
+    one.add_argument("--grammar", metavar="FILE", help="EBNF grammar (xgrammar's GBNF, root rule 'root') in a file")
+    structured.add_argument("--no-grammar-drafts", action="store_true",
+                            help="do not draft the tokens the grammar forces")
 
     chat = sub.add_parser("chat", help="multi-turn chat on stdin, answers streamed",
                           description="Chat with the target model, speculative decoding every answer. Reads one "
@@ -182,6 +192,33 @@ class _Printer:
         sys.stdout.flush()
 
 
+def _grammar(args, parser):
+    """The Grammar of --json-schema / --any-json / --regex / --grammar, or None."""
+    from specdec.generator.grammar import Grammar
+
+    def read(path, flag):
+        try:
+            return Path(path).read_text()
+        except OSError as e:
+            parser.error(f"{flag} {path}: {e.strerror or e}")
+
+    if args.json_schema is not None:
+        text = args.json_schema
+        if not text.lstrip().startswith("{") and Path(text).is_file():
+            text = read(text, "--json-schema")
+        try:
+            return Grammar.json_schema(text)
+        except ValueError as e:
+            parser.error(f"--json-schema: {e} (pass a file or the schema's JSON text)")
+    if args.any_json:
+        return Grammar.json()
+    if args.regex is not None:
+        return Grammar.regex(args.regex)
+    if args.grammar is not None:
+        return Grammar.ebnf(read(args.grammar, "--grammar"))
+    return None
+
+
 def _load_generator(args, parser):
     """Device, quantization and models from the shared options; names are checked before any load."""
     import torch
@@ -223,6 +260,7 @@ def _load_generator(args, parser):
 def cmd_generate(args, parser) -> int:
     _validate(args, parser)
     prompts = _read_prompts(args, parser)
+    grammar = _grammar(args, parser)
     gen = _load_generator(args, parser)
     tokenizer = gen.tokenizer
     ids = _encode(tokenizer, prompts, args.raw)
@@ -234,8 +272,8 @@ def cmd_generate(args, parser) -> int:
     progress = not stream and not args.quiet and sys.stderr.isatty()
     result = gen.generate(ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                           top_p=args.top_p, seed=args.seed, batch_size=args.batch_size, callback=callback,
-                          progress=progress, logprobs=args.logprobs,
-                          verify_method=args.verify_method)
+                          progress=progress, logprobs=args.logprobs, verify_method=args.verify_method,
+                          grammar=grammar, grammar_drafts=not args.no_grammar_drafts)
     if args.json:
         out = {"prompts": prompts, "texts": result.texts, "token_ids": result.sequences,
                "finish_reasons": result.finish_reasons, "stats": result.stats.as_dict()}

@@ -42,6 +42,10 @@ def test_generate_end_to_end_on_embedded_default():
     (["generate", "--temperature", "inf", "hi"], "--temperature"),
     (["generate", "--device", "foo", "hi"], "--device foo"),
     (["generate", "--device", "meta", "hi"], "--device meta"),
+    (["generate", "--json-schema", "not json", "hi"], "--json-schema"),
+    (["generate", "--json-schema", "[1, 2]", "hi"], "must be an object"),
+    (["generate", "--any-json", "--regex", "a+", "hi"], "not allowed with"),
+    (["generate", "--grammar", "/no/such/grammar.ebnf", "hi"], "--grammar /no/such/grammar.ebnf"),
 ])
 def test_bad_flags_exit_nonzero(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -273,3 +277,22 @@ def test_narrow_linear_flag_reaches_the_generator(flags, narrow, monkeypatch):
     monkeypatch.setattr(SpeculativeGenerator, "from_pretrained", classmethod(fake))
     assert main(["generate", "--quiet", "--device", "cpu", *flags, "hi"]) != 0  # "interrupted"
     assert seen["narrow_linear"] is narrow
+
+
+def test_generate_json_schema_on_embedded_default(tmp_path, capsys):
+    """--json-schema FILE on SmolLM2: the output parses and validates (jsonschema); --json still
+    prints the results as JSON."""
+    pytest.importorskip("gguf")
+    pytest.importorskip("xgrammar")
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                               "population": {"type": "integer"}},
+              "required": ["city", "population"]}
+    path = tmp_path / "schema.json"
+    path.write_text(json.dumps(schema))
+    argv = ["generate", "-q", "--json", "--json-schema", str(path), "-n", "40",
+            "Paris has 2102650 inhabitants. Give the city and its population as JSON."]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["finish_reasons"] == ["eos"], out
+    jsonschema.validate(json.loads(out["texts"][0]), schema)

@@ -9,12 +9,14 @@ Files, from the entry point down:
 * ``policy.py``: :class:`DraftLengthPolicy`, :class:`AcceptanceModel`, :class:`ForwardCostModel` (draft widths);
 * ``trees.py``: a tree step's drafts and their pruning (``_Tree``);
 * ``layouts.py``: the target cache's layouts (left padded, shared prefix, continued) and :class:`KeptCache`;
+* ``grammar.py``: structured output on xgrammar (:class:`Grammar`, the per-row matchers, the logits mask);
 * ``results.py``: :class:`Chunk`, :class:`GenerationStats`, :class:`GenerationResult`.
 """
+from specdec.generator.grammar import Grammar
 from specdec.generator.layouts import KeptCache
 from specdec.generator.policy import MAX_DRAFT_TOKENS, AcceptanceModel, DraftLengthPolicy, ForwardCostModel
 from specdec.generator.results import Chunk, GenerationResult, GenerationStats
 from specdec.generator.speculative import SpeculativeGenerator, encode_prompt
 
 __all__ = ["SpeculativeGenerator", "GenerationResult", "GenerationStats", "Chunk", "DraftLengthPolicy",
-           "AcceptanceModel", "ForwardCostModel", "KeptCache", "encode_prompt", "MAX_DRAFT_TOKENS"]
+           "AcceptanceModel", "ForwardCostModel", "KeptCache", "Grammar", "encode_prompt", "MAX_DRAFT_TOKENS"]

@@ -118,6 +118,7 @@ class SpeculativeGenerator:
         if tree and not supports_tree:
             raise ValueError(f"tree=True, but the {self.drafter_name} drafter does not propose trees")
         self.tree = supports_tree if tree is None else bool(tree)
+        self._tree_auto = tree is None  # grammar-forced drafts then make chains (see generate's grammar_drafts)
         if max_tree_nodes is None:
             max_tree_nodes = min(64, max(4, 2 * num_draft_tokens))
         if not 1 <= max_tree_nodes <= 256:
@@ -251,6 +252,8 @@ class SpeculativeGenerator:
         chat: bool | None = None,
         logprobs: bool = False,
         verify_method: str = "token",
+        grammar=None,
+        grammar_drafts: bool = True,
     ) -> GenerationResult:
         """Generate continuations for a batch of prompts.
 
@@ -279,6 +282,17 @@ class SpeculativeGenerator:
                 ICLR 2025; exact as well, never fewer accepted drafts in expectation; it differs
                 only with draft probabilities, i.e. a sampled model or early-exit drafter). Tree
                 steps always use tree verification.
+            grammar: structured output (needs the tokenizer; xgrammar): a JSON schema (dict or JSON
+                text), ``"json"`` (any JSON value), a :class:`specdec.Grammar` (``Grammar.regex``,
+                ``Grammar.ebnf``, ...), or a list of those, one per prompt. Every position's target
+                distribution is restricted to the ids the row's grammar allows (greedy = the argmax
+                over them); drafts the grammar refuses are never verified; a row ends (reason "eos")
+                when its grammar is complete and a stop token is emitted, which the grammar allows
+                only there.
+            grammar_drafts: with a grammar and the n-gram drafter or none, draft the tokens the
+                grammar forces (specdec/generator/grammar.py) ahead of the n-gram lookup (default on).
+                Forced drafts form chains: with them and ``tree=None`` the steps draft chains, not
+                trees (``tree=True`` keeps trees, without forced drafts).
         Returns:
             GenerationResult (token ids per prompt in input order, stats).
         """
@@ -317,10 +331,11 @@ class SpeculativeGenerator:
             seeds = ops.row_seeds(int(seed), len(rows))
         else:
             raise TypeError(f"seed must be an int, a list of ints or None, got {type(seed).__name__}")
+        eos = self._eos_ids(eos_token_id)
         opts = dict(max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=int(top_k),
                     top_p=float(top_p), k0=k0, adaptive=self.adaptive if adaptive is None else adaptive,
-                    eos=self._eos_ids(eos_token_id), callback=callback, logprobs=bool(logprobs),
-                    verify_method=verify_method)
+                    eos=eos, callback=callback, grammars=self._compile_grammars(grammar, len(rows), eos),
+                    grammar_drafts=bool(grammar_drafts), logprobs=bool(logprobs), verify_method=verify_method)
         bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -348,6 +363,21 @@ class SpeculativeGenerator:
             return GenerationResult(sequences, rows, reasons, stats, texts)
         return GenerationResult(sequences, rows, reasons, stats, texts,
                                 [[p for p, _ in row] for row in pairs], [[r for _, r in row] for row in pairs])
+
+    def _compile_grammars(self, grammar, n: int, eos: list):
+        """``generate``'s grammar argument compiled for the target's tokenizer: a list of n xgrammar
+        CompiledGrammars, or None. Stop tokens: the request's EOS ids (the tokenizer's when none)."""
+        from specdec.generator.grammar import GrammarCompiler, grammars_for
+
+        specs = grammars_for(grammar, n)
+        if specs is None:
+            return None
+        compiler = self._grammar_compiler
+        if compiler is None or compiler.stop != tuple(eos):
+            compiler = self._grammar_compiler = GrammarCompiler(self.tokenizer, self.vocab_size, eos)
+        return [compiler.compile(g) for g in specs]
+
+    _grammar_compiler = None  # GrammarCompiler, kept across generate calls (compiled grammars are cached)
 
     def _continue(self, token_ids: Sequence[int], kept: KeptCache, *, callback: Callable[[Chunk], None] | None = None,
                   **kwargs) -> GenerationResult:

@@ -137,6 +137,16 @@ class _BatchRun:
         self.started = False  # drafter.start() runs before its first proposal
         self.width = 0  # the width a model drafter was asked for this step (policy bookkeeping)
         self.remaining = None
+        # grammar-constrained rows (generate(grammar=...)): one xgrammar matcher per row
+        self.grammar = None
+        if opts.get("grammars") is not None:
+            from specdec.generator.grammar import _BatchGrammar
+
+            self.grammar = _BatchGrammar([opts["grammars"][i] for i in user_index], gen.vocab_size, device)
+        self.grammar_drafts = self.grammar is not None and opts.get("grammar_drafts", True) and (
+            self.drafter is None or (self.drafter.cheap and not self.drafter.needs_target_cache))
+        # forced drafts are chains; the tree steps of tree=None give way to them (tree=True keeps trees)
+        self.tree_steps = gen.tree and not (self.grammar_drafts and gen._tree_auto)
 
         cache, layout = None, _PaddedLayout()
         prefix = _common_prefix(rows) if batch > 1 and gen.share_prefix else 0
@@ -196,20 +206,22 @@ class _BatchRun:
                 t_started = time.perf_counter()
                 self.stats.drafter_time += t_started - self.t0
                 self.t0 = t_started  # the step's drafting time (observe_draft_time) excludes the start
-            if self.gen._tree_step(self.step):
+            if self.tree_steps and self.gen._tree_step(self.step):
                 draft = self._draft_tree(state, budget)
             elif not opts["adaptive"]:
-                draft = drafter.propose(state)
+                draft = self._allowed(drafter.propose(state))
             elif drafter.cheap:  # propose the longest drafts, then cut them to the policy's width
-                draft = drafter.propose(state)
+                draft = self._allowed(drafter.propose(state))
                 keys = policy.keys(self.sampled, draft.match, self.previous)
                 self.available = draft.num_drafted
                 draft = draft.truncate(max(self.probe, policy.width(draft.num_drafted, keys, remaining)))
             elif self._pick_width(state, budget):  # width first: proposing runs the drafter model per position
-                draft = drafter.propose(state)
+                draft = self._allowed(drafter.propose(state))
             _sync(self.device)
         if draft is None:
             draft = _empty_draft(len(self.live), self.device)
+        if self.grammar_drafts and not isinstance(draft, _Tree):
+            draft = self._forced(draft)
         self.t1 = time.perf_counter()
         return draft
 
@@ -220,9 +232,9 @@ class _BatchRun:
         paths. The forward over N + 1 positions per row is what its cost model measures."""
         drafter, policy, nodes = self.drafter, self.policy, self.gen.max_tree_nodes
         if not self.opts["adaptive"]:
-            return _Tree.of(drafter.propose_tree(state, nodes))
+            return self._allowed(_Tree.of(drafter.propose_tree(state, nodes)))
         if drafter.cheap:  # propose the full tree, keep what the policy picks
-            tree = _Tree.of(drafter.propose_tree(state, nodes))
+            tree = self._allowed(_Tree.of(drafter.propose_tree(state, nodes)))
             keys = policy.keys(self.sampled, tree.match, self.previous)
             self.available = tree.num_drafted
             if not self.available.any():
@@ -237,7 +249,52 @@ class _BatchRun:
             return tree.cut(depth, self._node_budget(depth), self.device)
         if not self._pick_width(state, budget):
             return None
-        return _Tree.of(drafter.propose_tree(state, nodes))
+        return self._allowed(_Tree.of(drafter.propose_tree(state, nodes)))
+
+    def _allowed(self, draft):
+        """Without a grammar the draft as it is; with one, each chain cut and each tree branch pruned at
+        the first token the row's grammar refuses (no forward on a draft the mask would reject)."""
+        if self.grammar is None:
+            return draft
+        if isinstance(draft, _Tree):
+            return draft.keep(self.grammar.tree_allowed(draft.host_tokens, draft.host_parents), self.device)
+        host = draft.token_ids.cpu().numpy()
+        cut = self.grammar.cut_chain(host, draft.num_drafted)
+        if (cut == draft.num_drafted).all():
+            return draft
+        return _chain(host, cut, draft.probs, draft.match, self.device)
+
+    def _forced(self, draft: Draft) -> Draft:
+        """The chain with each row's grammar-forced drafts first (``_BatchGrammar.forced``), then, with the
+        n-gram drafter, its lookup continued after them (at most as many tokens as the row's own n-gram
+        draft had after the policy's cut; all when not adaptive), cut at the first refused token. A row
+        whose own draft already starts with the forced tokens and is as long keeps it."""
+        grammar, drafter = self.grammar, self.drafter
+        host = draft.token_ids.cpu().numpy()
+        num = np.asarray(draft.num_drafted, dtype=np.int64)
+        rows, changed = [], False
+        for b in range(len(self.live)):
+            own = host[b, : num[b]].tolist()
+            budget = int(min(MAX_DRAFT_TOKENS, self.remaining[b] - 1))
+            forced = grammar.forced(b, budget) if budget > 0 else []
+            if not forced or own[: len(forced)] == forced and len(own) >= len(forced):
+                rows.append(own)
+                continue
+            cont = []
+            room = budget - len(forced) if not self.opts["adaptive"] else min(int(num[b]), budget - len(forced))
+            if hasattr(drafter, "lookup") and room > 0:  # the n-gram drafter
+                text = np.concatenate([self.tokens[b, : self.lengths[b]], np.asarray(forced, dtype=np.int64)])
+                cont = drafter.lookup(text, room).tolist()
+                cont = cont[: grammar._walk(b, forced + cont) - len(forced)]
+            rows.append(forced + cont)
+            changed = True
+        if not changed:
+            return draft
+        num = np.array([len(r) for r in rows], dtype=np.int64)
+        out = np.full((len(rows), max(int(num.max()), 1)), -1, dtype=np.int64)
+        for b, r in enumerate(rows):
+            out[b, : len(r)] = r
+        return _chain(out, num, None, draft.match, self.device)
 
     def _pick_width(self, state: DraftState, budget: np.ndarray) -> bool:
         """For a drafter that runs a model per drafted position: the policy picks the width before
@@ -300,6 +357,14 @@ class _BatchRun:
 
         opts = self.opts
         probs = draft.probs if self.sampled else None
+        if self.grammar is not None:  # the target restricted to each position's allowed ids
+            from specdec.generator.grammar import masked
+
+            if isinstance(draft, _Tree):
+                mask = self.grammar.tree_masks(draft.host_tokens, draft.host_parents)
+            else:
+                mask = self.grammar.chain_masks(draft.token_ids.cpu().numpy())
+            logits = masked(logits, mask)
         want = opts["logprobs"]
         args = dict(temperature=opts["temperature"], top_k=opts["top_k"], top_p=opts["top_p"], seed=self.seeds,
                     offset=self.offsets, backend=self.gen.backend, return_logprobs=want)
@@ -337,7 +402,7 @@ class _BatchRun:
         t2 = time.perf_counter()
         if isinstance(draft, _Tree):
             self.drafter.accept_tree(draft.drafter_nodes(verdict.host_nodes), accepted)
-        elif k > 0:
+        elif k > 0 and self.drafter is not None:  # (grammar-forced drafts need no drafter)
             self.drafter.accept(accepted)
         t3 = time.perf_counter()
         leaf = draft.leaf_stop(verdict.host_nodes, accepted) if isinstance(draft, _Tree) else None
@@ -392,6 +457,8 @@ class _BatchRun:
                 hits = [i for i, t in enumerate(emitted.tolist()) if t in self.eos]
                 if hits:
                     emitted, finished, self.reasons[self.live[b]] = emitted[: hits[0] + 1], True, "eos"
+            if self.grammar is not None and len(emitted) and self.grammar.advance(b, emitted):
+                finished, self.reasons[self.live[b]] = True, "eos"  # the grammar is complete: a stop token
             m = len(emitted)
             self.tokens[b, self.lengths[b]: self.lengths[b] + m] = emitted
             self.lengths[b] += m
@@ -423,8 +490,20 @@ class _BatchRun:
         self.layout.select(index)
         if self.drafter is not None and self.started:
             self.drafter.select_rows(index)
+        if self.grammar is not None:
+            self.grammar.select(keep)
         index_np = np.asarray(keep)
         self.tokens, self.lengths = self.tokens[index_np], self.lengths[index_np]
         self.prompt_lengths, self.previous = self.prompt_lengths[index_np], self.previous[index_np]
         self.idle = self.idle[index_np]
         self.seeds, self.offsets, self.pending = self.seeds[dev_index], self.offsets[dev_index], self.pending[dev_index]
+
+
+def _chain(host: np.ndarray, num: np.ndarray, probs, match, device) -> Draft:
+    """A Draft of the chains ``host[b, :num[b]]`` ([B, K] host ids; -1 past each row's length)."""
+    width = int(num.max(initial=0))
+    cols = np.arange(width)[None, :]
+    ids = np.where(cols < num[:, None], host[:, :width], -1)
+    if probs is not None:
+        probs = probs[:, :width]
+    return Draft(torch.from_numpy(np.ascontiguousarray(ids)).to(device, non_blocking=True), probs, num, match)

@@ -107,12 +107,12 @@ VLLM_STAMP := $(VLLM_VENV)/.specdec-vllm-installed
 
 setup-vllm: $(VLLM_STAMP)
 
-$(VLLM_STAMP): setup.py requirements-vllm.txt
+$(VLLM_STAMP): setup.py requirements-vllm.txt requirements-vllm-lock.txt
 	rm -f $(VLLM_STAMP)
 	$(PY) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/pip install -q --upgrade pip
 	$(VLLM_VENV)/bin/pip install -q $(VLLM_TORCH)
-	$(VLLM_VENV)/bin/pip install -q -r requirements-vllm.txt
+	$(VLLM_VENV)/bin/pip install -q -r requirements-vllm.txt $(if $(LATEST),,-c requirements-vllm-lock.txt)
 	$(VLLM_VENV)/bin/pip install -q --no-deps vllm==0.33.0
 	SPECDEC_NO_EXT=1 $(VLLM_VENV)/bin/pip install -q --no-build-isolation --no-deps -e .
 	touch $(VLLM_STAMP)

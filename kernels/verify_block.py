@@ -265,7 +265,7 @@ def verify_block(target_logits, draft_token_ids, draft_probs, temperature, top_k
     stats_id = torch.empty((rows, S1), dtype=torch.int32, device=dev)
     softmax_stats_kernel[(rows, S1)](
         logits, drafts_arg, temperature, thr_arg, stats[0], stats[1], stats[2], stats_id,
-        Vt, K, tps1, S1,
+        stats[1], Vt, K, tps1, S1,  # zr_ptr: a placeholder, never written without WANT_RAW
         HAS_THR=thr is not None, BLOCK_K=block_k(K), BLOCK_V=BLOCK_V, num_warps=warps1)
     _verify_block_kernel[(B,)](
         logits, drafts_arg, q, temperature, seed, offset, thr_arg,

@@ -109,7 +109,8 @@ if __name__ == "__main__":
             # folder no longer shadows (kernels/__init__.py); the tested set is requirements-lock.txt
             # xgrammar: structured output (generate(grammar=...)), tested on 0.2.9
             "hf": ["transformers>=4.57", "accelerate", "safetensors", "gguf", "bitsandbytes>=0.45", "xgrammar>=0.2.9"],
-            # the Triton kernels are tested on triton 3.6 (the GPU image) to 3.8 (torch 2.14)
+            # the Triton kernels are tested on triton 3.6 (the GPU image) to 3.8 (torch 2.14); 3.9.0's CPU
+            # interpreter rejects a scalar bool combined into a load mask (verify_block's kernel)
             "triton": ["triton>=3.6,<3.9"],
             "bench": ["matplotlib"],
             "test": ["pytest", "scipy", "jsonschema"],

@@ -298,21 +298,12 @@ def test_triton_logprobs_compile_for_sm90(tmp_path):
         pytest.skip("needs triton through the interpreter")
     import json
 
-    from triton.runtime import interpreter
+    from triton_compile import compile_in_child, record_launches
 
-    from triton_compile import compile_in_child, describe_launch
-
-    launches = {}
-    run = interpreter.InterpretedFunction.run
-
-    def recording_run(self, *args, **kwargs):
-        launches[json.dumps(describe_launch(self.fn, args, kwargs), sort_keys=True, default=str)] = 1
-        return run(self, *args, **kwargs)
 
     g = torch.Generator().manual_seed(5)
     B, K, V = 2, 2, 300
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(interpreter.InterpretedFunction, "run", recording_run)
+    with record_launches() as launches:
         for dtype in (torch.float32, torch.bfloat16):
             logits = torch.randn(B, K + 1, V, generator=g).to(dtype)
             drafts = torch.randint(0, V, (B, K), generator=g)

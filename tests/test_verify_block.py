@@ -402,23 +402,14 @@ def test_triton_kernel_compiles_for_sm90(tmp_path):
         pytest.skip("on a GPU the other tests compile the kernel already")
     if not backend_available("triton") or os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("needs triton under its interpreter")
-    from triton.runtime import interpreter
-
     import specdec.kernels.verify_block as kvb
-    from triton_compile import compile_in_child, describe_launch
+    from triton_compile import compile_in_child, record_launches
 
-    launches = {}
-    run_ = interpreter.InterpretedFunction.run
-
-    def recording_run(self, *args, **kwargs):
-        launches[json.dumps(describe_launch(self.fn, args, kwargs), sort_keys=True, default=str)] = 1
-        return run_(self, *args, **kwargs)
 
     g = torch.Generator().manual_seed(5)
     B, K, V = 2, 2, 600
     t, _, _, seed, offset = per_row(B, temperature=torch.tensor([0.0, 0.8]), seed=torch.tensor([1, 2]))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(interpreter.InterpretedFunction, "run", recording_run)
+    with record_launches() as launches:
         for dtype in (torch.float32, torch.bfloat16):
             logits = torch.randn(B, K + 1, V, generator=g).to(dtype)
             q = torch.softmax(torch.randn(B, K, V, generator=g), -1)

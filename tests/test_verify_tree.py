@@ -515,24 +515,14 @@ def test_triton_compiles_for_sm90(tmp_path):
 
     if not backend_available("triton"):
         pytest.skip("triton unavailable")
-    from triton.runtime import interpreter
-
     from specdec.kernels import verify_tree as kvt
-    from triton_compile import compile_in_child, describe_launch
-
-    launches = {}
-    real_run = interpreter.InterpretedFunction.run
-
-    def recording_run(self, *args, **kwargs):
-        launches[json.dumps(describe_launch(self.fn, args, kwargs), sort_keys=True, default=str)] = 1
-        return real_run(self, *args, **kwargs)
+    from triton_compile import compile_in_child, record_launches
 
     g = torch.Generator().manual_seed(9)
     B, N, V = 2, 3, 600
     t, seed, offset = torch.tensor([0.0, 1.0]), torch.tensor([1, 2]), torch.tensor([0, 3])
     parents = torch.tensor([[-1, 0, -1], [-1, -1, 1]])
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(interpreter.InterpretedFunction, "run", recording_run)
+    with record_launches() as launches:
         for dtype in (torch.float32, torch.bfloat16):
             logits = torch.randn(B, N + 1, V, generator=g).to(dtype)
             q = torch.softmax(torch.randn(B, N, V, generator=g), -1)

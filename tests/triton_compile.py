@@ -7,6 +7,7 @@ with the interpreter off:
 
     python tests/triton_compile.py LAUNCHES.json      # prints "N compiled, M failed"
 """
+import contextlib
 import importlib
 import inspect
 import json
@@ -41,6 +42,26 @@ def describe_launch(fn, args, kwargs):
         else:
             raise TypeError(f"{fn.__name__}: argument {name} of type {type(v).__name__}")
     return [fn.__module__, fn.__name__, sig, const, num_warps]
+
+
+@contextlib.contextmanager
+def record_launches():
+    """Inside the block, every launch through Triton's interpreter is recorded: yields a dict whose
+    keys are the distinct launches (json of :func:`describe_launch`), for :func:`compile_in_child`."""
+    from triton.runtime import interpreter
+
+    launches = {}
+    run = interpreter.InterpretedFunction.run
+
+    def recording_run(self, *args, **kwargs):
+        launches[json.dumps(describe_launch(self.fn, args, kwargs), sort_keys=True, default=str)] = 1
+        return run(self, *args, **kwargs)
+
+    interpreter.InterpretedFunction.run = recording_run
+    try:
+        yield launches
+    finally:
+        interpreter.InterpretedFunction.run = run
 
 
 def compile_all(launches, arch=90):

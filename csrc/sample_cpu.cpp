@@ -4,6 +4,7 @@
 //  2. write probs and sum them per race block in the same sweep; then the two-level exponential
 //     race (sampling_common.h): one race over the blocks, one inside the winning block.
 // Rows run in parallel when there are enough, else each row's vocabulary chunks do (for_rows).
+// A token bitmask ([B, W]) is read in the loads (Logits, sampling_common.h).
 #include <torch/library.h>
 
 #include "sampling_common.h"
@@ -15,10 +16,14 @@ namespace {
 // summed in the statistics sweep); else [0] each.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_cpu(
     const at::Tensor& logits_in, const at::Tensor& temperature, const at::Tensor& top_k, const at::Tensor& top_p,
-    const at::Tensor& seed, const at::Tensor& offset, bool return_logprobs) {
+    const at::Tensor& seed, const at::Tensor& offset, bool return_logprobs,
+    const c10::optional<at::Tensor>& token_bitmask_opt) {
   TORCH_CHECK(logits_in.dim() == 2, "sample: logits must be [B, V]");
   const at::Tensor logits = logits_in.contiguous();
   const int64_t B = logits.size(0), V = logits.size(1);
+  const at::Tensor mask = check_bitmask(token_bitmask_opt, {B}, "sample");
+  const int32_t* M = mask.defined() ? mask.data_ptr<int32_t>() : nullptr;
+  const int64_t W = mask.defined() ? mask.size(1) : 0;
   const RowParams rp(temperature, top_k, top_p, seed, offset, B, "sample");
 
   auto tokens = at::full({B}, -1, logits.options().dtype(at::kLong));
@@ -52,15 +57,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_cpu(
   dispatch_float(logits.scalar_type(), "sample: logits", [&](auto tag) {
     using T = decltype(tag);
     const T* L = logits.data_ptr<T>();
+    auto row_at = [&](int64_t b) { return Logits<T>{L + b * V, M ? M + b * W : nullptr, W, 0}; };
     // One row, start to finish; exec(n, f) runs f over the vocabulary chunks (see for_rows).
     auto run_row = [&](int64_t b, auto&& exec) {
-      const T* x = L + b * V;
+      const Logits<T> x = row_at(b);
       float* pr = P + b * V;
       ChunkStats* cs = &parts[b * nchunk];
+      // masked greedy rows with logprobs: the masked denominator at T = 1 (token_logprobs)
+      const bool want_sum = (!greedy[b] && !filtered[b]) || (greedy[b] && M && return_logprobs);
       exec(nchunk, [&](int64_t c) {
         const int64_t j0 = c * kChunk;
-        cs[c] = chunk_stats(x + j0, std::min(kChunk, V - j0), j0, inv_t_f[b], !greedy[b] && !filtered[b], nullptr,
-                            nullptr, return_logprobs);
+        cs[c] = chunk_stats(x + j0, std::min(kChunk, V - j0), j0, inv_t_f[b], want_sum, nullptr, nullptr,
+                            return_logprobs);
       });
       PosStats& s = stats[b];
       s = merge_chunks(cs, nchunk, inv_t[b]);
@@ -80,10 +88,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_cpu(
       double* p_sum = &block_sums[b * nblock];
       exec(nchunk, [&](int64_t c) {
         const int64_t j0 = c * kChunk, j1 = std::min(V, j0 + kChunk);
-        race_block_sums<T, float>(x, j0, j1, w, false, nullptr, 0, -1, pr, p_sum);
+        race_block_sums<float>(x, j0, j1, w, false, nullptr, 0, -1, pr, p_sum);
       });
       const int64_t k = race_blocks(p_sum, nblock, PhiloxKey(rp.seed[b], rp.offset[b], kStreamSampleBlock, 0));
-      const int64_t t = k < 0 ? -1 : race_in_block<T, float>(x, V, k, w, false, nullptr, 0, -1,
+      const int64_t t = k < 0 ? -1 : race_in_block<float>(x, V, k, w, false, nullptr, 0, -1,
                                                              PhiloxKey(rp.seed[b], rp.offset[b], kStreamSample, 0));
       tok[b] = t >= 0 ? t : s.argmax;
     };
@@ -92,7 +100,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_cpu(
       float* lpp = lp_processed.data_ptr<float>();
       float* lpr = lp_raw.data_ptr<float>();
       for (int64_t b = 0; b < B; ++b)
-        if (tok[b] >= 0) token_logprobs(L + b * V, tok[b], stats[b], inv_t[b], greedy[b], &lpp[b], &lpr[b]);
+        if (tok[b] >= 0) token_logprobs(row_at(b), tok[b], stats[b], inv_t[b], greedy[b], &lpp[b], &lpr[b]);
     }
   });
   return {tokens, probs, lp_processed, lp_raw};
@@ -100,7 +108,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_cpu(
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_meta(
     const at::Tensor& logits, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-    const at::Tensor&, bool return_logprobs) {
+    const at::Tensor&, bool return_logprobs, const c10::optional<at::Tensor>&) {
   const auto B = logits.sym_size(0), V = logits.sym_size(1);
   const c10::SymInt W = return_logprobs ? B : c10::SymInt(0);
   return {at::empty_symint({B}, logits.options().dtype(at::kLong)),
@@ -114,7 +122,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_meta(
 
 TORCH_LIBRARY_FRAGMENT(specdec_cpp, m) {
   m.def("sample(Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p, Tensor seed, "
-        "Tensor offset, bool return_logprobs=False) -> (Tensor, Tensor, Tensor, Tensor)");
+        "Tensor offset, bool return_logprobs=False, Tensor? token_bitmask=None) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(specdec_cpp, CPU, m) { m.impl("sample", &specdec::sample_cpu); }

@@ -1,6 +1,6 @@
-// Building blocks shared by verify_cpu.cpp and sample_cpu.cpp: AVX2 exp/log, loads of
-// fp32/fp16/bf16 as float, per-(row, position) statistics of a logit row, the top-k/top-p
-// threshold, and the exponential race. specdec/reference.py is the specification; comments say
+// Building blocks shared by the CPU ops: AVX2 exp/log, loads of fp32/fp16/bf16 as float, a logit
+// row seen through its token bitmask (Logits), per-(row, position) statistics of a logit row, the
+// top-k/top-p threshold, and the exponential race. specdec/reference.py is the specification; comments say
 // where the float32 arithmetic here stands in for the reference's float64 (only near-ties differ).
 //
 // Vocabulary-sized work is split into chunks of kChunk entries so that at::parallel_for has
@@ -78,6 +78,50 @@ inline void store_row(float* out, int64_t j, int64_t n, __m256 v) {
   _mm256_store_ps(b, v);
   for (int64_t l = 0; l < n; ++l) out[j + l] = b[l];
 }
+
+// ---------------------------------------------------------------------------------------------
+// One position's logits as every kernel reads them: ids the position's token bitmask bans (bit
+// id % 32 of word id / 32 clear, or id >= 32 * nwords) read as -inf, as in reference._masked, so
+// the statistics, filters, acceptance tests and races all see the target restricted to the
+// allowed ids without a masked copy: the mask is applied in the loads (8 bits per 8 logits).
+// bits == nullptr: no mask (one predictable branch per load). The functions below take either a
+// Logits or a plain `const T*`; raw() is the unmasked row (raw logprobs are log_softmax without it).
+template <typename T>
+struct Logits {
+  const T* x;
+  const int32_t* bits = nullptr;  // the position's mask words, nullptr = every id allowed
+  int64_t nwords = 0;             // W
+  int64_t id = 0;                 // the id of x[0] (x advances with +, the mask stays the row's)
+  Logits operator+(int64_t i) const { return {x + i, bits, nwords, id + i}; }
+  uint32_t word(int64_t w) const { return w < nwords ? uint32_t(bits[w]) : 0u; }
+  bool allowed(int64_t i) const {
+    const int64_t j = id + i;
+    return bits == nullptr || ((word(j >> 5) >> (j & 31)) & 1u);
+  }
+  float operator[](int64_t i) const { return allowed(i) ? static_cast<float>(x[i]) : kNegInf; }
+  // the allowed-bits of ids id + i .. id + i + 7, lowest id in bit 0 (needs bits != nullptr)
+  uint32_t bits8(int64_t i) const {
+    const int64_t j = id + i, w = j >> 5, sh = j & 31;
+    const uint64_t two = uint64_t(word(w)) | (sh > 24 ? uint64_t(word(w + 1)) << 32 : 0);
+    return uint32_t(two >> sh) & 0xFFu;
+  }
+};
+template <typename T>
+inline __m256 load_any(const Logits<T>& p, int64_t n, float fill) {
+  const __m256 v = load_any(p.x, n, fill);
+  if (p.bits == nullptr) return v;
+  const __m256i lane = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  const __m256i on = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(int32_t(p.bits8(0))), lane), lane);
+  return _mm256_blendv_ps(_mm256_set1_ps(kNegInf), v, _mm256_castsi256_ps(on));
+}
+template <typename T>
+inline const T* raw(const T* p) { return p; }
+template <typename T>
+inline const T* raw(const Logits<T>& p) { return p.x; }
+template <typename T>
+inline bool is_masked(const T*) { return false; }
+template <typename T>
+inline bool is_masked(const Logits<T>& p) { return p.bits != nullptr; }
 
 // Non-finite logits (NaN, +-inf) count as -inf, as in the reference's _clean.
 inline __m256 clean8(__m256 x) {
@@ -163,7 +207,8 @@ struct PosStats {
   int64_t argmax = 0;    // lowest id attaining it (torch.argmax)
   float thr = kNegInf;   // keep iff x >= thr
   double z = 0.0;        // sum over kept of exp((x - max) / t)
-  double z_raw = 0.0;    // sum over finite of exp(x - max): log-softmax at T = 1 (want_raw only)
+  float max_raw = kNegInf;  // want_raw: the largest finite logit without the mask (= max unmasked)
+  double z_raw = 0.0;    // sum over finite of exp(x - max_raw), no mask: log-softmax at T = 1 (want_raw only)
   bool finite() const { return max > kNegInf; }
 };
 
@@ -172,7 +217,8 @@ struct ChunkStats {
   float max;
   int64_t argmax;
   double z;
-  double z_raw = 0.0;  // relative to max, at T = 1 (want_raw only)
+  float max_raw = kNegInf;  // want_raw: the chunk's largest finite logit without the mask
+  double z_raw = 0.0;       // relative to max_raw, at T = 1, without the mask (want_raw only)
 };
 
 // Max/argmax over x[0, n) (ids base + i) and, if want_sum, sum exp((x - max) * inv_t), one race
@@ -184,8 +230,9 @@ struct ChunkStats {
 constexpr int64_t kRaceBlock = 256;
 static_assert(kChunk % kRaceBlock == 0, "chunks must hold whole race blocks");
 
-// want_raw (logprobs): also z_raw, the sum of exp(x - max) at temperature 1, in the same sweep
-// (the block re-read from L1; no extra exp when want_sum already sums at inv_t = 1).
+// want_raw (logprobs): also z_raw, the sum of exp(x - max) at temperature 1 over the unmasked row,
+// in the same sweep (the block re-read from L1; no extra exp when want_sum already sums at
+// inv_t = 1 and there is no mask).
 template <typename T>
 inline double block_raw_sum(const T* x, int64_t g0, int64_t g1, float bmax) {
   const __m256 m = _mm256_set1_ps(bmax);
@@ -199,14 +246,16 @@ inline double block_raw_sum(const T* x, int64_t g0, int64_t g1, float bmax) {
   return sum;
 }
 
-template <typename T>
-inline ChunkStats chunk_stats(const T* x, int64_t n, int64_t base, float inv_t, bool want_sum,
+template <typename P>
+inline ChunkStats chunk_stats(P x, int64_t n, int64_t base, float inv_t, bool want_sum,
                               float* bmax = nullptr, double* bsum = nullptr, bool want_raw = false) {
   float bm_local[kChunk / kRaceBlock];
   double bs_local[kChunk / kRaceBlock];
-  double br[kChunk / kRaceBlock];  // want_raw: each block's sum of exp(x - block max)
+  double br[kChunk / kRaceBlock];  // want_raw: each block's sum of exp(x - block max), unmasked
+  float rm[kChunk / kRaceBlock];   // want_raw: each block's unmasked max
   if (bmax == nullptr) bmax = bm_local, bsum = bs_local;
-  __m256 vmax = _mm256_set1_ps(kNegInf);
+  const bool masked_raw = want_raw && is_masked(x);  // the raw sums need the unmasked values
+  __m256 vmax = _mm256_set1_ps(kNegInf), vmax_raw = vmax;
   __m256i vidx = _mm256_set1_epi32(-1);
   __m256i cur = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   const __m256i step = _mm256_set1_epi32(8);
@@ -215,7 +264,7 @@ inline ChunkStats chunk_stats(const T* x, int64_t n, int64_t base, float inv_t, 
   const int64_t nblock = (n + kRaceBlock - 1) / kRaceBlock;
   for (int64_t k = 0; k < nblock; ++k) {
     const int64_t g0 = k * kRaceBlock, g1 = std::min(n, g0 + kRaceBlock);
-    __m256 bm = _mm256_set1_ps(kNegInf);
+    __m256 bm = _mm256_set1_ps(kNegInf), bmr = bm;
     for (int64_t i = g0; i < g1; i += 8) {
       const __m256 v = clean8(load_any(x + i, g1 - i, kNegInf));
       const __m256 gt = _mm256_cmp_ps(v, vmax, _CMP_GT_OQ);  // strict: each lane keeps its first max
@@ -223,12 +272,15 @@ inline ChunkStats chunk_stats(const T* x, int64_t n, int64_t base, float inv_t, 
       vidx = _mm256_blendv_epi8(vidx, cur, _mm256_castps_si256(gt));
       cur = _mm256_add_epi32(cur, step);
       bm = _mm256_max_ps(bm, v);
+      if (masked_raw) bmr = _mm256_max_ps(bmr, clean8(load_any(raw(x) + i, g1 - i, kNegInf)));
     }
     if (want_raw) {
       bmax[k] = hmax8(bm);
+      rm[k] = masked_raw ? hmax8(bmr) : bmax[k];
+      vmax_raw = _mm256_max_ps(vmax_raw, masked_raw ? bmr : bm);
       br[k] = 0.0;
       if (!want_sum) bsum[k] = 0.0;
-      if (bmax[k] > kNegInf && !(want_sum && inv_t == 1.0f)) br[k] = block_raw_sum(x, g0, g1, bmax[k]);
+      if (rm[k] > kNegInf && !(want_sum && inv_t == 1.0f && !masked_raw)) br[k] = block_raw_sum(raw(x), g0, g1, rm[k]);
     }
     if (!want_sum) continue;
     bmax[k] = hmax8(bm);
@@ -242,9 +294,14 @@ inline ChunkStats chunk_stats(const T* x, int64_t n, int64_t base, float inv_t, 
     }
     _mm256_store_ps(lanes, acc);
     for (int l = 0; l < 8; ++l) bsum[k] += double(lanes[l]);
-    if (want_raw && inv_t == 1.0f) br[k] = bsum[k];  // the same sum: T = 1
+    if (want_raw && inv_t == 1.0f && !masked_raw) br[k] = bsum[k];  // the same sum: T = 1, no mask
   }
   ChunkStats out{hmax8(vmax), 0, 0.0};
+  if (want_raw) {  // before the return below: a chunk the mask bans entirely still has raw mass
+    out.max_raw = hmax8(vmax_raw);
+    for (int64_t k = 0; k < nblock; ++k)
+      if (br[k] > 0.0) out.z_raw += br[k] * std::exp(double(rm[k]) - double(out.max_raw));
+  }
   if (!(out.max > kNegInf)) return out;
   alignas(32) float mv[8];
   alignas(32) int32_t iv[8];
@@ -257,15 +314,12 @@ inline ChunkStats chunk_stats(const T* x, int64_t n, int64_t base, float inv_t, 
   if (want_sum)
     for (int64_t k = 0; k < nblock; ++k)
       if (bsum[k] > 0.0) out.z += bsum[k] * std::exp((double(bmax[k]) - double(out.max)) * double(inv_t));
-  if (want_raw)
-    for (int64_t k = 0; k < nblock; ++k)
-      if (br[k] > 0.0) out.z_raw += br[k] * std::exp(double(bmax[k]) - double(out.max));
   return out;
 }
 
 // Whether x[0, n) holds a finite value; stops at the first one (normally x[0]).
-template <typename T>
-inline bool has_finite(const T* x, int64_t n) {
+template <typename P>
+inline bool has_finite(P x, int64_t n) {
   for (int64_t i = 0; i < n; i += 8) {
     const __m256 v = clean8(load_any(x + i, n - i, kNegInf));
     if (_mm256_movemask_ps(_mm256_cmp_ps(v, _mm256_set1_ps(kNegInf), _CMP_GT_OQ))) return true;
@@ -281,27 +335,31 @@ inline PosStats merge_chunks(const ChunkStats* c, int64_t nchunk, double inv_t) 
   if (!s.finite()) return s;
   for (int64_t i = 0; i < nchunk; ++i)
     if (c[i].max > kNegInf) s.z += c[i].z * std::exp((double(c[i].max) - double(s.max)) * inv_t);
+  for (int64_t i = 0; i < nchunk; ++i) s.max_raw = std::max(s.max_raw, c[i].max_raw);
   for (int64_t i = 0; i < nchunk; ++i)  // logprobs' raw denominator (0 unless chunk_stats had want_raw)
-    if (c[i].z_raw > 0.0) s.z_raw += c[i].z_raw * std::exp(double(c[i].max) - double(s.max));
+    if (c[i].z_raw > 0.0) s.z_raw += c[i].z_raw * std::exp(double(c[i].max_raw) - double(s.max_raw));
   return s;
 }
 
-// Logprobs of token `tok` (in [0, V)) of logit row x at a position with statistics st (z_raw from
-// chunk_stats' want_raw; z the kept set's, as the race uses): *processed = log p(tok) under the
-// distribution it was drawn from, -inf outside the kept set (greedy rows: the raw value), *raw =
-// log_softmax(x)[tok] at temperature 1. Only x[tok] is read. Double arithmetic on float
-// statistics: the reference's float64 up to the sums' float32 exps (~1e-7 relative).
-template <typename T>
-inline void token_logprobs(const T* x, int64_t tok, const PosStats& st, double inv_t, bool greedy, float* processed,
-                           float* raw) {
+// Logprobs of token `tok` (in [0, V)) of logit row x at a position with statistics st (max_raw and
+// z_raw from chunk_stats' want_raw; z the kept set's, as the race uses): *processed = log p(tok)
+// under the distribution it was drawn from (the mask, then temperature, top-k, top-p), -inf
+// outside the kept set (greedy rows: log_softmax at T = 1 of the masked row, which needs z at
+// inv_t = 1, so callers sum it for masked greedy rows); *raw = log_softmax(x)[tok] at temperature
+// 1 without the mask. Only x[tok] is read. Double arithmetic on float statistics: the reference's
+// float64 up to the sums' float32 exps (~1e-7 relative).
+template <typename P>
+inline void token_logprobs(P x, int64_t tok, const PosStats& st, double inv_t, bool greedy, float* processed,
+                           float* raw_lp) {
   const float xt = clean1(static_cast<float>(x[tok]));
   if (!(xt > kNegInf) || !st.finite()) {
-    *processed = *raw = kNegInf;
+    *processed = *raw_lp = kNegInf;
     return;
   }
   const double d = double(xt) - double(st.max);
-  *raw = float(d - std::log(st.z_raw));
-  if (greedy) *processed = *raw;
+  const float xr = clean1(static_cast<float>(raw(x)[tok]));  // = xt without a mask
+  *raw_lp = float(double(xr) - double(st.max_raw) - std::log(st.z_raw));
+  if (greedy && !is_masked(x)) *processed = *raw_lp;
   else *processed = xt >= st.thr && st.z > 0.0 ? float(d * inv_t - std::log(st.z)) : kNegInf;
 }
 
@@ -347,8 +405,8 @@ struct FilterScratch {
 // by the top 12 bits of their order-preserving key, a walk down the bucket counts (top-k) or
 // masses (top-p) finds the bucket where the k-th value or the top_p mass lies, and only that
 // bucket's values are selected (nth_element) or sorted.
-template <typename T>
-inline void filter_stats(const T* x, int64_t V, double inv_t_d, int64_t top_k, double top_p,
+template <typename P>
+inline void filter_stats(P x, int64_t V, double inv_t_d, int64_t top_k, double top_p,
                          PosStats& s, FilterScratch& sc) {
   if (!s.finite()) return;
   using S = FilterScratch;
@@ -479,8 +537,8 @@ struct Weights {
   Weights(const PosStats& s, float inv_t)
       : m(_mm256_set1_ps(s.max)), it(_mm256_set1_ps(inv_t)), th(_mm256_set1_ps(s.thr)),
         iz(_mm256_set1_ps(s.z > 0.0 ? float(1.0 / s.z) : 1.0f)) {}
-  template <typename T>
-  __m256 p(const T* x, int64_t j, int64_t n) const {
+  template <typename P>
+  __m256 p(P x, int64_t j, int64_t n) const {
     const __m256 v = clean8(load_any(x + j, n, kNegInf));
     const __m256 keep = _mm256_cmp_ps(v, th, _CMP_GE_OQ);
     return _mm256_mul_ps(_mm256_and_ps(exp8(_mm256_mul_ps(_mm256_sub_ps(v, m), it)), keep), iz);
@@ -504,8 +562,8 @@ struct Weights {
 // block k = j / kRaceBlock, the sum of the residual's weights if `resid`, else of p's (floats
 // summed per lane in float within the block, then in double). If probs_out is given, also
 // writes p_j there (the sample op's output distribution).
-template <typename T, typename Q>
-inline void race_block_sums(const T* x, int64_t j0, int64_t j1, const Weights& w, bool resid, const Q* q,
+template <typename Q, typename P>
+inline void race_block_sums(P x, int64_t j0, int64_t j1, const Weights& w, bool resid, const Q* q,
                             int64_t vq, int64_t onehot, float* probs_out, double* out) {
   alignas(32) float lanes[8];
   for (int64_t b0 = j0; b0 < j1; b0 += kRaceBlock) {
@@ -542,8 +600,8 @@ inline int64_t race_blocks(const double* sums, int64_t nb, const PhiloxKey& key)
 
 // Level 2: argmax_j w_j / e_j inside block k (ids [k * kRaceBlock, min(V, (k + 1) * kRaceBlock))),
 // e_j drawn at index j of `key`; w is the residual if `resid`, else p. -1 if nothing weighs > 0.
-template <typename T, typename Q>
-inline int64_t race_in_block(const T* x, int64_t V, int64_t k, const Weights& w, bool resid, const Q* q,
+template <typename Q, typename P>
+inline int64_t race_in_block(P x, int64_t V, int64_t k, const Weights& w, bool resid, const Q* q,
                              int64_t vq, int64_t onehot, const PhiloxKey& key) {
   const int64_t j0 = k * kRaceBlock, j1 = std::min(V, j0 + kRaceBlock);
   float best = 0.0f;
@@ -573,8 +631,8 @@ inline void p_block_sums(const float* bmax, const double* bsum, int64_t nblock, 
 // (chunks through `exec`, as for_rows hands it out); the block race on `block_key`, the race inside
 // the winning block on `key`. On the sample streams this is the target's own sample (the sample op's
 // numbers). Returns the argmax if rounding zeroed every weight. `sums`: scratch of nblock doubles.
-template <typename T, typename Exec>
-inline int64_t race_p(const T* x, int64_t V, const PosStats& st, double inv_t, float inv_t_f, bool filtered,
+template <typename P, typename Exec>
+inline int64_t race_p(P x, int64_t V, const PosStats& st, double inv_t, float inv_t_f, bool filtered,
                       const float* bmax, const double* bsum, double* sums, Exec&& exec, const PhiloxKey& block_key,
                       const PhiloxKey& key) {
   const int64_t nblock = (V + kRaceBlock - 1) / kRaceBlock, nchunk = (V + kChunk - 1) / kChunk;
@@ -582,14 +640,26 @@ inline int64_t race_p(const T* x, int64_t V, const PosStats& st, double inv_t, f
   if (filtered) {
     exec(nchunk, [&](int64_t c) {
       const int64_t j0 = c * kChunk, j1 = std::min(V, j0 + kChunk);
-      race_block_sums<T, float>(x, j0, j1, w, false, nullptr, 0, -1, nullptr, sums);
+      race_block_sums<float>(x, j0, j1, w, false, nullptr, 0, -1, nullptr, sums);
     });
   } else {
     p_block_sums(bmax, bsum, nblock, st, inv_t, sums);
   }
   const int64_t k = race_blocks(sums, nblock, block_key);
-  const int64_t t = k < 0 ? -1 : race_in_block<T, float>(x, V, k, w, false, nullptr, 0, -1, key);
+  const int64_t t = k < 0 ? -1 : race_in_block<float>(x, V, k, w, false, nullptr, 0, -1, key);
   return t >= 0 ? t : st.argmax;
+}
+
+// The token bitmask argument of an op: undefined (no mask) or int32 [lead..., W] with W >= 1,
+// contiguous; `lead` is the logits' leading shape ([B, K+1], [B, N+1] or [B]). Shapes are checked
+// here, always: a wrong one must raise, never read outside the tensor.
+inline at::Tensor check_bitmask(const c10::optional<at::Tensor>& opt, at::IntArrayRef lead, const char* op) {
+  if (!opt.has_value() || !opt->defined()) return at::Tensor();
+  const at::Tensor& m = *opt;
+  TORCH_CHECK(m.scalar_type() == at::kInt, op, ": token_bitmask must be int32, got ", m.scalar_type());
+  TORCH_CHECK(m.dim() == int64_t(lead.size()) + 1 && m.sizes().slice(0, lead.size()) == lead && m.size(-1) >= 1, op,
+              ": token_bitmask must be [", lead, ", W] with W >= 1, got ", m.sizes());
+  return m.contiguous();
 }
 
 // Per-row sampling parameters ([B] each) normalised to the dtypes the kernels read; the copies cost

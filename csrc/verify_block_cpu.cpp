@@ -15,7 +15,8 @@
 //     sample at g (the sample op's streams), as in verify_cpu.cpp.
 // Greedy rows are verify_cpu.cpp's walk (accept while the draft is the argmax, emit the argmax).
 // Calls without draft_probs never get here: the dispatcher sends them to verify (block and token
-// verification coincide for a one-hot draft). Parallel schedule, dtypes and scratch as verify_cpu.
+// verification coincide for a one-hot draft). Parallel schedule, dtypes, scratch and the token
+// bitmask ([B, K+1, W], read in the loads) as verify_cpu.
 #include <torch/library.h>
 
 #include "sampling_common.h"
@@ -37,7 +38,8 @@ std::tuple<at::Tensor, at::Tensor> verify_block_cpu(const at::Tensor& target_log
                                                     const at::Tensor& draft_probs_in,
                                                     const at::Tensor& temperature, const at::Tensor& top_k,
                                                     const at::Tensor& top_p, const at::Tensor& seed,
-                                                    const at::Tensor& offset) {
+                                                    const at::Tensor& offset,
+                                                    const c10::optional<at::Tensor>& token_bitmask_opt) {
   TORCH_CHECK(target_logits_in.dim() == 3, "verify_block: target_logits must be [B, K+1, V]");
   const at::Tensor logits = target_logits_in.contiguous();
   const int64_t B = logits.size(0), K1 = logits.size(1), Vt = logits.size(2), K = K1 - 1;
@@ -51,6 +53,9 @@ std::tuple<at::Tensor, at::Tensor> verify_block_cpu(const at::Tensor& target_log
                   q_all.size(2) <= Vt,
               "verify_block: draft_probs must be [B, K, Vd] with 1 <= Vd <= V");
   const int64_t Vd = q_all.size(2);
+  const at::Tensor mask = check_bitmask(token_bitmask_opt, {B, K1}, "verify_block");
+  const int32_t* M = mask.defined() ? mask.data_ptr<int32_t>() : nullptr;
+  const int64_t W = mask.defined() ? mask.size(2) : 0;
 
   auto out_ids = at::full({B, K1}, -1, logits.options().dtype(at::kLong));
   auto num_acc = at::zeros({B}, logits.options().dtype(at::kInt));
@@ -90,6 +95,10 @@ std::tuple<at::Tensor, at::Tensor> verify_block_cpu(const at::Tensor& target_log
       using Q = decltype(qtag);
       const T* L = logits.data_ptr<T>();
       const Q* Qp = q_all.data_ptr<Q>();
+      auto row_at = [&](int64_t b, int64_t pos) {  // position (b, pos)'s logits through its mask
+        const int64_t i = b * K1 + pos;
+        return Logits<T>{L + i * Vt, M ? M + i * W : nullptr, W, 0};
+      };
       auto at = [&](int64_t b, int64_t j) { return int64_t(uint64_t(rp.offset[b]) + uint64_t(j)); };
 
       auto run_row = [&](int64_t b, auto&& exec) {
@@ -99,7 +108,7 @@ std::tuple<at::Tensor, at::Tensor> verify_block_cpu(const at::Tensor& target_log
         double* sums = &block_sums[b * nblock];
         // statistics of (b, pos) into stats[b * K1 + pos] (and bmax / bsum for sampled rows)
         auto position_stats = [&](int64_t pos) -> PosStats& {
-          const T* x = L + (b * K1 + pos) * Vt;
+          const Logits<T> x = row_at(b, pos);
           const bool want_sum = !r.greedy && !r.filtered;
           exec(nchunk, [&](int64_t c) {
             const int64_t j0 = c * kChunk, nb0 = j0 / kRaceBlock;
@@ -142,7 +151,7 @@ std::tuple<at::Tensor, at::Tensor> verify_block_cpu(const at::Tensor& target_log
           const int64_t d = dr[b * K + pos];
           double p = 0.0;
           if (st.finite()) {
-            const float xd = clean1(static_cast<float>(L[(b * K1 + pos) * Vt + d]));
+            const float xd = clean1(row_at(b, pos)[d]);
             if (xd > kNegInf && xd >= st.thr) p = std::exp((double(xd) - double(st.max)) * r.inv_t) / st.z;
           }
           const double qd = draft_q1(static_cast<float>(Qp[(b * K + pos) * Vd + d]));
@@ -162,11 +171,11 @@ std::tuple<at::Tensor, at::Tensor> verify_block_cpu(const at::Tensor& target_log
           PosStats scaled = st;
           scaled.z = st.z / w[i];  // Weights.p is then w_i p_i
           const Weights wt(scaled, r.inv_t_f);
-          const T* x = L + (b * K1 + i) * Vt;
+          const Logits<T> x = row_at(b, i);
           const Q* q = Qp + (b * K + i) * Vd;
           exec(nchunk, [&](int64_t c) {
             const int64_t j0 = c * kChunk, j1 = std::min(Vt, j0 + kChunk);
-            race_block_sums<T, Q>(x, j0, j1, wt, true, q, Vd, -1, nullptr, sums);
+            race_block_sums<Q>(x, j0, j1, wt, true, q, Vd, -1, nullptr, sums);
           });
           double mass = 0.0;
           for (int64_t k = 0; k < nblock; ++k) mass += sums[k];
@@ -198,7 +207,7 @@ std::tuple<at::Tensor, at::Tensor> verify_block_cpu(const at::Tensor& target_log
         if (!st.finite()) return;  // the row emits nothing
         for (int64_t i = 0; i < s; ++i) out[b * K1 + i] = dr[b * K + i];
         na[b] = int32_t(s);
-        const T* x = L + (b * K1 + s) * Vt;
+        const Logits<T> x = row_at(b, s);
         int64_t tok;
         if (s == r.g) {  // every draft kept: the bonus, the target's own sample (bmax / bsum are s's)
           tok = race_p(x, Vt, st, r.inv_t, r.inv_t_f, r.filtered, &bmax[b * nblock], &bsum[b * nblock], sums, exec,
@@ -214,11 +223,11 @@ std::tuple<at::Tensor, at::Tensor> verify_block_cpu(const at::Tensor& target_log
           if (!use_r) {  // residual mass 0: a race over p (resample streams), as verify does
             exec(nchunk, [&](int64_t c) {
               const int64_t j0 = c * kChunk, j1 = std::min(Vt, j0 + kChunk);
-              race_block_sums<T, Q>(x, j0, j1, wt, false, q, Vd, -1, nullptr, sums);
+              race_block_sums<Q>(x, j0, j1, wt, false, q, Vd, -1, nullptr, sums);
             });
           }
           const int64_t k = race_blocks(sums, nblock, PhiloxKey(rp.seed[b], at(b, s), kStreamResampleBlock, 0));
-          tok = k < 0 ? -1 : race_in_block<T, Q>(x, Vt, k, wt, use_r, q, Vd, -1,
+          tok = k < 0 ? -1 : race_in_block<Q>(x, Vt, k, wt, use_r, q, Vd, -1,
                                                  PhiloxKey(rp.seed[b], at(b, s), kStreamResample, 0));
         }
         out[b * K1 + s] = tok >= 0 ? tok : st.argmax;  // tok < 0 only if rounding zeroed every weight
@@ -231,7 +240,8 @@ std::tuple<at::Tensor, at::Tensor> verify_block_cpu(const at::Tensor& target_log
 
 std::tuple<at::Tensor, at::Tensor> verify_block_meta(const at::Tensor& target_logits, const at::Tensor&,
                                                      const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                     const at::Tensor&, const at::Tensor&, const at::Tensor&) {
+                                                     const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                     const c10::optional<at::Tensor>&) {
   const auto B = target_logits.sym_size(0), K1 = target_logits.sym_size(1);
   return {at::empty_symint({B, K1}, target_logits.options().dtype(at::kLong)),
           at::empty_symint({B}, target_logits.options().dtype(at::kInt))};
@@ -242,7 +252,7 @@ std::tuple<at::Tensor, at::Tensor> verify_block_meta(const at::Tensor& target_lo
 
 TORCH_LIBRARY_FRAGMENT(specdec_cpp, m) {
   m.def("verify_block(Tensor target_logits, Tensor draft_token_ids, Tensor draft_probs, Tensor temperature, "
-        "Tensor top_k, Tensor top_p, Tensor seed, Tensor offset) -> (Tensor, Tensor)");
+        "Tensor top_k, Tensor top_p, Tensor seed, Tensor offset, Tensor? token_bitmask=None) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(specdec_cpp, CPU, m) { m.impl("verify_block", &specdec::verify_block_cpu); }

@@ -19,7 +19,9 @@
 // Random numbers of position j use the counter offset offset + j (Philox position word 0).
 // Rows are the parallel unit when there are enough of them (one parallel region per call, rows
 // handed out dynamically since their chains differ in length); otherwise vocabulary chunks are.
-// Nothing of size [B, K+1, V] is allocated; logits are read as they are (fp32/fp16/bf16).
+// Nothing of size [B, K+1, V] is allocated; logits are read as they are (fp32/fp16/bf16), through
+// the position's token bitmask when one is given (Logits in sampling_common.h: banned ids read as
+// -inf in the loads themselves, so every step below sees the target restricted to the allowed ids).
 #include <torch/library.h>
 
 #include "sampling_common.h"
@@ -37,10 +39,12 @@ struct RowInfo {
 
 // return_logprobs: also (processed, raw) logprobs [B, K+1] float32 of the emitted tokens, from the
 // statistics of the positions walked (the raw denominator summed in the same sweep); else [B, 0].
+// token_bitmask: [B, K+1, W] int32 or undefined (check_bitmask).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> verify_cpu(
     const at::Tensor& target_logits_in, const at::Tensor& draft_token_ids,
     const c10::optional<at::Tensor>& draft_probs_opt, const at::Tensor& temperature, const at::Tensor& top_k,
-    const at::Tensor& top_p, const at::Tensor& seed, const at::Tensor& offset, bool return_logprobs) {
+    const at::Tensor& top_p, const at::Tensor& seed, const at::Tensor& offset, bool return_logprobs,
+    const c10::optional<at::Tensor>& token_bitmask_opt) {
   TORCH_CHECK(target_logits_in.dim() == 3, "verify: target_logits must be [B, K+1, V]");
   const at::Tensor logits = target_logits_in.contiguous();  // no copy when already contiguous
   const int64_t B = logits.size(0), K1 = logits.size(1), Vt = logits.size(2), K = K1 - 1;
@@ -59,6 +63,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> verify_cpu(
     Vd = q_all.size(2);
   }
   const bool has_q = q_all.defined();
+  const at::Tensor mask = check_bitmask(token_bitmask_opt, {B, K1}, "verify");
+  const int32_t* M = mask.defined() ? mask.data_ptr<int32_t>() : nullptr;
+  const int64_t W = mask.defined() ? mask.size(2) : 0;
 
   auto out_ids = at::full({B, K1}, -1, logits.options().dtype(at::kLong));
   auto num_acc = at::zeros({B}, logits.options().dtype(at::kInt));
@@ -99,6 +106,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> verify_cpu(
       using Q = decltype(qtag);
       const T* L = logits.data_ptr<T>();
       const Q* Qp = has_q ? q_all.data_ptr<Q>() : nullptr;
+      // position (b, pos)'s logits through its mask
+      auto row_at = [&](int64_t b, int64_t pos) {
+        const int64_t i = b * K1 + pos;
+        return Logits<T>{L + i * Vt, M ? M + i * W : nullptr, W, 0};
+      };
 
       // the counter offset of row b's position j: offset + j, wrapping like int64 in the reference
       auto at = [&](int64_t b, int64_t j) { return int64_t(uint64_t(rp.offset[b]) + uint64_t(j)); };
@@ -107,7 +119,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> verify_cpu(
       // the row (bmax / bsum hold that position's blocks): sample and compare's own token.
       auto own_sample = [&](int64_t b, int64_t pos, const PosStats& st, auto&& exec) -> int64_t {
         const RowInfo& r = rows[b];
-        return race_p(L + (b * K1 + pos) * Vt, Vt, st, r.inv_t, r.inv_t_f, r.filtered, &bmax[b * nblock],
+        return race_p(row_at(b, pos), Vt, st, r.inv_t, r.inv_t_f, r.filtered, &bmax[b * nblock],
                       &bsum[b * nblock], &block_sums[b * nblock], exec,
                       PhiloxKey(rp.seed[b], at(b, pos), kStreamSampleBlock, 0),
                       PhiloxKey(rp.seed[b], at(b, pos), kStreamSample, 0));
@@ -124,10 +136,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> verify_cpu(
         // Walk the positions: statistics of (b, pos), then the acceptance test. The first
         // rejection, or the bonus position, stops the row; later positions are never read.
         for (int64_t pos = 0; pos <= r.n_drafts; ++pos) {
-          const T* x = L + (b * K1 + pos) * Vt;
+          const Logits<T> x = row_at(b, pos);
           // sampled rows: the softmax denominator (to test a draft) and the block sums that the
-          // race needs if this position turns out to be the stop (filtered rows: filter_stats)
-          const bool want_sum = !r.greedy && !r.filtered;
+          // race needs if this position turns out to be the stop (filtered rows: filter_stats);
+          // masked greedy rows with logprobs: the masked denominator at T = 1 (token_logprobs)
+          const bool want_sum = (!r.greedy && !r.filtered) || (r.greedy && M && return_logprobs);
           exec(nchunk, [&](int64_t c) {
             const int64_t j0 = c * kChunk, nb0 = j0 / kRaceBlock;
             cs[c] = chunk_stats(x + j0, std::min(kChunk, Vt - j0), j0, r.inv_t_f, want_sum,
@@ -187,7 +200,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> verify_cpu(
         // rejection) or of p, then the block race and the race inside the winning block (a few
         // hundred draws, serial). Unfiltered rows have p's block sums from the statistics pass;
         // only a residual against draft_probs (or a top-k/top-p row) needs a sweep over the row.
-        const T* x = L + (b * K1 + s) * Vt;
+        const Logits<T> x = row_at(b, s);
         const Q* q = (resid && Qp) ? Qp + (b * K + s) * Vd : nullptr;
         const int64_t d = resid ? dr[b * K + s] : -1;
         const Weights w(st, r.inv_t_f);
@@ -195,12 +208,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> verify_cpu(
         auto sweep = [&](bool of_resid) {  // block sums of the residual or of p, chunks in parallel
           exec(nchunk, [&](int64_t c) {
             const int64_t j0 = c * kChunk, j1 = std::min(Vt, j0 + kChunk);
-            race_block_sums<T, Q>(x, j0, j1, w, of_resid, q, Vd, d, nullptr, sums);
+            race_block_sums<Q>(x, j0, j1, w, of_resid, q, Vd, d, nullptr, sums);
           });
         };
         auto block_of_d = [&](bool of_resid) {  // one block: d's, as the residual or as p
           const int64_t j0 = d / kRaceBlock * kRaceBlock;
-          race_block_sums<T, Q>(x, j0, std::min(Vt, j0 + kRaceBlock), w, of_resid, q, Vd, d, nullptr, sums);
+          race_block_sums<Q>(x, j0, std::min(Vt, j0 + kRaceBlock), w, of_resid, q, Vd, d, nullptr, sums);
         };
         const bool reuse = !r.filtered && q == nullptr;
         if (reuse) {
@@ -216,7 +229,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> verify_cpu(
         const bool bonus = s == r.n_drafts;
         const int64_t k = race_blocks(sums, nblock, PhiloxKey(rp.seed[b], at(b, s),
                                                               bonus ? kStreamSampleBlock : kStreamResampleBlock, 0));
-        const int64_t tok = k < 0 ? -1 : race_in_block<T, Q>(x, Vt, k, w, use_r, q, Vd, d,
+        const int64_t tok = k < 0 ? -1 : race_in_block<Q>(x, Vt, k, w, use_r, q, Vd, d,
                                                              PhiloxKey(rp.seed[b], at(b, s),
                                                                        bonus ? kStreamSample : kStreamResample, 0));
         out[b * K1 + s] = tok >= 0 ? tok : st.argmax;  // tok < 0 only if rounding zeroed every weight
@@ -228,7 +241,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> verify_cpu(
         float* lpr = lp_raw.data_ptr<float>();
         for (int64_t b = 0; b < B; ++b)
           for (int64_t i = 0; i <= na[b] && out[b * K1 + i] >= 0; ++i)
-            token_logprobs(L + (b * K1 + i) * Vt, out[b * K1 + i], stats[b * K1 + i], rows[b].inv_t, rows[b].greedy,
+            token_logprobs(row_at(b, i), out[b * K1 + i], stats[b * K1 + i], rows[b].inv_t, rows[b].greedy,
                            &lpp[b * K1 + i], &lpr[b * K1 + i]);
       }
     });
@@ -238,7 +251,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> verify_cpu(
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> verify_meta(
     const at::Tensor& target_logits, const at::Tensor&, const c10::optional<at::Tensor>&, const at::Tensor&,
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, bool return_logprobs) {
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, bool return_logprobs,
+    const c10::optional<at::Tensor>&) {
   const auto B = target_logits.sym_size(0), K1 = target_logits.sym_size(1);
   const c10::SymInt W = return_logprobs ? K1 : c10::SymInt(0);
   return {at::empty_symint({B, K1}, target_logits.options().dtype(at::kLong)),
@@ -280,8 +294,8 @@ at::Tensor philox_test(const at::Tensor& counter_in, const at::Tensor& key_in, b
 
 TORCH_LIBRARY_FRAGMENT(specdec_cpp, m) {
   m.def("verify(Tensor target_logits, Tensor draft_token_ids, Tensor? draft_probs, Tensor temperature, "
-        "Tensor top_k, Tensor top_p, Tensor seed, Tensor offset, bool return_logprobs=False) "
-        "-> (Tensor, Tensor, Tensor, Tensor)");
+        "Tensor top_k, Tensor top_p, Tensor seed, Tensor offset, bool return_logprobs=False, "
+        "Tensor? token_bitmask=None) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("_philox(Tensor counter, Tensor key, bool vectorized) -> Tensor", &specdec::philox_test);
 }
 

@@ -19,7 +19,8 @@
 //     p's from step 1) or, for a node without children, the bonus: the target's own sample.
 // Nodes off the walked path are never read, nor is anything of an invalid node (bad parent, -1
 // token, too deep). Rows are the parallel unit when there are enough of them; otherwise vocabulary
-// chunks are. Nothing of size [B, N+1, V] is allocated.
+// chunks are. Nothing of size [B, N+1, V] is allocated. A token bitmask ([B, N+1, W]) is read in
+// the loads (Logits, sampling_common.h): every node's target is restricted to its allowed ids.
 #include <torch/library.h>
 
 #include "sampling_common.h"
@@ -32,8 +33,8 @@ namespace {
 // else src[j] * scale; q(j) = 0 for j >= vq. sums[k] = the sum over block k of dst, summed as
 // race_block_sums does (float lanes within a block, then double), so that the first residual's
 // race is verify_cpu.cpp's to the bit.
-template <typename T, typename Q>
-inline void residual_blocks(const T* x, const Weights& w, const float* src, float scale, const Q* q,
+template <typename Q, typename P>
+inline void residual_blocks(P x, const Weights& w, const float* src, float scale, const Q* q,
                             int64_t vq, int64_t j0, int64_t j1, float* dst, double* sums) {
   alignas(32) float lanes[8];
   const __m256 sc = _mm256_set1_ps(scale);
@@ -81,7 +82,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> verify_tr
     const at::Tensor& target_logits_in, const at::Tensor& tree_token_ids, const at::Tensor& tree_parents,
     const c10::optional<at::Tensor>& draft_probs_opt, const at::Tensor& temperature, const at::Tensor& top_k,
     const at::Tensor& top_p, const at::Tensor& seed, const at::Tensor& offset, int64_t max_depth,
-    bool return_logprobs) {
+    bool return_logprobs, const c10::optional<at::Tensor>& token_bitmask_opt) {
   TORCH_CHECK(target_logits_in.dim() == 3, "verify_tree: target_logits must be [B, N+1, V]");
   const at::Tensor logits = target_logits_in.contiguous();
   const int64_t B = logits.size(0), N1 = logits.size(1), Vt = logits.size(2), N = N1 - 1;
@@ -105,6 +106,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> verify_tr
     Vd = q_all.size(2);
   }
   const bool has_q = q_all.defined();
+  const at::Tensor mask = check_bitmask(token_bitmask_opt, {B, N1}, "verify_tree");
+  const int32_t* M = mask.defined() ? mask.data_ptr<int32_t>() : nullptr;
+  const int64_t W = mask.defined() ? mask.size(2) : 0;
 
   auto out_ids = at::full({B, D + 1}, -1, logits.options().dtype(at::kLong));
   auto num_acc = at::zeros({B}, logits.options().dtype(at::kInt));
@@ -144,6 +148,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> verify_tr
       using Q = decltype(qtag);
       const T* L = logits.data_ptr<T>();
       const Q* Qp = has_q ? q_all.data_ptr<Q>() : nullptr;
+      // node `node` (index into target_logits) of row b: its logits through its mask
+      auto row_at = [&](int64_t b, int64_t node) {
+        const int64_t i = b * N1 + node;
+        return Logits<T>{L + i * Vt, M ? M + i * W : nullptr, W, 0};
+      };
 
       auto at = [&](int64_t b, int64_t j) { return int64_t(uint64_t(rp.offset[b]) + uint64_t(j)); };
 
@@ -153,7 +162,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> verify_tr
       auto race_at = [&](int64_t b, int64_t node, int64_t j, const PosStats& st, auto&& exec,
                          int block_stream, int stream) -> int64_t {
         const RowInfo& r = rows[b];
-        return race_p(L + (b * N1 + node) * Vt, Vt, st, r.inv_t, r.inv_t_f, r.filtered, &bmax[b * nblock],
+        return race_p(row_at(b, node), Vt, st, r.inv_t, r.inv_t_f, r.filtered, &bmax[b * nblock],
                       &bsum[b * nblock], &block_sums[b * nblock], exec,
                       PhiloxKey(rp.seed[b], at(b, j), block_stream, 0), PhiloxKey(rp.seed[b], at(b, j), stream, 0));
       };
@@ -178,8 +187,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> verify_tr
         std::vector<double> rsums[2];     // and their race-block sums
         for (int64_t j = 0; j <= D; ++j) {
           const int64_t node = cur + 1;
-          const T* x = L + (b * N1 + node) * Vt;
-          const bool want_sum = !r.greedy && !r.filtered;
+          const Logits<T> x = row_at(b, node);
+          // masked greedy rows with logprobs: the masked denominator at T = 1 (token_logprobs)
+          const bool want_sum = (!r.greedy && !r.filtered) || (r.greedy && M && return_logprobs);
           exec(nchunk, [&](int64_t c) {
             const int64_t j0 = c * kChunk, nb0 = j0 / kRaceBlock;
             cs[c] = chunk_stats(x + j0, std::min(kChunk, Vt - j0), j0, r.inv_t_f, want_sum,
@@ -245,7 +255,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> verify_tr
               const float sc = float(scale);
               exec(nchunk, [&](int64_t c) {
                 const int64_t j0 = c * kChunk, j1 = std::min(Vt, j0 + kChunk);
-                residual_blocks<T, Q>(x, w, src, sc, q, Vd, j0, j1, buf[dst].data(), rsums[dst].data());
+                residual_blocks<Q>(x, w, src, sc, q, Vd, j0, j1, buf[dst].data(), rsums[dst].data());
               });
               double mass = 0.0;
               for (int64_t k = 0; k < nblock; ++k) mass += rsums[dst][k];
@@ -286,7 +296,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> verify_tr
         for (int64_t b = 0; b < B; ++b)
           for (int64_t j = 0; j <= na[b] && out[b * (D + 1) + j] >= 0; ++j) {
             const int64_t node = j == 0 ? 0 : an[b * D + j - 1] + 1;
-            token_logprobs(L + (b * N1 + node) * Vt, out[b * (D + 1) + j], step_stats[b * (D + 1) + j],
+            token_logprobs(row_at(b, node), out[b * (D + 1) + j], step_stats[b * (D + 1) + j],
                            rows[b].inv_t, rows[b].greedy, &lpp[b * (D + 1) + j], &lpr[b * (D + 1) + j]);
           }
       }
@@ -298,7 +308,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> verify_tr
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> verify_tree_meta(
     const at::Tensor& target_logits, const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-    int64_t max_depth, bool return_logprobs) {
+    int64_t max_depth, bool return_logprobs, const c10::optional<at::Tensor>&) {
   const auto B = target_logits.sym_size(0);
   const c10::SymInt W(return_logprobs ? max_depth + 1 : 0);
   return {at::empty_symint({B, c10::SymInt(max_depth + 1)}, target_logits.options().dtype(at::kLong)),
@@ -314,7 +324,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> verify_tr
 TORCH_LIBRARY_FRAGMENT(specdec_cpp, m) {
   m.def("verify_tree(Tensor target_logits, Tensor tree_token_ids, Tensor tree_parents, Tensor? draft_probs, "
         "Tensor temperature, Tensor top_k, Tensor top_p, Tensor seed, Tensor offset, int max_depth, "
-        "bool return_logprobs=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "bool return_logprobs=False, Tensor? token_bitmask=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(specdec_cpp, CPU, m) { m.impl("verify_tree", &specdec::verify_tree_cpu); }

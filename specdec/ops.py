@@ -122,6 +122,7 @@ def _verify_op(
     offset: torch.Tensor,
     backend: str,
     return_logprobs: bool = False,
+    token_bitmask: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (output_ids, num_accepted, processed_logprobs, raw_logprobs); the logprobs are
     [B, K+1] float32 with return_logprobs, else [B, 0] (nothing computed)."""
@@ -129,28 +130,28 @@ def _verify_op(
     if impl == "reference":
         top_k, top_p = _materialise(top_k, top_p, temperature)
         out = reference.verify(target_logits, draft_token_ids, draft_probs, temperature, top_k, top_p,
-                               seed, offset)
+                               seed, offset, token_bitmask)
         B, K1, _ = target_logits.shape
         positions = torch.arange(K1, device=target_logits.device).expand(B, K1)
         return (*out, *_reference_logprobs(return_logprobs, target_logits, positions, out[0], temperature,
-                                           top_k, top_p))
+                                           top_k, top_p, token_bitmask))
     t_ok = torch.nan_to_num(temperature, nan=1.0, posinf=1.0)  # the kernels never see NaN / inf
     if impl == "triton":  # None = filter off everywhere: the kernels then skip the threshold pass
         from specdec.kernels import verify as tv
 
         out = tv.verify(target_logits, draft_token_ids, draft_probs, t_ok, top_k, top_p, seed, offset,
-                        return_logprobs=return_logprobs)
+                        return_logprobs=return_logprobs, token_bitmask=token_bitmask)
         out = _pad_logprobs(out, 2, return_logprobs)
     else:
         top_k, top_p = _materialise(top_k, top_p, temperature)
         out = torch.ops.specdec_cpp.verify(target_logits, draft_token_ids, draft_probs, t_ok, top_k, top_p,
-                                           seed, offset, return_logprobs)
+                                           seed, offset, return_logprobs, token_bitmask)
     return (*_void_bad_temperature(temperature, *out[:2]), *_void_logprobs(temperature, *out[2:]))
 
 
 @_verify_op.register_fake
 def _(target_logits, draft_token_ids, draft_probs, temperature, top_k, top_p, seed, offset, backend,
-      return_logprobs=False):
+      return_logprobs=False, token_bitmask=None):
     B, K1, _ = target_logits.shape
     return (target_logits.new_empty((B, K1), dtype=torch.int64),
             target_logits.new_empty((B,), dtype=torch.int32),
@@ -168,26 +169,29 @@ def _verify_block_op(
     seed: torch.Tensor,
     offset: torch.Tensor,
     backend: str,
+    token_bitmask: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     impl = _pick(backend, target_logits.device)
     if impl == "reference":
         top_k, top_p = _materialise(top_k, top_p, temperature)
         return reference.verify_block(target_logits, draft_token_ids, draft_probs, temperature, top_k, top_p,
-                                      seed, offset)
+                                      seed, offset, token_bitmask)
     t_ok = torch.nan_to_num(temperature, nan=1.0, posinf=1.0)  # the kernels never see NaN / inf
     if impl == "triton":
         from specdec.kernels import verify_block as tvb
 
-        out = tvb.verify_block(target_logits, draft_token_ids, draft_probs, t_ok, top_k, top_p, seed, offset)
+        out = tvb.verify_block(target_logits, draft_token_ids, draft_probs, t_ok, top_k, top_p, seed, offset,
+                               token_bitmask=token_bitmask)
     else:
         top_k, top_p = _materialise(top_k, top_p, temperature)
         out = torch.ops.specdec_cpp.verify_block(target_logits, draft_token_ids, draft_probs, t_ok, top_k, top_p,
-                                                 seed, offset)
+                                                 seed, offset, token_bitmask)
     return _void_bad_temperature(temperature, *out)
 
 
 @_verify_block_op.register_fake
-def _(target_logits, draft_token_ids, draft_probs, temperature, top_k, top_p, seed, offset, backend):
+def _(target_logits, draft_token_ids, draft_probs, temperature, top_k, top_p, seed, offset, backend,
+      token_bitmask=None):
     B, K1, _ = target_logits.shape
     return (target_logits.new_empty((B, K1), dtype=torch.int64),
             target_logits.new_empty((B,), dtype=torch.int32))
@@ -207,6 +211,7 @@ def _verify_tree_op(
     max_depth: int,
     backend: str,
     return_logprobs: bool = False,
+    token_bitmask: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (output_ids, num_accepted, accepted_nodes, processed_logprobs, raw_logprobs); the
     logprobs are [B, D+1] float32 with return_logprobs, else [B, 0] (nothing computed)."""
@@ -214,27 +219,29 @@ def _verify_tree_op(
     if impl == "reference":
         top_k, top_p = _materialise(top_k, top_p, temperature)
         out = reference.verify_tree(target_logits, tree_token_ids, tree_parents, draft_probs, temperature,
-                                    top_k, top_p, seed, offset, max_depth)
+                                    top_k, top_p, seed, offset, max_depth, token_bitmask)
         positions = reference.tree_source_positions(out[2])
         return (*out, *_reference_logprobs(return_logprobs, target_logits, positions, out[0], temperature,
-                                           top_k, top_p))
+                                           top_k, top_p, token_bitmask))
     t_ok = torch.nan_to_num(temperature, nan=1.0, posinf=1.0)  # the kernels never see NaN / inf
     if impl == "triton":
         from specdec.kernels import verify_tree as tvt
 
         out = tvt.verify_tree(target_logits, tree_token_ids, tree_parents, draft_probs, t_ok, top_k, top_p,
-                              seed, offset, max_depth, return_logprobs=return_logprobs)
+                              seed, offset, max_depth, return_logprobs=return_logprobs,
+                              token_bitmask=token_bitmask)
         out = _pad_logprobs(out, 3, return_logprobs)
     else:
         top_k, top_p = _materialise(top_k, top_p, temperature)
         out = torch.ops.specdec_cpp.verify_tree(target_logits, tree_token_ids, tree_parents, draft_probs, t_ok,
-                                                top_k, top_p, seed, offset, max_depth, return_logprobs)
+                                                top_k, top_p, seed, offset, max_depth, return_logprobs,
+                                                token_bitmask)
     return (*_void_bad_temperature(temperature, *out[:3]), *_void_logprobs(temperature, *out[3:]))
 
 
 @_verify_tree_op.register_fake
 def _(target_logits, tree_token_ids, tree_parents, draft_probs, temperature, top_k, top_p, seed, offset,
-      max_depth, backend, return_logprobs=False):
+      max_depth, backend, return_logprobs=False, token_bitmask=None):
     B = target_logits.shape[0]
     return (target_logits.new_empty((B, max_depth + 1), dtype=torch.int64),
             target_logits.new_empty((B,), dtype=torch.int32),
@@ -252,31 +259,34 @@ def _sample_op(
     offset: torch.Tensor,
     backend: str,
     return_logprobs: bool = False,
+    token_bitmask: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (token_ids, probs, processed_logprobs, raw_logprobs); the logprobs are [B] float32
     with return_logprobs, else [0] (nothing computed)."""
     impl = _pick(backend, logits.device)
     if impl == "reference":
         top_k, top_p = _materialise(top_k, top_p, temperature)
-        out = reference.sample(logits, temperature, top_k, top_p, seed, offset)
+        out = reference.sample(logits, temperature, top_k, top_p, seed, offset, token_bitmask)
         B = logits.shape[0]
         lps = _reference_logprobs(return_logprobs, logits[:, None], torch.zeros(B, 1, dtype=torch.int64,
-                                  device=logits.device), out[0][:, None], temperature, top_k, top_p)
+                                  device=logits.device), out[0][:, None], temperature, top_k, top_p,
+                                  None if token_bitmask is None else token_bitmask[:, None])
         return (*out, *(lp.reshape(-1) for lp in lps))
     t_ok = torch.nan_to_num(temperature, nan=1.0, posinf=1.0)
     if impl == "triton":
         from specdec.kernels import sample as ts
 
-        out = ts.sample(logits, t_ok, top_k, top_p, seed, offset, return_logprobs=return_logprobs)
+        out = ts.sample(logits, t_ok, top_k, top_p, seed, offset, return_logprobs=return_logprobs,
+                        token_bitmask=token_bitmask)
         out = _pad_logprobs(out, 2, return_logprobs, flat=True)
     else:
         top_k, top_p = _materialise(top_k, top_p, temperature)
-        out = torch.ops.specdec_cpp.sample(logits, t_ok, top_k, top_p, seed, offset, return_logprobs)
+        out = torch.ops.specdec_cpp.sample(logits, t_ok, top_k, top_p, seed, offset, return_logprobs, token_bitmask)
     return (*_void_bad_temperature(temperature, *out[:2]), *_void_logprobs(temperature, *out[2:]))
 
 
 @_sample_op.register_fake
-def _(logits, temperature, top_k, top_p, seed, offset, backend, return_logprobs=False):
+def _(logits, temperature, top_k, top_p, seed, offset, backend, return_logprobs=False, token_bitmask=None):
     B, V = logits.shape
     return (logits.new_empty((B,), dtype=torch.int64), logits.new_empty((B, V), dtype=torch.float32),
             *(lp.reshape(-1) for lp in _fake_logprobs(logits, B, 1, return_logprobs)))
@@ -292,11 +302,12 @@ def _fake_logprobs(like, B, M, return_logprobs):
     return tuple(like.new_empty((B, width), dtype=torch.float32) for _ in range(2))
 
 
-def _reference_logprobs(return_logprobs, target_logits, positions, token_ids, temperature, top_k, top_p):
+def _reference_logprobs(return_logprobs, target_logits, positions, token_ids, temperature, top_k, top_p,
+                        token_bitmask=None):
     """The reference backend's logprobs: reference.emitted_logprobs, or [B, 0] when off."""
     if not return_logprobs:
         return _fake_logprobs(target_logits, token_ids.shape[0], 0, False)
-    return reference.emitted_logprobs(target_logits, positions, token_ids, temperature, top_k, top_p)
+    return reference.emitted_logprobs(target_logits, positions, token_ids, temperature, top_k, top_p, token_bitmask)
 
 
 def _pad_logprobs(out, n, return_logprobs, flat=False):
@@ -501,6 +512,25 @@ def _check_verify(target_logits, draft_token_ids, draft_probs, temperature, top_
     # the position where a row's token is drawn matters, which the op tells (verify's check)
 
 
+def _bitmask(token_bitmask, lead: tuple, like: torch.Tensor) -> Optional[torch.Tensor]:
+    """Validate ``token_bitmask`` (always: shape, dtype and device are host metadata, no sync) and
+    make it contiguous. ``lead`` is the logits' leading shape ([B, K+1], [B, N+1] or [B])."""
+    if token_bitmask is None:
+        return None
+    if not isinstance(token_bitmask, torch.Tensor):
+        raise TypeError(f"token_bitmask must be an int32 tensor or None, got {type(token_bitmask).__name__}")
+    if token_bitmask.dtype != torch.int32:
+        raise TypeError(f"token_bitmask must be int32 (xgrammar's layout), got {token_bitmask.dtype}")
+    shape = tuple(token_bitmask.shape)
+    if len(shape) != len(lead) + 1 or shape[:-1] != tuple(lead) or shape[-1] < 1:
+        dims = ", ".join(str(d) for d in lead)
+        raise ValueError(f"token_bitmask must be [{dims}, W] with W >= 1 (W = ceil(V / 32) for V logits), "
+                         f"got shape {shape}")
+    if token_bitmask.device != like.device:
+        raise ValueError(f"token_bitmask is on {token_bitmask.device} but the logits are on {like.device}")
+    return token_bitmask.contiguous()
+
+
 def _check_int_tensor(t, name: str, shape, like: torch.Tensor):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -582,6 +612,7 @@ def verify(
     backend: str = "auto",
     return_logprobs: bool = False,
     method: str = "token",
+    token_bitmask: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, ...]:
     """Fused chain verification of K draft tokens per row (speculative sampling, exact).
 
@@ -620,6 +651,16 @@ def verify(
             one-hot draft_probs run the block algorithm: other tokens, the same acceptance).
             With return_logprobs, "block" gets its logprobs from a second pass over the emitted
             positions (``reference.emitted_logprobs``), not from its kernel's statistics.
+        token_bitmask: [B, K+1, W] int32 or None: which ids each position allows (structured
+            output), in xgrammar's layout (``allocate_token_bitmask`` / ``fill_next_token_bitmask``):
+            bit ``i % 32`` of word ``i // 32`` set = id i allowed; ids from 32 * W on are banned
+            (W = ceil(V / 32) normally; a mask sized for a smaller tokenizer bans the padding ids).
+            Position j's target becomes the target restricted to its allowed ids, exactly as if
+            the other logits were -inf: the mask comes first, then temperature, top-k (the k best
+            allowed ids) and top-p (over the allowed mass); greedy takes the argmax over allowed
+            ids. A draft whose bit is 0 is never accepted; a position with no allowed finite logit
+            is a position with no finite logit (above). Applied inside every backend's kernels,
+            in the loads of the logits: no masked copy, no extra pass, no sync. None: no mask.
 
     Returns:
         output_ids: [B, K+1] int64: accepted drafts, one recovered-or-bonus token, then -1.
@@ -627,12 +668,15 @@ def verify(
             emits nothing (all -1, num_accepted 0) only when the position its token is drawn from
             has no finite logit; positions after it are never looked at.
         processed_logprobs (return_logprobs only): [B, K+1] float32, log p(output_ids[b, j]) under
-            the target distribution at position j after temperature, top-k and top-p (vLLM's
-            processed logprobs); greedy rows give the raw value. A token emitted after a
+            the target distribution at position j after the token mask, temperature, top-k and
+            top-p (vLLM's processed logprobs); greedy rows give log_softmax at temperature 1 of
+            the masked logits (the raw value when there is no mask). A token emitted after a
             rejection gets the target's value there, not the residual's. -inf where output_ids
             is -1.
         raw_logprobs (return_logprobs only): [B, K+1] float32, log_softmax(target_logits[b, j])
-            at the emitted token (temperature 1, no filtering); -inf where output_ids is -1.
+            at the emitted token (temperature 1, no filtering, no token mask: what the model gives
+            it; vLLM, which masks the logits before its sampler, reports the masked value);
+            -inf where output_ids is -1.
     """
     if check:
         _check_float(target_logits, "target_logits")
@@ -644,6 +688,7 @@ def verify(
         draft_probs = _as_kernel_float(draft_probs)
     B = target_logits.shape[0]
     dev = target_logits.device
+    token_bitmask = _bitmask(token_bitmask, tuple(target_logits.shape[:2]), target_logits)
     temperature_t = _per_row(temperature, B, torch.float32, dev, "temperature")
     top_k_t, top_p_t = _filters(top_k, top_p, B, dev)
     if check:
@@ -656,16 +701,17 @@ def verify(
     if _verify_method(method) == "block" and draft_probs is not None:  # else block = token
         out, num_accepted = torch.ops.specdec.verify_block(
             target_logits.contiguous(), draft_token_ids.to(torch.int64).contiguous(), draft_probs,
-            temperature_t, top_k_t, top_p_t, seed_t, offset_t, backend,
+            temperature_t, top_k_t, top_p_t, seed_t, offset_t, backend, token_bitmask,
         )
         if return_logprobs:  # the block kernels keep no per-position statistics: a second pass
             positions = torch.arange(out.shape[1], device=dev).expand(B, -1)
             processed, raw = reference.emitted_logprobs(target_logits, positions, out, temperature_t,
-                                                        *_materialise(top_k_t, top_p_t, temperature_t))
+                                                        *_materialise(top_k_t, top_p_t, temperature_t),
+                                                        token_bitmask)
     else:
         out, num_accepted, processed, raw = torch.ops.specdec.verify(
             target_logits.contiguous(), draft_token_ids.to(torch.int64).contiguous(), draft_probs,
-            temperature_t, top_k_t, top_p_t, seed_t, offset_t, backend, return_logprobs,
+            temperature_t, top_k_t, top_p_t, seed_t, offset_t, backend, return_logprobs, token_bitmask,
         )
     if check:
         void = out[:, 0] < 0
@@ -693,6 +739,7 @@ def verify_tree(
     check: bool = False,
     backend: str = "auto",
     return_logprobs: bool = False,
+    token_bitmask: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, ...]:
     """Exact verification of a token tree per row (multi-draft speculative sampling: SpecInfer's
     recursive rejection sampling with the real draft distributions; ``specdec.reference.verify_tree``
@@ -722,6 +769,8 @@ def verify_tree(
         backend: "auto", "cpp", "triton" or "reference".
         return_logprobs: also return the log-probabilities of the emitted tokens, as in
             ``verify``. False returns exactly the three outputs below.
+        token_bitmask: [B, N+1, W] int32 or None: the ids allowed at the root (index 0) and at
+            each node (index i+1: the ids allowed after node i's path), as in ``verify``.
 
     Returns:
         output_ids: [B, D+1] int64: the accepted path's tokens, one emitted token (a recovered
@@ -754,6 +803,7 @@ def verify_tree(
         raise ValueError(f"max_depth={max_depth}: no path is longer than the N={N1 - 1} tree nodes, and the "
                          f"[B, max_depth + 1] output would hold {B * (max_depth + 1)} entries; pass max_depth <= N")
     dev = target_logits.device
+    token_bitmask = _bitmask(token_bitmask, (B, N1), target_logits)
     temperature_t = _per_row(temperature, B, torch.float32, dev, "temperature")
     top_k_t, top_p_t = _filters(top_k, top_p, B, dev)
     if check:
@@ -766,7 +816,7 @@ def verify_tree(
     out, num_accepted, nodes, processed, raw = torch.ops.specdec.verify_tree(
         target_logits.contiguous(), tree_token_ids.to(torch.int64).contiguous(),
         tree_parents.to(torch.int64).contiguous(), draft_probs, temperature_t, top_k_t, top_p_t, seed_t,
-        offset_t, max_depth, backend, return_logprobs,
+        offset_t, max_depth, backend, return_logprobs, token_bitmask,
     )
     if check:
         void = out[:, 0] < 0
@@ -790,12 +840,15 @@ def sample(
     check: bool = False,
     backend: str = "auto",
     return_logprobs: bool = False,
+    token_bitmask: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, ...]:
     """Fused sampling with temperature, top-k and top-p, for drafters and plain decoding.
 
     Args:
         logits: [B, V] float32/float16/bfloat16.
         temperature, top_k, top_p, seed, offset, check, backend, return_logprobs: as in ``verify``.
+        token_bitmask: [B, W] int32 or None: the ids each row allows, as in ``verify`` (probs is
+            then the masked distribution, zero at banned ids).
 
     Returns:
         token_ids: [B] int64 (-1 for a row with no finite logit).
@@ -814,17 +867,23 @@ def sample(
     logits = _as_kernel_float(logits)
     B = logits.shape[0]
     dev = logits.device
+    token_bitmask = _bitmask(token_bitmask, (B,), logits)
     temperature_t = _per_row(temperature, B, torch.float32, dev, "temperature")
     top_k_t, top_p_t = _filters(top_k, top_p, B, dev)
     if check:
         _check_params(B, dev, temperature_t, *_materialise(top_k_t, top_p_t, temperature_t))
-        dead = ~torch.isfinite(logits).any(-1)
+        finite = torch.isfinite(logits)
+        if token_bitmask is not None:
+            finite &= reference.allowed_ids(token_bitmask, logits.shape[-1])
+        dead = ~finite.any(-1)
         if bool(dead.any()):
-            raise ValueError(f"logits row {int(dead.nonzero()[0])} has no finite logit")
+            what = "finite logit" if token_bitmask is None else "finite logit that token_bitmask allows"
+            raise ValueError(f"logits row {int(dead.nonzero()[0])} has no {what}")
     seed_t = _seeds(seed, B, dev)
     offset_t = _per_row(offset, B, torch.int64, dev, "offset")
     token_ids, probs, processed, raw = torch.ops.specdec.sample(
-        logits.contiguous(), temperature_t, top_k_t, top_p_t, seed_t, offset_t, backend, return_logprobs)
+        logits.contiguous(), temperature_t, top_k_t, top_p_t, seed_t, offset_t, backend, return_logprobs,
+        token_bitmask)
     if return_logprobs:
         return token_ids, probs, processed, raw
     return token_ids, probs

@@ -172,6 +172,30 @@ def _clean(logits: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(out), out, torch.full_like(out, float("-inf")))
 
 
+def allowed_ids(token_bitmask: torch.Tensor, V: int) -> torch.Tensor:
+    """The ids a token bitmask allows: int32 [..., W] -> bool [..., V].
+
+    Bit ``i % 32`` of word ``i // 32`` set = id ``i`` allowed (xgrammar's ``allocate_token_bitmask``
+    layout). Ids from 32 * W on (a mask sized for a tokenizer smaller than the logits) are banned;
+    bits past V are ignored."""
+    W = token_bitmask.shape[-1]
+    ids = torch.arange(V, device=token_bitmask.device)
+    words = token_bitmask.long()[..., (ids >> 5).clamp(max=max(W - 1, 0))] if W else None
+    if words is None:
+        return torch.zeros(*token_bitmask.shape[:-1], V, dtype=torch.bool, device=token_bitmask.device)
+    return (((words >> (ids & 31)) & 1) == 1) & ((ids >> 5) < W)
+
+
+def _masked(logits: torch.Tensor, token_bitmask) -> torch.Tensor:
+    """Logits with every id the mask bans at -inf (float64, cleaned); the logits as they are when
+    ``token_bitmask`` is None. Every op applies the mask first: the target at a position is the
+    target restricted to the allowed ids, and temperature, top-k and top-p act on what is left."""
+    if token_bitmask is None:
+        return logits
+    out = _clean(logits)
+    return out.masked_fill(~allowed_ids(token_bitmask.to(out.device), out.shape[-1]), float("-inf"))
+
+
 def _race_flat(weights: torch.Tensor, seed, offset, stream: int, position, index) -> torch.Tensor:
     """One exponential race over weights [B, N] >= 0 whose entries have Philox indices index [B, N]:
     the column of argmax_j w_j / e_j over w_j > 0, ties to the lowest column."""
@@ -230,15 +254,19 @@ def _draft_q(draft_probs, dev) -> torch.Tensor:
     return torch.where(torch.isnan(q), torch.zeros_like(q), q)
 
 
-def verify(target_logits, draft_token_ids, draft_probs, temperature, top_k, top_p, seed, offset):
+def verify(target_logits, draft_token_ids, draft_probs, temperature, top_k, top_p, seed, offset,
+           token_bitmask=None):
     """Chain verification, reference implementation (float64 inside).
 
     target_logits [B, K+1, Vt] float; draft_token_ids [B, K] int (-1 tail = no draft);
     draft_probs [B, K, Vd] float or None (deterministic drafter: q is one-hot at the draft);
     temperature [B] float (<= 0: greedy), top_k [B] int, top_p [B] float,
-    seed [B] int64, offset [B] int64 (already per row; position j draws with ``offset + j``).
+    seed [B] int64, offset [B] int64 (already per row; position j draws with ``offset + j``);
+    token_bitmask [B, K+1, W] int32 or None: position j's target restricted to the ids it allows
+    (``allowed_ids``), as if the other logits were -inf.
     Returns (output_ids [B, K+1] int64, num_accepted [B] int32); see DESIGN.md for the semantics.
     """
+    target_logits = _masked(target_logits, token_bitmask)
     B, K1, Vt = target_logits.shape
     K = K1 - 1
     dev = target_logits.device
@@ -313,14 +341,15 @@ def verify(target_logits, draft_token_ids, draft_probs, temperature, top_k, top_
     return out, num_accepted.to(torch.int32)
 
 
-def sample(logits, temperature, top_k, top_p, seed, offset):
+def sample(logits, temperature, top_k, top_p, seed, offset, token_bitmask=None):
     """Sampling, reference implementation (float64 inside).
 
     logits [B, V] float; temperature [B] float (<= 0: greedy), top_k [B] int, top_p [B] float,
-    seed [B] int64, offset [B] int64. Returns (token_ids [B] int64, probs [B, V] float32): probs is
+    seed [B] int64, offset [B] int64; token_bitmask [B, W] int32 or None (as in ``verify``). Returns (token_ids [B] int64, probs [B, V] float32): probs is
     the distribution the token was drawn from (one-hot at the argmax for greedy rows); a row with no
     finite logit gives token -1 and zero probs.
     """
+    logits = _masked(logits, token_bitmask)
     B, V = logits.shape
     dev = logits.device
     clean = _clean(logits)
@@ -379,7 +408,7 @@ def tree_structure(tree_token_ids, tree_parents, max_depth: int):
 
 
 def verify_tree(target_logits, tree_token_ids, tree_parents, draft_probs, temperature, top_k, top_p,
-                seed, offset, max_depth: int):
+                seed, offset, max_depth: int, token_bitmask=None):
     """Tree verification, reference implementation (float64 inside): exact multi-draft
     speculative sampling over a token tree (SpecInfer; recursive rejection sampling, RSD).
 
@@ -389,7 +418,8 @@ def verify_tree(target_logits, tree_token_ids, tree_parents, draft_probs, temper
     index < i); draft_probs [B, N, Vd] float (the distribution node i's token was drawn from, for
     siblings drawn without replacement the conditional one that excluded the earlier siblings) or
     None (deterministic children); temperature / top_k / top_p / seed / offset [B] as in
-    ``verify``; max_depth D: nodes deeper than D are ignored (``tree_structure``).
+    ``verify``; max_depth D: nodes deeper than D are ignored (``tree_structure``); token_bitmask
+    [B, N+1, W] int32 or None: the allowed ids at the root and at each node (as in ``verify``).
     Returns (output_ids [B, D+1] int64: the accepted path's tokens, one emitted token, then -1;
     num_accepted [B] int32; accepted_nodes [B, D] int64: the accepted path's node indices, -1 pad).
 
@@ -414,6 +444,7 @@ def verify_tree(target_logits, tree_token_ids, tree_parents, draft_probs, temper
     drawn has no finite logit, or its temperature is NaN / +inf; nodes off the walked path are
     never looked at.
     """
+    target_logits = _masked(target_logits, token_bitmask)
     B, N1, Vt = target_logits.shape
     N = N1 - 1
     D = int(max_depth)
@@ -521,24 +552,26 @@ def verify_tree(target_logits, tree_token_ids, tree_parents, draft_probs, temper
     return out, num_accepted.to(torch.int32), accepted_nodes
 
 
-def emitted_logprobs(target_logits, source_positions, token_ids, temperature, top_k, top_p):
+def emitted_logprobs(target_logits, source_positions, token_ids, temperature, top_k, top_p, token_bitmask=None):
     """Log-probabilities of emitted tokens (``return_logprobs=True`` of every op), float64 inside.
 
     target_logits [B, P, V] float; source_positions [B, M] int: the position (index into P) that
     output slot m's token was drawn at; token_ids [B, M] int (-1: nothing emitted there);
-    temperature / top_k / top_p [B] as in ``verify``.
-    Returns (processed [B, M] float32: log p(token) with p the target distribution after
+    temperature / top_k / top_p [B] as in ``verify``; token_bitmask [B, P, W] int32 or None.
+    Returns (processed [B, M] float32: log p(token) with p the target distribution after the mask,
     temperature, top-k and top-p (``_target_probs``), -inf outside what is kept; raw [B, M] float32:
-    log-softmax of the raw logits at temperature 1). Greedy rows (temperature <= 0): processed =
-    raw. -inf where token_ids is -1. For a token emitted after a rejection this is the target's
+    log-softmax of the raw logits at temperature 1, without the mask). Greedy rows (temperature
+    <= 0): processed = log-softmax of the masked logits at temperature 1 (= raw without a mask).
+    -inf where token_ids is -1. For a token emitted after a rejection this is the target's
     value, not the residual's: the distribution the position stands for, not the correction.
     """
     B, P, V = target_logits.shape
     M = token_ids.shape[1]
     dev = target_logits.device
     rows = torch.arange(B, device=dev)[:, None]
-    logits = _clean(target_logits)[rows, source_positions.to(dev, torch.int64).clamp(0, max(P - 1, 0))]
-    raw = torch.log_softmax(logits, dim=-1)  # [B, M, V]; a row without a finite logit gives NaN
+    src = source_positions.to(dev, torch.int64).clamp(0, max(P - 1, 0))
+    raw = torch.log_softmax(_clean(target_logits)[rows, src], dim=-1)  # [B, M, V]; no finite logit: NaN
+    logits = _clean(_masked(target_logits, token_bitmask))[rows, src]
     temperature = temperature.double().to(dev)
     temperature = torch.where(_bad_temperature(temperature), torch.ones_like(temperature), temperature)
     greedy = temperature <= 0
@@ -547,7 +580,7 @@ def emitted_logprobs(target_logits, source_positions, token_ids, temperature, to
     rep = lambda x: x.to(dev).repeat_interleave(M)  # noqa: E731  per row -> per (row, slot)
     keep = _keep_mask(scaled, rep(top_k), rep(top_p.double()))
     processed = torch.log_softmax(torch.where(keep, scaled, float("-inf")), dim=-1).view(B, M, V)
-    processed = torch.where(greedy[:, None, None], raw, processed)
+    processed = torch.where(greedy[:, None, None], torch.log_softmax(logits, dim=-1), processed)
     tok = token_ids.to(dev, torch.int64)
     emitted = tok >= 0
     idx = tok.clamp(0, V - 1)[..., None]
@@ -563,7 +596,8 @@ def tree_source_positions(accepted_nodes):
     return torch.cat([root, (accepted_nodes + 1).clamp(min=0)], dim=1)
 
 
-def verify_block(target_logits, draft_token_ids, draft_probs, temperature, top_k, top_p, seed, offset):
+def verify_block(target_logits, draft_token_ids, draft_probs, temperature, top_k, top_p, seed, offset,
+                 token_bitmask=None):
     """Block verification of a chain (Sun et al., "Block Verification Accelerates Speculative
     Decoding", ICLR 2025), reference implementation (float64 inside). Arguments and outputs as
     ``verify``; exact like it, and it accepts at least as many drafts in expectation (the most any
@@ -589,6 +623,7 @@ def verify_block(target_logits, draft_token_ids, draft_probs, temperature, top_k
     only when the position its token is drawn from has no finite logit (or its temperature is NaN
     / +inf).
     """
+    target_logits = _masked(target_logits, token_bitmask)  # token_bitmask [B, K+1, W]: as in verify
     token_out, token_n = verify(target_logits, draft_token_ids, draft_probs, temperature, top_k, top_p,
                                 seed, offset)
     if draft_probs is None:

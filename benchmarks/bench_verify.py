@@ -12,6 +12,10 @@ Providers (all on the same inputs, in the same process):
   cpp_logprobs, triton_logprobs
                the same specdec backend with ``return_logprobs=True``; column ``vs_without_logprobs``
                is its time over the plain backend's on the same inputs (the cost of logprobs)
+  cpp_masked, triton_masked
+               the same specdec backend with a ``token_bitmask`` (structured output: about half the
+               ids allowed, always the drafts and each position's argmax, so the chains stay alike);
+               column ``vs_without_mask`` is its time over the plain backend's (the cost of the mask)
 
 Every row has the bytes the op must move (target logits + draft probs + ids read, outputs written)
 and the achieved GB/s next to the machine's measured copy bandwidth (``copy_gb_per_s``), the floor
@@ -39,10 +43,12 @@ import torch
 
 from benchmarks import harness as H
 
-ALL_PROVIDERS = ("reference", "torch_fp32", "hf", "cpp", "cpp_logprobs", "triton", "triton_logprobs", "flashinfer")
-CPU_PROVIDERS = ("reference", "torch_fp32", "hf", "cpp", "cpp_logprobs")
-GPU_PROVIDERS = ("reference", "torch_fp32", "hf", "triton", "triton_logprobs", "flashinfer")
+ALL_PROVIDERS = ("reference", "torch_fp32", "hf", "cpp", "cpp_logprobs", "cpp_masked", "triton", "triton_logprobs",
+                 "triton_masked", "flashinfer")
+CPU_PROVIDERS = ("reference", "torch_fp32", "hf", "cpp", "cpp_logprobs", "cpp_masked")
+GPU_PROVIDERS = ("reference", "torch_fp32", "hf", "triton", "triton_logprobs", "triton_masked", "flashinfer")
 LOGPROBS_SUFFIX = "_logprobs"  # provider variant: the backend before it, with return_logprobs=True
+MASK_SUFFIX = "_masked"  # provider variant: the backend before it, with a token_bitmask
 MODES = ("sampled", "ngram", "greedy")
 
 # The reference (float64, several passes over B*(K+1)*V) takes seconds per call at the largest
@@ -118,6 +124,8 @@ def provider_status(name: str, device: torch.device):
         return H.specdec_status(name, device, "verify")
     if name.endswith(LOGPROBS_SUFFIX):
         return provider_status(name[:-len(LOGPROBS_SUFFIX)], device)
+    if name.endswith(MASK_SUFFIX):
+        return provider_status(name[:-len(MASK_SUFFIX)], device)
     if name == "flashinfer":
         if device.type != "cuda":
             return False, "FlashInfer needs a CUDA device"
@@ -141,6 +149,21 @@ def make_inputs(B, K, V, dtype, device, mode, seed=0):
         flip = torch.rand(B, K, generator=g).to(device) < 0.3  # some drafts wrong
         draft_token_ids = torch.where(flip, (draft_token_ids + 1) % V, draft_token_ids)
     return target_logits, draft_token_ids.to(torch.int64), draft_logits, draft_probs
+
+
+def make_bitmask(target_logits, draft_token_ids, seed=0):
+    """[B, K+1, ceil(V/32)] int32: about half the ids allowed at random, plus every draft (at its
+    position) and each position's argmax, so the mask changes the chains little."""
+    B, K1, V = target_logits.shape
+    g = torch.Generator(device="cpu").manual_seed(seed + 1)
+    allowed = torch.rand(B, K1, V, generator=g) < 0.5
+    allowed.scatter_(2, target_logits.float().argmax(-1, keepdim=True).cpu(), True)
+    allowed[:, :-1].scatter_(2, draft_token_ids.clamp(0, V - 1)[..., None].cpu(), True)
+    pad = (-V) % 32
+    octets = torch.nn.functional.pad(allowed, (0, pad)).view(B, K1, -1, 8).to(torch.int64)
+    byte = (octets << torch.arange(8)).sum(-1)  # [B, K1, 4W]: id 8j+i in bit i of byte j
+    words = (byte.view(B, K1, -1, 4) << torch.tensor([0, 8, 16, 24])).sum(-1)  # uint32 values in int64
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).to(target_logits.device)
 
 
 def bytes_moved(target_logits, draft_token_ids, draft_probs):
@@ -167,9 +190,9 @@ def chain_bytes(target_logits, draft_token_ids, draft_probs, num_accepted):
     return total + draft_token_ids.numel() * 8 + B * K1 * 8 + B * 4
 
 
-def make_call(name, target_logits, draft_token_ids, draft_logits, draft_probs, temperature):
+def make_call(name, target_logits, draft_token_ids, draft_logits, draft_probs, temperature, bitmask=None):
     """A no-argument callable running ``name`` once on these inputs (None when the mode does not
-    apply to the provider), and a note for the CSV."""
+    apply to the provider), and a note for the CSV. ``bitmask``: the ``*_masked`` providers' mask."""
     from specdec import ops
 
     B, K1, V = target_logits.shape
@@ -177,6 +200,10 @@ def make_call(name, target_logits, draft_token_ids, draft_logits, draft_probs, t
     if name in ("reference", "cpp", "triton"):
         return (lambda: ops.verify(target_logits, draft_token_ids, draft_probs, temperature=temperature,
                                    seed=1234, backend=name)), ""
+    if name.endswith(MASK_SUFFIX):
+        backend = name[:-len(MASK_SUFFIX)]
+        return (lambda: ops.verify(target_logits, draft_token_ids, draft_probs, temperature=temperature,
+                                   seed=1234, backend=backend, token_bitmask=bitmask)), ""
     if name.endswith(LOGPROBS_SUFFIX):
         backend = name[:-len(LOGPROBS_SUFFIX)]
         return (lambda: ops.verify(target_logits, draft_token_ids, draft_probs, temperature=temperature,
@@ -256,7 +283,8 @@ def main(argv=None) -> int:
     configs = list(itertools.product(modes, dtypes, Vs, Ks, Bs))
     with H.CsvWriter(path, env, extra_columns=["mode", "B", "K", "V", "speedup_vs_reference",
                                                "speedup_vs_torch_fp32", "chain_bytes", "chain_gb_per_s",
-                                               "chain_frac_of_copy", "vs_without_logprobs", "temperature"]) as out:
+                                               "chain_frac_of_copy", "vs_without_logprobs", "vs_without_mask",
+                                               "temperature"]) as out:
         bar = H.progress(configs, desc="verify", total=len(configs))
         for mode, dtype, V, K, B in bar:
             temperature = 0.0 if mode == "greedy" else (1.0 if args.temperature is None else args.temperature)
@@ -273,6 +301,8 @@ def main(argv=None) -> int:
             _, n_acc = ops.verify(target_logits, draft_token_ids, draft_probs, temperature=temperature,
                                   seed=1234, backend=chk)
             base["chain_bytes"] = chain_bytes(target_logits, draft_token_ids, draft_probs, n_acc)
+            bitmask = make_bitmask(target_logits, draft_token_ids) if any(
+                p.endswith(MASK_SUFFIX) for p in providers) else None
             times = {}
             for name in providers:
                 if hasattr(bar, "set_postfix_str"):
@@ -286,7 +316,7 @@ def main(argv=None) -> int:
                             "time grows linearly in B); --full runs it", **base)
                     continue
                 fn, why = make_call(name, target_logits, draft_token_ids, draft_logits, draft_probs,
-                                    temperature)
+                                    temperature, bitmask)
                 if fn is None:
                     continue
                 slow = name in ("reference", "hf") and device.type == "cpu"
@@ -300,10 +330,12 @@ def main(argv=None) -> int:
                     row["speedup_vs_torch_fp32"] = times["torch_fp32"] / t.median_ms
                 if name.endswith(LOGPROBS_SUFFIX) and name[:-len(LOGPROBS_SUFFIX)] in times:
                     row["vs_without_logprobs"] = t.median_ms / times[name[:-len(LOGPROBS_SUFFIX)]]
+                if name.endswith(MASK_SUFFIX) and name[:-len(MASK_SUFFIX)] in times:
+                    row["vs_without_mask"] = t.median_ms / times[name[:-len(MASK_SUFFIX)]]
                 row["chain_gb_per_s"] = row["chain_bytes"] / (t.median_ms * 1e6)
                 row["chain_frac_of_copy"] = row["chain_gb_per_s"] / copy_gbps
                 out.add(provider=name, timing=t, note=why, **row)
-            del inputs, target_logits, draft_token_ids, draft_logits, draft_probs
+            del inputs, target_logits, draft_token_ids, draft_logits, draft_probs, bitmask
     rows = out.rows
     print(f"wrote {path}")
     if not args.no_plot:

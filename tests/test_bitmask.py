@@ -69,6 +69,17 @@ def test_layout_is_xgrammars():
         assert torch.equal(reference.allowed_ids(bits(allowed), V), allowed), V
 
 
+@pytest.mark.parametrize("V,W", [(1, 1), (31, 1), (32, 1), (33, 2), (100, 4), (1000, 33)])
+def test_random_words(V, W):
+    """Any int32 words (negative ones: bit 31 set), unpacked through numpy's bit order."""
+    torch.manual_seed(V)
+    bitmask = torch.randint(-2**31, 2**31 - 1, (3, 2, W), dtype=torch.int32)
+    logits = torch.randn(3, 2, V)
+    ok = np.unpackbits(bitmask.numpy().view(np.uint8), axis=-1, bitorder="little")[..., :V].astype(bool)
+    expected = torch.where(torch.from_numpy(ok), logits.double(), NEG)
+    assert torch.equal(reference._masked(logits, bitmask), expected)
+
+
 def test_short_and_long_masks():
     """W < ceil(V / 32) (a tokenizer smaller than the logits) bans the ids past 32 W; extra words
     and the bits past V are ignored."""

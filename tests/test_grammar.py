@@ -16,9 +16,9 @@ from _tiny_models import tiny_model
 jsonschema = pytest.importorskip("jsonschema")
 pytest.importorskip("xgrammar")
 
-from specdec import Grammar, SpeculativeGenerator  # noqa: E402
+from specdec import Grammar, SpeculativeGenerator, reference  # noqa: E402
 from specdec.drafters.base import Draft, Drafter  # noqa: E402
-from specdec.generator.grammar import grammars_for, masked  # noqa: E402
+from specdec.generator.grammar import grammars_for  # noqa: E402
 
 SCHEMAS = [
     {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8}, "age": {"type": "integer"}},
@@ -59,26 +59,6 @@ def _run(gen, prompts, grammar, **kw):
     return gen.generate(prompts, grammar=grammar, chat=False, **kw)
 
 
-# -- the mask -------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("V,W", [(1, 1), (31, 1), (32, 1), (33, 2), (100, 4), (1000, 33)])
-def test_masked_layout(V, W):
-    """bit i % 32 of word i // 32 (an independent unpacking through numpy's bit order); bits past V ignored."""
-    torch.manual_seed(V)
-    bitmask = torch.randint(-2**31, 2**31 - 1, (3, 2, W), dtype=torch.int32)
-    logits = torch.randn(3, 2, V)
-    bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=-1, bitorder="little")[..., :V].astype(bool)
-    expected = torch.where(torch.from_numpy(bits), logits, torch.tensor(float("-inf")))
-    assert torch.equal(masked(logits, bitmask), expected)
-
-
-def test_masked_errors():
-    with pytest.raises(ValueError, match="does not fit"):
-        masked(torch.zeros(2, 65), torch.zeros(2, 2, dtype=torch.int32))
-    with pytest.raises(TypeError, match="int32"):
-        masked(torch.zeros(2, 32), torch.zeros(2, 1, dtype=torch.int64))
-
-
 def test_grammar_arguments():
     assert Grammar.of("json") == Grammar.json()
     assert Grammar.of({"type": "integer"}).kind == "json_schema"
@@ -109,14 +89,20 @@ def test_greedy_equal_with_any_drafter(model, tok):
     with n-gram chains (+ forced), with n-gram trees; and drafting does save target forwards."""
     grammars = SCHEMAS[:4]
     plain = _run(_gen(model, tok, "none"), PROMPTS, grammars, grammar_drafts=False)
+    steps = {}
     for drafter, kw, forced in [("none", {}, True), ("ngram", {"tree": False}, False),
-                                ("ngram", {"tree": False}, True), ("ngram", {"tree": True}, True),
+                                ("ngram", {"tree": False}, True), ("ngram", {"tree": True}, False),
+                                ("ngram", {"tree": True}, True),
                                 ("ngram", {"tree": False, "adaptive": False, "num_draft_tokens": 6}, True)]:
         out = _run(_gen(model, tok, drafter, **kw), PROMPTS, grammars, grammar_drafts=forced)
         assert out.sequences == plain.sequences, (drafter, kw, forced)
         assert out.finish_reasons == plain.finish_reasons
         if forced:
             assert out.stats.target_steps < plain.stats.target_steps, (drafter, kw)
+        if kw.get("tree"):  # tree=True keeps tree steps, with the forced chains as trees
+            assert out.stats.tree_steps > 0
+            steps[forced] = out.stats.target_steps
+    assert steps[True] < steps[False], steps
     assert plain.finish_reasons.count("eos") >= 3, plain.finish_reasons
 
 
@@ -132,6 +118,39 @@ def test_sampled_equal_with_drafts_and_batch_order(model, tok):
     assert rev.sequences[::-1] == plain.sequences
     other = _run(_gen(model, tok, "none"), PROMPTS, grammars, temperature=1.0, top_k=50, seed=[21, 22, 23, 24])
     assert other.sequences != plain.sequences  # the seed matters: the comparison above could fail
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_logprobs_under_a_grammar(model, tok, temperature):
+    """generate(logprobs=True) with a grammar: processed = log p under the target restricted to the
+    ids the grammar allows there (then tempered), raw = the model's own log-softmax; checked by a full
+    forward in float64 and an xgrammar matcher replaying the output."""
+    import xgrammar as xgr
+
+    prompts = [tok.encode(p) for p in PROMPTS[:3]]
+    gen = _gen(model, tok, "ngram", tree=False, num_draft_tokens=4, adaptive=False)
+    res = gen.generate(prompts, grammar=SCHEMAS[:3], max_new_tokens=24, temperature=temperature, seed=5,
+                       logprobs=True)
+    plain = gen.generate(prompts, grammar=SCHEMAS[:3], max_new_tokens=24, temperature=temperature, seed=5)
+    assert res.sequences == plain.sequences
+    compiled = gen._compile_grammars(SCHEMAS[:3], 3, gen._eos_ids("default"))  # what generate compiled
+    V = model.config.vocab_size
+    for i, (prompt, seq) in enumerate(zip(prompts, res.sequences)):
+        matcher = xgr.GrammarMatcher(compiled[i])
+        mask = xgr.allocate_token_bitmask(len(seq), V)
+        for j, t in enumerate(seq):
+            matcher.fill_next_token_bitmask(mask, j)
+            assert matcher.accept_token(t)
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([prompt + seq])).logits[0, len(prompt) - 1: -1].double()
+        allowed = reference.allowed_ids(mask, logits.shape[-1])
+        tokens = torch.tensor(seq)[:, None]
+        raw = torch.log_softmax(logits, -1).gather(1, tokens)[:, 0]
+        scale = temperature if temperature > 0 else 1.0
+        proc = torch.log_softmax(logits.masked_fill(~allowed, float("-inf")) / scale, -1).gather(1, tokens)[:, 0]
+        assert bool((proc > raw + 1e-9).any()), "the mask removed mass somewhere: the check below can tell"
+        torch.testing.assert_close(torch.tensor(res.raw_logprobs[i], dtype=torch.float64), raw, atol=2e-4, rtol=0)
+        torch.testing.assert_close(torch.tensor(res.logprobs[i], dtype=torch.float64), proc, atol=2e-4, rtol=0)
 
 
 # -- validity -------------------------------------------------------------------------------------

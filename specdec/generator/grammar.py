@@ -1,4 +1,4 @@
-# Holds: Grammar (what generate(grammar=...) takes), masked (the logits mask), _BatchGrammar (one
+# Holds: Grammar (what generate(grammar=...) takes), _BatchGrammar (one
 #        xgrammar GrammarMatcher per row: draft filtering, per-position masks, forced drafts, commits).
 # May use: numpy, torch, xgrammar (imported on first use), specdec.drafters.base.
 """Grammar-constrained generation (structured output) on xgrammar.
@@ -23,41 +23,10 @@ the same with or without drafts, and seeded sampled text too (module docstring o
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-
-
-def masked(logits: torch.Tensor, token_bitmask: torch.Tensor) -> torch.Tensor:
-    """``logits`` with every id whose bit is 0 set to -inf.
-
-    Stand-in until ``specdec.ops.verify``/``verify_tree``/``sample`` take ``token_bitmask=`` and
-    apply it inside the kernels (issue 21, part 1): this is the extra pass over the vocabulary the
-    fused mask removes. Layout (DESIGN.md, xgrammar's ``allocate_token_bitmask``): bit ``i % 32``
-    of int32 word ``i // 32`` set = id ``i`` allowed; bits past V are ignored.
-
-    Args:
-        logits: [..., V] float.
-        token_bitmask: [..., W] int32 on the logits' device, ``W >= ceil(V / 32)``, the same
-            leading shape.
-    Returns:
-        [..., V] a new tensor of the logits' dtype.
-    """
-    V = logits.shape[-1]
-    if sys.byteorder != "little":  # pragma: no cover  (the byte view below assumes it)
-        raise NotImplementedError("masked: big-endian hosts are not supported")
-    if token_bitmask.dtype != torch.int32:
-        raise TypeError(f"token_bitmask must be int32, got {token_bitmask.dtype}")
-    if token_bitmask.shape[:-1] != logits.shape[:-1] or token_bitmask.shape[-1] * 32 < V:
-        raise ValueError(f"token_bitmask {tuple(token_bitmask.shape)} does not fit logits {tuple(logits.shape)}: "
-                         f"need [..., >= {(V + 31) // 32}] with the logits' leading shape")
-    # little-endian bytes of each word: byte j holds ids 8j..8j+7 (bit i%8 of byte i//8)
-    octets = token_bitmask.contiguous().view(torch.uint8)  # [..., 4W]
-    shifts = torch.arange(8, dtype=torch.uint8, device=logits.device)
-    allowed = ((octets[..., None] >> shifts) & 1).flatten(-2)[..., :V].bool()  # [..., V]
-    return logits.masked_fill(~allowed, float("-inf"))
 
 
 @dataclass(frozen=True)

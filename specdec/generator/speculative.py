@@ -292,7 +292,10 @@ class SpeculativeGenerator:
             grammar_drafts: with a grammar and the n-gram drafter or none, draft the tokens the
                 grammar forces (specdec/generator/grammar.py) ahead of the n-gram lookup (default on).
                 Forced drafts form chains: with them and ``tree=None`` the steps draft chains, not
-                trees (``tree=True`` keeps trees, without forced drafts).
+                trees; with ``tree=True`` a row whose grammar forces tokens drafts them (and the
+                n-gram continuation) as a path, the other rows keep their trees.
+                With ``logprobs``, processed values are under the masked target, raw ones under
+                the model's own logits (no mask).
         Returns:
             GenerationResult (token ids per prompt in input order, stats).
         """

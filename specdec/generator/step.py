@@ -220,8 +220,8 @@ class _BatchRun:
             _sync(self.device)
         if draft is None:
             draft = _empty_draft(len(self.live), self.device)
-        if self.grammar_drafts and not isinstance(draft, _Tree):
-            draft = self._forced(draft)
+        if self.grammar_drafts:
+            draft = self._forced_tree(draft) if isinstance(draft, _Tree) else self._forced(draft)
         self.t1 = time.perf_counter()
         return draft
 
@@ -264,30 +264,35 @@ class _BatchRun:
             return draft
         return _chain(host, cut, draft.probs, draft.match, self.device)
 
-    def _forced(self, draft: Draft) -> Draft:
-        """The chain with each row's grammar-forced drafts first (``_BatchGrammar.forced``), then, with the
-        n-gram drafter, its lookup continued after them (at most as many tokens as the row's own n-gram
-        draft had after the policy's cut; all when not adaptive), cut at the first refused token. A row
-        whose own draft already starts with the forced tokens and is as long keeps it."""
+    def _forced_chain(self, b: int, own: list, own_width: int) -> list | None:
+        """Row b's grammar-forced drafts (``_BatchGrammar.forced``), then, with the n-gram drafter, its
+        lookup continued after them (at most ``own_width`` tokens in all, the width of the row's own
+        draft after the policy's cut; the whole budget when not adaptive), cut at the first refused
+        token. None when nothing is forced, or when ``own`` (the row's own chain, or its tree's
+        first-child path) already starts with the forced tokens and is as long."""
         grammar, drafter = self.grammar, self.drafter
+        budget = int(min(MAX_DRAFT_TOKENS, self.remaining[b] - 1))
+        forced = grammar.forced(b, budget) if budget > 0 else []
+        if not forced or own[: len(forced)] == forced and len(own) >= len(forced):
+            return None
+        cont = []
+        room = budget - len(forced) if not self.opts["adaptive"] else min(own_width, budget - len(forced))
+        if hasattr(drafter, "lookup") and room > 0:  # the n-gram drafter
+            text = np.concatenate([self.tokens[b, : self.lengths[b]], np.asarray(forced, dtype=np.int64)])
+            cont = drafter.lookup(text, room).tolist()
+            cont = cont[: grammar._walk(b, forced + cont) - len(forced)]
+        return forced + cont
+
+    def _forced(self, draft: Draft) -> Draft:
+        """The chain step with each row's forced drafts first (``_forced_chain``)."""
         host = draft.token_ids.cpu().numpy()
         num = np.asarray(draft.num_drafted, dtype=np.int64)
         rows, changed = [], False
         for b in range(len(self.live)):
             own = host[b, : num[b]].tolist()
-            budget = int(min(MAX_DRAFT_TOKENS, self.remaining[b] - 1))
-            forced = grammar.forced(b, budget) if budget > 0 else []
-            if not forced or own[: len(forced)] == forced and len(own) >= len(forced):
-                rows.append(own)
-                continue
-            cont = []
-            room = budget - len(forced) if not self.opts["adaptive"] else min(int(num[b]), budget - len(forced))
-            if hasattr(drafter, "lookup") and room > 0:  # the n-gram drafter
-                text = np.concatenate([self.tokens[b, : self.lengths[b]], np.asarray(forced, dtype=np.int64)])
-                cont = drafter.lookup(text, room).tolist()
-                cont = cont[: grammar._walk(b, forced + cont) - len(forced)]
-            rows.append(forced + cont)
-            changed = True
+            chain = self._forced_chain(b, own, int(num[b]))
+            rows.append(own if chain is None else chain)
+            changed |= chain is not None
         if not changed:
             return draft
         num = np.array([len(r) for r in rows], dtype=np.int64)
@@ -295,6 +300,45 @@ class _BatchRun:
         for b, r in enumerate(rows):
             out[b, : len(r)] = r
         return _chain(out, num, None, draft.match, self.device)
+
+    def _forced_tree(self, tree: _Tree) -> _Tree:
+        """The tree step with forced drafts: a row whose grammar forces tokens drafts the forced chain
+        (``_forced_chain``, up to the depth of its tree) as its tree, a path from the root; the other
+        rows keep the drafter's tree. (The drafter's branches were proposed for the text without the
+        forced tokens, so they do not hang below them.) Forced nodes have no drafter node: ``source``
+        -1. Only drafters without draft probabilities draft forced tokens (n-gram, or none)."""
+        tokens, parents = tree.host_tokens, tree.host_parents
+        chains = {}
+        for b in range(len(self.live)):
+            path, node = [], -1
+            while True:  # the first-child path: each node's first used child, in index order
+                kids = np.flatnonzero((parents[b] == node) & (tokens[b] >= 0))
+                if not len(kids):
+                    break
+                node = int(kids[0])
+                path.append(int(tokens[b, node]))
+            chain = self._forced_chain(b, path, int(tree.depth[b]))
+            if chain is not None:
+                chains[b] = chain
+        if not chains:
+            return tree
+        N = max(tokens.shape[1], max(len(c) for c in chains.values()))
+        pad = ((0, 0), (0, N - tokens.shape[1]))
+        new_tokens = np.pad(tokens, pad, constant_values=-1)
+        new_parents = np.pad(parents, pad, constant_values=-1)
+        depth = np.pad(tree.node_depth, pad, constant_values=-1)
+        source = np.pad(np.tile(np.arange(tokens.shape[1]), (len(tokens), 1)) if tree.source is None else tree.source,
+                        pad, constant_values=-1)
+        share = None if tree.share is None else np.pad(tree.share, pad)
+        for b, chain in chains.items():
+            n = len(chain)
+            new_tokens[b], new_parents[b], depth[b], source[b] = -1, -1, -1, -1
+            new_tokens[b, :n], new_parents[b, :n], depth[b, :n] = chain, np.arange(n) - 1, np.arange(n)
+            if share is not None:
+                share[b], share[b, :n] = 0.0, 1.0
+        dev = self.device
+        return _Tree(torch.from_numpy(new_tokens).to(dev), torch.from_numpy(new_parents).to(dev), None, tree.match,
+                     new_tokens, new_parents, depth, share, source)
 
     def _pick_width(self, state: DraftState, budget: np.ndarray) -> bool:
         """For a drafter that runs a model per drafted position: the policy picks the width before
@@ -357,17 +401,15 @@ class _BatchRun:
 
         opts = self.opts
         probs = draft.probs if self.sampled else None
-        if self.grammar is not None:  # the target restricted to each position's allowed ids
-            from specdec.generator.grammar import masked
-
+        mask = None
+        if self.grammar is not None:  # the target restricted to each position's allowed ids (in the op)
             if isinstance(draft, _Tree):
                 mask = self.grammar.tree_masks(draft.host_tokens, draft.host_parents)
             else:
                 mask = self.grammar.chain_masks(draft.token_ids.cpu().numpy())
-            logits = masked(logits, mask)
         want = opts["logprobs"]
         args = dict(temperature=opts["temperature"], top_k=opts["top_k"], top_p=opts["top_p"], seed=self.seeds,
-                    offset=self.offsets, backend=self.gen.backend, return_logprobs=want)
+                    offset=self.offsets, backend=self.gen.backend, return_logprobs=want, token_bitmask=mask)
         if isinstance(draft, _Tree):
             D = int(draft.depth.max(initial=0))
             out_ids, num_acc, nodes, *lp = ops.verify_tree(logits, draft.token_ids, draft.parents, probs,

@@ -60,6 +60,24 @@ def test_bench_verify_smoke(tmp_path):
     assert all(r["op"] == "verify" and float(r["gb_per_s"]) > 0 for r in rows if r["median_ms"])
 
 
+def test_bench_verify_masked_rows(tmp_path):
+    """The *_masked providers run with a token bitmask and report their time over the plain op's."""
+    from specdec import reference
+
+    if not bench_verify.provider_status("cpp", torch.device("cpu"))[0]:
+        pytest.skip("the C++ backend did not load")
+    rc = bench_verify.main(["--quick", "--out", str(tmp_path), "--B", "2", "--V", "1000", "--runs", "3",
+                            "--max-time", "0.2", "--modes", "sampled", "--providers", "cpp,cpp_masked", "--no-plot"])
+    assert rc == 0
+    rows = {r["provider"]: r for r in _rows(tmp_path / "verify_cpu_quick.csv")}
+    assert float(rows["cpp_masked"]["vs_without_mask"]) > 0 and not rows["cpp"]["vs_without_mask"]
+    logits = torch.randn(2, 4, 1000)
+    drafts = torch.randint(0, 1000, (2, 3))
+    allowed = reference.allowed_ids(bench_verify.make_bitmask(logits, drafts), 1000)
+    assert 0.4 < allowed.float().mean() < 0.6  # about half allowed, the drafts and argmaxes always
+    assert bool(allowed[:, :3].gather(2, drafts[..., None]).all() and allowed.gather(2, logits.argmax(-1)[..., None]).all())
+
+
 def test_bench_verify_plot(tmp_path):
     pytest.importorskip("matplotlib")
     bench_verify.main(["--quick", "--out", str(tmp_path), "--B", "1", "--V", "500", "--runs", "3",

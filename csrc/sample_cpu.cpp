@@ -35,15 +35,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_cpu(
     return {tokens, probs, lp_processed, lp_raw};
   }
 
-  std::vector<char> greedy(B), filtered(B);
-  std::vector<double> inv_t(B);
-  std::vector<float> inv_t_f(B);
-  for (int64_t b = 0; b < B; ++b) {
-    greedy[b] = !(double(rp.temperature[b]) > 0.0);
-    inv_t[b] = greedy[b] ? 1.0 : 1.0 / double(rp.temperature[b]);
-    inv_t_f[b] = float(std::min(inv_t[b], double(FLT_MAX)));
-    filtered[b] = !greedy[b] && ((rp.top_k[b] > 0 && rp.top_k[b] < V) || double(rp.top_p[b]) < 1.0);
-  }
+  std::vector<RowSampling> rows(B);
+  for (int64_t b = 0; b < B; ++b) rows[b].set(rp, b, V);
   const int64_t nchunk = (V + kChunk - 1) / kChunk;
   const int64_t grain_chunks = std::max<int64_t>(1, 32768 / std::min(V, kChunk));
   std::vector<ChunkStats> parts(B * nchunk);
@@ -61,30 +54,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_cpu(
     // One row, start to finish; exec(n, f) runs f over the vocabulary chunks (see for_rows).
     auto run_row = [&](int64_t b, auto&& exec) {
       const Logits<T> x = row_at(b);
+      const RowSampling& r = rows[b];
       float* pr = P + b * V;
-      ChunkStats* cs = &parts[b * nchunk];
-      // masked greedy rows with logprobs: the masked denominator at T = 1 (token_logprobs)
-      const bool want_sum = (!greedy[b] && !filtered[b]) || (greedy[b] && M && return_logprobs);
-      exec(nchunk, [&](int64_t c) {
-        const int64_t j0 = c * kChunk;
-        cs[c] = chunk_stats(x + j0, std::min(kChunk, V - j0), j0, inv_t_f[b], want_sum, nullptr, nullptr,
-                            return_logprobs);
-      });
+      // sampled rows: the softmax denominator (filtered rows: from filter_stats); masked greedy
+      // rows with logprobs: the masked denominator at T = 1 (token_logprobs)
+      const bool want_sum = (!r.greedy && !r.filtered) || (r.greedy && M && return_logprobs);
       PosStats& s = stats[b];
-      s = merge_chunks(cs, nchunk, inv_t[b]);
-      if (!s.finite() || greedy[b]) {
+      s = position_stats(x, V, r, rp.top_k[b], double(rp.top_p[b]), want_sum, return_logprobs, nullptr, nullptr,
+                         &parts[b * nchunk], exec);
+      if (!s.finite() || r.greedy) {
         // no finite logit: token -1, zero probs; greedy: the argmax, probs one-hot there (the
         // distribution it was drawn from)
         std::fill(pr, pr + V, 0.0f);
         if (s.finite()) pr[s.argmax] = 1.0f, tok[b] = s.argmax;
         return;
       }
-      if (filtered[b]) {
-        thread_local FilterScratch buf;  // scratch of the top-k/top-p threshold
-        filter_stats(x, V, inv_t[b], rp.top_k[b], double(rp.top_p[b]), s, buf);
-      }
       // probs and the race's block sums in one sweep, then the two-level race
-      const Weights w(s, inv_t_f[b]);
+      const Weights w(s, r.inv_t_f);
       double* p_sum = &block_sums[b * nblock];
       exec(nchunk, [&](int64_t c) {
         const int64_t j0 = c * kChunk, j1 = std::min(V, j0 + kChunk);
@@ -100,7 +86,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_cpu(
       float* lpp = lp_processed.data_ptr<float>();
       float* lpr = lp_raw.data_ptr<float>();
       for (int64_t b = 0; b < B; ++b)
-        if (tok[b] >= 0) token_logprobs(row_at(b), tok[b], stats[b], inv_t[b], greedy[b], &lpp[b], &lpr[b]);
+        if (tok[b] >= 0) token_logprobs(row_at(b), tok[b], stats[b], rows[b].inv_t, rows[b].greedy, &lpp[b], &lpr[b]);
     }
   });
   return {tokens, probs, lp_processed, lp_raw};

@@ -689,4 +689,43 @@ struct RowParams {
   }
 };
 
+// How row b samples: greedy (temperature <= 0; NaN too, which the dispatcher never passes),
+// top-k/top-p active (sampled rows only: greedy rows need just the argmax), and 1 / temperature
+// (1 for greedy rows, as in the reference) in double and in float (clamped: 0 * inv_t stays 0).
+struct RowSampling {
+  bool greedy = true;
+  bool filtered = false;
+  double inv_t = 1.0;
+  float inv_t_f = 1.0f;
+  void set(const RowParams& rp, int64_t b, int64_t V) {
+    const double t = rp.temperature[b];
+    greedy = !(t > 0.0);
+    inv_t = greedy ? 1.0 : 1.0 / t;
+    inv_t_f = float(std::min(inv_t, double(FLT_MAX)));
+    filtered = !greedy && ((rp.top_k[b] > 0 && rp.top_k[b] < V) || double(rp.top_p[b]) < 1.0);
+  }
+};
+
+// The statistics of one (row, position), x a row of V logits: chunk_stats over the vocabulary
+// chunks through `exec` (as for_rows hands it out), with each race block's max and sum into
+// bmax / bsum (the row's [nblock] scratch, or nullptr) when want_sum, and the raw sums when
+// want_raw (logprobs); merged; then, for a filtered row with a finite logit, the top-k/top-p
+// threshold and kept sum (filter_stats). cs: the row's [nchunk] scratch.
+template <typename P, typename Exec>
+inline PosStats position_stats(P x, int64_t V, const RowSampling& r, int64_t top_k, double top_p, bool want_sum,
+                               bool want_raw, float* bmax, double* bsum, ChunkStats* cs, Exec&& exec) {
+  const int64_t nchunk = (V + kChunk - 1) / kChunk;
+  exec(nchunk, [&](int64_t c) {
+    const int64_t j0 = c * kChunk, nb0 = j0 / kRaceBlock;
+    cs[c] = chunk_stats(x + j0, std::min(kChunk, V - j0), j0, r.inv_t_f, want_sum, bmax ? bmax + nb0 : nullptr,
+                        bsum ? bsum + nb0 : nullptr, want_raw);
+  });
+  PosStats st = merge_chunks(cs, nchunk, r.inv_t);
+  if (st.finite() && r.filtered) {
+    thread_local FilterScratch scratch;
+    filter_stats(x, V, r.inv_t, top_k, top_p, st, scratch);
+  }
+  return st;
+}
+
 }  // namespace specdec

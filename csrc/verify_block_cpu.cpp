@@ -24,13 +24,9 @@
 namespace specdec {
 namespace {
 
-struct BlockRow {
+struct BlockRow : RowSampling {
   int64_t n_drafts;  // drafts before the first -1 (greedy rows' walk)
   int64_t g;         // the chain: drafts before the -1 tail or an id outside [0, Vd)
-  bool greedy;
-  bool filtered;
-  double inv_t;
-  float inv_t_f;
 };
 
 std::tuple<at::Tensor, at::Tensor> verify_block_cpu(const at::Tensor& target_logits_in,
@@ -70,11 +66,7 @@ std::tuple<at::Tensor, at::Tensor> verify_block_cpu(const at::Tensor& target_log
       if (dr[b * K + i] == -1) { r.n_drafts = i; break; }
     r.g = 0;
     while (r.g < K && dr[b * K + r.g] >= 0 && dr[b * K + r.g] < Vd) ++r.g;
-    const double t = rp.temperature[b];
-    r.greedy = !(t > 0.0);
-    r.inv_t = r.greedy ? 1.0 : 1.0 / t;
-    r.inv_t_f = float(std::min(r.inv_t, double(FLT_MAX)));
-    r.filtered = !r.greedy && ((rp.top_k[b] > 0 && rp.top_k[b] < Vt) || double(rp.top_p[b]) < 1.0);
+    r.set(rp, b, Vt);
   }
 
   const int64_t nchunk = (Vt + kChunk - 1) / kChunk;
@@ -107,27 +99,17 @@ std::tuple<at::Tensor, at::Tensor> verify_block_cpu(const at::Tensor& target_log
         double* w = &weight[b * K1];
         double* sums = &block_sums[b * nblock];
         // statistics of (b, pos) into stats[b * K1 + pos] (and bmax / bsum for sampled rows)
-        auto position_stats = [&](int64_t pos) -> PosStats& {
-          const Logits<T> x = row_at(b, pos);
-          const bool want_sum = !r.greedy && !r.filtered;
-          exec(nchunk, [&](int64_t c) {
-            const int64_t j0 = c * kChunk, nb0 = j0 / kRaceBlock;
-            cs[c] = chunk_stats(x + j0, std::min(kChunk, Vt - j0), j0, r.inv_t_f, want_sum,
-                                &bmax[b * nblock + nb0], &bsum[b * nblock + nb0]);
-          });
+        auto stats_at = [&](int64_t pos) -> PosStats& {
           PosStats& st = stats[b * K1 + pos];
-          st = merge_chunks(cs, nchunk, r.inv_t);
-          if (st.finite() && r.filtered) {
-            thread_local FilterScratch buf;
-            filter_stats(x, Vt, r.inv_t, rp.top_k[b], double(rp.top_p[b]), st, buf);
-          }
+          st = position_stats(row_at(b, pos), Vt, r, rp.top_k[b], double(rp.top_p[b]), !r.greedy && !r.filtered,
+                              false, &bmax[b * nblock], &bsum[b * nblock], cs, exec);
           return st;
         };
 
         if (r.greedy) {  // verify_cpu.cpp's greedy walk
           int64_t s = -1;
           for (int64_t pos = 0; pos <= r.n_drafts; ++pos) {
-            const PosStats& st = position_stats(pos);
+            const PosStats& st = stats_at(pos);
             if (!st.finite()) return;  // the row emits nothing
             const int64_t d = pos < r.n_drafts ? dr[b * K + pos] : -1;
             if (pos == r.n_drafts || !(d >= 0 && d < Vd && d == st.argmax)) {
@@ -145,7 +127,7 @@ std::tuple<at::Tensor, at::Tensor> verify_block_cpu(const at::Tensor& target_log
         w[0] = 1.0;
         int64_t last = 0;
         for (int64_t pos = 0;; ++pos) {
-          const PosStats& st = position_stats(pos);
+          const PosStats& st = stats_at(pos);
           last = pos;
           if (pos == r.g) break;
           const int64_t d = dr[b * K + pos];

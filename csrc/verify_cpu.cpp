@@ -29,12 +29,8 @@
 namespace specdec {
 namespace {
 
-struct RowInfo {
+struct RowInfo : RowSampling {
   int64_t n_drafts;  // drafts before the first -1
-  bool greedy;
-  bool filtered;     // top-k or top-p active (sampled rows only: greedy rows need just the argmax)
-  double inv_t;      // 1 / temperature (1 for greedy rows, as in the reference)
-  float inv_t_f;     // the same in float, clamped so that 0 * inv_t stays 0
 };
 
 // return_logprobs: also (processed, raw) logprobs [B, K+1] float32 of the emitted tokens, from the
@@ -81,11 +77,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> verify_cpu(
     r.n_drafts = K;
     for (int64_t i = 0; i < K; ++i)
       if (dr[b * K + i] == -1) { r.n_drafts = i; break; }
-    const double t = rp.temperature[b];
-    r.greedy = !(t > 0.0);  // temperature <= 0 (NaN would also be greedy; the dispatcher rejects it)
-    r.inv_t = r.greedy ? 1.0 : 1.0 / t;
-    r.inv_t_f = float(std::min(r.inv_t, double(FLT_MAX)));
-    r.filtered = !r.greedy && ((rp.top_k[b] > 0 && rp.top_k[b] < Vt) || double(rp.top_p[b]) < 1.0);
+    r.set(rp, b, Vt);
   }
 
   const int64_t nchunk = (Vt + kChunk - 1) / kChunk;
@@ -141,18 +133,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> verify_cpu(
           // race needs if this position turns out to be the stop (filtered rows: filter_stats);
           // masked greedy rows with logprobs: the masked denominator at T = 1 (token_logprobs)
           const bool want_sum = (!r.greedy && !r.filtered) || (r.greedy && M && return_logprobs);
-          exec(nchunk, [&](int64_t c) {
-            const int64_t j0 = c * kChunk, nb0 = j0 / kRaceBlock;
-            cs[c] = chunk_stats(x + j0, std::min(kChunk, Vt - j0), j0, r.inv_t_f, want_sum,
-                                &bmax[b * nblock + nb0], &bsum[b * nblock + nb0], return_logprobs);
-          });
           PosStats& st = stats[b * K1 + pos];
-          st = merge_chunks(cs, nchunk, r.inv_t);
+          st = position_stats(x, Vt, r, rp.top_k[b], double(rp.top_p[b]), want_sum, return_logprobs,
+                              &bmax[b * nblock], &bsum[b * nblock], cs, exec);
           if (!st.finite()) return;  // a live position without a finite logit: the row emits nothing
-          if (r.filtered) {
-            thread_local FilterScratch buf;  // scratch of the top-k/top-p threshold
-            filter_stats(x, Vt, r.inv_t, rp.top_k[b], double(rp.top_p[b]), st, buf);
-          }
           if (!Qp && !r.greedy) {  // sample and compare
             own = own_sample(b, pos, st, exec);
             if (pos == r.n_drafts || dr[b * K + pos] != own) {

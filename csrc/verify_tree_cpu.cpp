@@ -69,13 +69,6 @@ inline int64_t race_in_buffer(const float* buf, int64_t V, int64_t k, const Phil
   return idx;
 }
 
-struct RowInfo {
-  bool greedy;
-  bool filtered;  // top-k or top-p active (sampled rows only)
-  double inv_t;   // 1 / temperature (1 for greedy rows)
-  float inv_t_f;  // the same in float, clamped
-};
-
 // return_logprobs: also (processed, raw) logprobs [B, D+1] float32 of the emitted tokens, from the
 // statistics of the nodes walked (the raw denominator summed in the same sweep); else [B, 0].
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> verify_tree_cpu(
@@ -120,15 +113,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> verify_tr
   const int64_t* tok = toks_t.data_ptr<int64_t>();
   const int64_t* par = pars_t.data_ptr<int64_t>();
 
-  std::vector<RowInfo> rows(B);
-  for (int64_t b = 0; b < B; ++b) {
-    RowInfo& r = rows[b];
-    const double t = rp.temperature[b];
-    r.greedy = !(t > 0.0);
-    r.inv_t = r.greedy ? 1.0 : 1.0 / t;
-    r.inv_t_f = float(std::min(r.inv_t, double(FLT_MAX)));
-    r.filtered = !r.greedy && ((rp.top_k[b] > 0 && rp.top_k[b] < Vt) || double(rp.top_p[b]) < 1.0);
-  }
+  std::vector<RowSampling> rows(B);
+  for (int64_t b = 0; b < B; ++b) rows[b].set(rp, b, Vt);
 
   const int64_t nchunk = (Vt + kChunk - 1) / kChunk;
   const int64_t nblock = (Vt + kRaceBlock - 1) / kRaceBlock;
@@ -161,14 +147,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> verify_tr
       // sample; on the resample streams, the token after rejections that left p as it was.
       auto race_at = [&](int64_t b, int64_t node, int64_t j, const PosStats& st, auto&& exec,
                          int block_stream, int stream) -> int64_t {
-        const RowInfo& r = rows[b];
+        const RowSampling& r = rows[b];
         return race_p(row_at(b, node), Vt, st, r.inv_t, r.inv_t_f, r.filtered, &bmax[b * nblock],
                       &bsum[b * nblock], &block_sums[b * nblock], exec,
                       PhiloxKey(rp.seed[b], at(b, j), block_stream, 0), PhiloxKey(rp.seed[b], at(b, j), stream, 0));
       };
 
       auto run_row = [&](int64_t b, auto&& exec) {
-        const RowInfo& r = rows[b];
+        const RowSampling& r = rows[b];
         const int64_t* tk = tok + b * N;
         const int64_t* pr = par + b * N;
         // tree structure (reference.tree_structure): valid nodes and their depths
@@ -190,17 +176,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> verify_tr
           const Logits<T> x = row_at(b, node);
           // masked greedy rows with logprobs: the masked denominator at T = 1 (token_logprobs)
           const bool want_sum = (!r.greedy && !r.filtered) || (r.greedy && M && return_logprobs);
-          exec(nchunk, [&](int64_t c) {
-            const int64_t j0 = c * kChunk, nb0 = j0 / kRaceBlock;
-            cs[c] = chunk_stats(x + j0, std::min(kChunk, Vt - j0), j0, r.inv_t_f, want_sum,
-                                &bmax[b * nblock + nb0], &bsum[b * nblock + nb0], return_logprobs);
-          });
-          PosStats st = merge_chunks(cs, nchunk, r.inv_t);
+          const PosStats st = position_stats(x, Vt, r, rp.top_k[b], double(rp.top_p[b]), want_sum, return_logprobs,
+                                             &bmax[b * nblock], &bsum[b * nblock], cs, exec);
           if (!st.finite()) return;  // the emitted token would be drawn here: the row emits nothing
-          if (r.filtered) {
-            thread_local FilterScratch fs;
-            filter_stats(x, Vt, r.inv_t, rp.top_k[b], double(rp.top_p[b]), st, fs);
-          }
           if (return_logprobs) step_stats[b * (D + 1) + j] = st;
           bool has_child = false;
           int64_t accepted = -1;

@@ -433,7 +433,7 @@ def _mask_case(B, P, V, W, g):
     word set; W < ceil(V / 32) bans the tail."""
     allowed = torch.rand(B, P, V, generator=g) < 0.4
     allowed[0, 0, :256] = False
-    allowed[0, 0, 300] = True
+    allowed[0, 0, min(300, V - 1)] = True  # (V = 100, W = 1: banned too, nothing allowed)
     allowed[-1, -1] = False
     allowed[-1, -1, 31 + 32 * int(torch.randint(0, min(W, V // 32), (1,), generator=g))] = True
     return allowed, _bitmask(allowed, W).to(DEV)
@@ -481,10 +481,10 @@ def test_bitmask_across_tiles_and_splits(with_q, V, W):
     drafts = torch.where(torch.rand(B, K, generator=g).to(DEV) < 0.5, drafts,
                          torch.randint(0, V, (B, K), generator=g).to(DEV))
     cpu = lambda xs: [x.cpu() if isinstance(x, torch.Tensor) else x for x in xs]  # noqa: E731
-    common = (t, None, top_p, seed, offset)
+    common = (t, top_k, top_p, seed, offset)
     want = reference.verify(*cpu((logits, drafts, q, *common)), token_bitmask=mask.cpu())
     want_lp = reference.emitted_logprobs(logits.cpu(), torch.arange(K + 1).expand(B, K + 1), want[0],
-                                         t.cpu(), None, top_p.cpu(), mask.cpu())
+                                         t.cpu(), top_k.cpu(), top_p.cpu(), mask.cpu())
     for tiling in ({}, SPLIT):
         got = kverify.verify(logits, drafts, q, *common, token_bitmask=mask, return_logprobs=True, **tiling)
         assert torch.equal(got[0].cpu(), want[0]) and torch.equal(got[1].cpu(), want[1]), tiling

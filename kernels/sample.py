@@ -57,6 +57,23 @@ def clean_logits(x):
 
 
 @triton.jit
+def allowed(mask_row_ptr, offs, W):
+    """Token bitmask: is id ``offs`` (>= 0, any shape) allowed by the W-word int32 row at
+    ``mask_row_ptr`` (bit offs % 32 of word offs // 32)? Ids from 32 * W on are banned and no word
+    >= W is read. Lanes of one word load the same address: one read per 32 ids."""
+    word = offs // 32
+    bits = tl.load(mask_row_ptr + word, mask=word < W, other=0)
+    return ((bits >> (offs % 32)) & 1) != 0
+
+
+@triton.jit
+def ban(raw, mask_row_ptr, offs, W):
+    """Cleaned float32 logits (``clean_logits``) with the ids the bitmask bans at -inf: applied
+    right after a load, before anything else looks at the logits."""
+    return tl.where(allowed(mask_row_ptr, offs, W), clean_logits(raw), float("-inf"))
+
+
+@triton.jit
 def exp2_scale(t):
     """c = log2(e) / T, so that exp((x - m) / T) = exp2((x - m) * c): the temperature is folded
     into one multiply per element, no division. Greedy rows (t <= 0) use T = 1 (only their argmax
@@ -74,8 +91,8 @@ def kept(x, thr):
 
 
 @triton.jit
-def chunk_softmax_stats(row_ptr, V, tile_start, n_tiles, c, thr, BLOCK_V: tl.constexpr,
-                        WANT_RAW: tl.constexpr = False):
+def chunk_softmax_stats(row_ptr, V, tile_start, n_tiles, c, thr, mask_row_ptr, W, BLOCK_V: tl.constexpr,
+                        WANT_RAW: tl.constexpr = False, HAS_MASK: tl.constexpr = False):
     """Softmax statistics of tiles [tile_start, tile_start + n_tiles) of one row of V logits.
 
     Returns (max of the kept raw logits, sum over kept of exp2((x - max) * c), max of the cleaned
@@ -84,7 +101,10 @@ def chunk_softmax_stats(row_ptr, V, tile_start, n_tiles, c, thr, BLOCK_V: tl.con
     rescaling the per-lane sums costs one exp2 per tile and a multiply per element. WANT_RAW
     (logprobs): the raw sum is the sum over finite x of exp(x - max of the cleaned raw logits),
     log-softmax's denominator at temperature 1, in the same sweep (one more exp2 per element);
-    else 0."""
+    else 0. HAS_MASK: banned ids (bitmask row ``mask_row_ptr``, W words) are -inf from the load
+    on, so every statistic above is over the allowed ids; with WANT_RAW it also returns the max
+    and the sum of exp(x - max) over the unmasked finite logits (raw logprobs ignore the mask),
+    else (-inf, 0) as the last two values."""
     lanes = tl.arange(0, BLOCK_V)
     m = tl.max(tl.full([BLOCK_V], float("-inf"), tl.float32), 0)  # running max of the kept logits (fp32 scalar)
     z = tl.zeros([BLOCK_V], tl.float32)  # per-lane sum of exp2((x - m) * c)
@@ -92,9 +112,18 @@ def chunk_softmax_stats(row_ptr, V, tile_start, n_tiles, c, thr, BLOCK_V: tl.con
     a_idx = tl.full([BLOCK_V], _BIG_ID, tl.int32)
     mr = tl.max(tl.full([BLOCK_V], float("-inf"), tl.float32), 0)  # WANT_RAW: running max of x
     zr = tl.zeros([BLOCK_V], tl.float32)  # WANT_RAW: per-lane sum of exp(x - mr)
+    mu = tl.max(tl.full([BLOCK_V], float("-inf"), tl.float32), 0)  # HAS_MASK, WANT_RAW: unmasked
+    zu = tl.zeros([BLOCK_V], tl.float32)
     for i in range(n_tiles):
         offs = (tile_start + i) * BLOCK_V + lanes
         x = clean_logits(tl.load(row_ptr + offs, mask=offs < V, other=float("-inf")))
+        if HAS_MASK:
+            if WANT_RAW:  # an entirely banned tile still counts here
+                mu_new = tl.maximum(mu, tl.max(x, 0))
+                mu_ref = tl.where(mu_new > float("-inf"), mu_new, 0.0)
+                zu = zu * tl.math.exp2((mu - mu_ref) * 1.4426950408889634) + tl.math.exp2((x - mu_ref) * 1.4426950408889634)
+                mu = mu_new
+            x = tl.where(allowed(mask_row_ptr, offs, W), x, float("-inf"))
         xk = tl.where(kept(x, thr), x, float("-inf"))
         m_new = tl.maximum(m, tl.max(xk, 0))
         m_ref = tl.where(m_new > float("-inf"), m_new, 0.0)  # avoids (-inf) - (-inf) = NaN
@@ -112,7 +141,7 @@ def chunk_softmax_stats(row_ptr, V, tile_start, n_tiles, c, thr, BLOCK_V: tl.con
     row_sum = tl.sum(z, 0)
     best = tl.max(a_val, 0)
     best_id = tl.min(tl.where(a_val == best, a_idx, _BIG_ID), 0)
-    return row_max, row_sum, best, best_id, tl.sum(zr, 0)
+    return row_max, row_sum, best, best_id, tl.sum(zr, 0), mu, tl.sum(zu, 0)
 
 
 @triton.jit
@@ -166,15 +195,19 @@ def softmax_stats_kernel(
     drafts_ptr,  # [B, K] int64 draft ids (K = 0: unused)
     temperature_ptr,  # [B] float32
     thr_ptr,  # [B * (K+1)] float32 top-k/top-p thresholds (HAS_THR)
+    mask_ptr,  # [B * (K+1), W] int32 token bitmask (HAS_MASK)
     m_ptr, z_ptr, a_ptr, ai_ptr,  # [B * (K+1), num_splits] partial statistics (out)
     zr_ptr,  # [B * (K+1), num_splits] raw sums relative to the argmax value (out, WANT_RAW only)
-    V, K, tiles_per_split, num_splits,
+    mu_ptr, zu_ptr,  # [B * (K+1), num_splits] unmasked max and sum (out, WANT_RAW and HAS_MASK)
+    V, K, tiles_per_split, num_splits, W,
     HAS_THR: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
-    WANT_RAW: tl.constexpr = False,
+    WANT_RAW: tl.constexpr = False, HAS_MASK: tl.constexpr = False,
 ):
     """Pass 1. grid = (B * (K+1), num_splits): program (row, split) reduces one vocabulary chunk
     of row = b * (K+1) + position. Verification skips positions after a row's last draft (the
-    -1 tail): nothing downstream looks at them."""
+    -1 tail): nothing downstream looks at them. HAS_MASK: the statistics are over the ids that
+    row's bitmask allows (with WANT_RAW, zr is then the masked sum at temperature 1, the greedy
+    rows' processed logprobs, and mu / zu the unmasked raw ones)."""
     row = tl.program_id(0)
     split = tl.program_id(1)
     b = row // (K + 1)
@@ -191,11 +224,15 @@ def softmax_stats_kernel(
     n_tiles = tl.minimum(tiles_per_split, tl.cdiv(V, BLOCK_V) - tile_start)
     n_tiles = tl.where(position <= n_drafts, tl.maximum(n_tiles, 0), 0)
 
-    row_max, row_sum, best, best_id, raw_sum = chunk_softmax_stats(
-        logits_ptr + row.to(tl.int64) * V, V, tile_start, n_tiles, c, thr, BLOCK_V, WANT_RAW)
+    row_max, row_sum, best, best_id, raw_sum, mu, zu = chunk_softmax_stats(
+        logits_ptr + row.to(tl.int64) * V, V, tile_start, n_tiles, c, thr,
+        mask_ptr + row.to(tl.int64) * W, W, BLOCK_V, WANT_RAW, HAS_MASK)
     out = row * num_splits + split
     if WANT_RAW:
         tl.store(zr_ptr + out, raw_sum)
+        if HAS_MASK:
+            tl.store(mu_ptr + out, mu)
+            tl.store(zu_ptr + out, zu)
     tl.store(m_ptr + out, row_max)
     tl.store(z_ptr + out, row_sum)
     tl.store(a_ptr + out, best)
@@ -229,12 +266,13 @@ def _sample_probs_kernel(
     logits_ptr,  # [R, V] float logits, R = B * (K+1)
     temperature_ptr, seed_ptr, offset_ptr,  # [B] each
     thr_ptr,  # [R] float32 top-k/top-p thresholds (HAS_THR)
+    mask_ptr,  # [R, W] int32 token bitmask (HAS_MASK)
     m_ptr, z_ptr, a_ptr, ai_ptr,  # [R, S1] pass-1 partials
     probs_ptr,  # [R, V] float32 (out, WRITE_PROBS)
     race_ptr, race_id_ptr,  # [R, S2] float32 / int32 chunk block-race winners (out)
-    V, K, S1, blocks_per_split, S2,
+    V, K, S1, blocks_per_split, S2, W,
     HAS_THR: tl.constexpr, WRITE_PROBS: tl.constexpr, BLOCK_S1: tl.constexpr,
-    TILE_BLOCKS: tl.constexpr,
+    TILE_BLOCKS: tl.constexpr, HAS_MASK: tl.constexpr = False,
 ):
     """Pass 2. grid = (R, S2): program (row, split) writes probs for race blocks
     [split * blocks_per_split, ...) (WRITE_PROBS) and runs the block race over them (sampled rows
@@ -268,6 +306,8 @@ def _sample_probs_kernel(
     for i in range(n_tiles):
         blocks, offs, mask = race_tile(blk_start + i * TILE_BLOCKS, blk_end, V, TILE_BLOCKS)
         raw = tl.load(logits_ptr + row_off + offs, mask=mask, other=float("-inf"))
+        if HAS_MASK:
+            raw = ban(raw, mask_ptr + row.to(tl.int64) * W, offs, W)
         p, keep = target_probs(raw, c, thr, row_max, row_sum)
         if WRITE_PROBS:
             out = tl.where(greedy, tl.where(offs == best_id, 1.0, 0.0), p)
@@ -290,11 +330,13 @@ def _sample_finish_kernel(
     logits_ptr,  # [R, V] float logits, R = B * (K+1)
     temperature_ptr, seed_ptr, offset_ptr,  # [B] each
     thr_ptr,  # [R] float32 (HAS_THR)
+    mask_ptr,  # [R, W] int32 token bitmask (HAS_MASK)
     m_ptr, z_ptr, a_ptr, ai_ptr,  # [R, S1] pass-1 partials
     race_ptr, race_id_ptr,  # [R, S2] chunk block-race winners
     token_ptr,  # [R] int64 (out)
-    V, K, S1, S2,
+    V, K, S1, S2, W,
     HAS_THR: tl.constexpr, BLOCK_S1: tl.constexpr, BLOCK_S2: tl.constexpr,
+    HAS_MASK: tl.constexpr = False,
 ):
     """grid = (R,): token = argmax (greedy), else the race inside the winning block (its 256
     logits re-read, p recomputed bit-identically to pass 2); -1 for a row without a finite logit."""
@@ -318,6 +360,8 @@ def _sample_finish_kernel(
         offs = block * RACE_BLOCK + tl.arange(0, RACE_BLOCK)
         raw = tl.load(logits_ptr + row.to(tl.int64) * V + offs, mask=offs < V,
                       other=float("-inf"))
+        if HAS_MASK:
+            raw = ban(raw, mask_ptr + row.to(tl.int64) * W, offs, W)
         p, keep = target_probs(raw, c, thr, row_max, row_sum)
         token = race_in_block(p, keep, offs, tl.load(seed_ptr + b),
                               tl.load(offset_ptr + b) + row % (K + 1), STREAM_SAMPLE, 0)
@@ -330,14 +374,23 @@ def _sample_finish_kernel(
 # ------------------------------------------------------------------------------------------------
 
 
-def filter_thresholds(logits, temperature, top_k, top_p, group: int = 1):
+def filter_thresholds(logits, temperature, top_k, top_p, group: int = 1, token_bitmask=None):
     """Per-row keep threshold on the raw logits for top-k then top-p, or None if both are None:
     ``specdec.kernels.thresholds.filter_thresholds`` (a Triton search, no sort; shapes there).
-    Row n of logits [N, V] uses the parameters at n // group. Imported at call time: that module
-    uses this one's jit helpers."""
+    Row n of logits [N, V] uses the parameters at n // group and the bitmask row n of
+    token_bitmask [N, W] (or None). Imported at call time: that module uses this one's jit helpers."""
     from specdec.kernels import thresholds
 
-    return thresholds.filter_thresholds(logits, temperature, top_k, top_p, group)
+    return thresholds.filter_thresholds(logits, temperature, top_k, top_p, group,
+                                        token_bitmask=token_bitmask)
+
+
+def mask_args(token_bitmask, placeholder):
+    """(pointer, W) kernel arguments for a token bitmask [..., W] int32 (contiguous, one row per
+    logit row) or None: then ``placeholder`` (any tensor, never read) and W = 1."""
+    if token_bitmask is None:
+        return placeholder, 1
+    return token_bitmask, token_bitmask.shape[-1]
 
 
 _SM_COUNT = {}
@@ -404,18 +457,36 @@ def race_plan(V: int, rows: int, device, block_v=None, num_splits=None):
     return blocks_per_split, splits, _block_s(splits), tile_blocks, num_warps
 
 
+def raw_sums_buffer(rows: int, S1: int, device, return_logprobs: bool, has_mask: bool):
+    """Pass 1's extra outputs for logprobs: None without return_logprobs, else [1, rows, S1]
+    float32 (the raw sums), or [3, rows, S1] with a bitmask (the masked sums at temperature 1,
+    then the unmasked max and sum): ``softmax_stats_kernel``'s zr / mu / zu."""
+    if not return_logprobs:
+        return None
+    return torch.empty((3 if has_mask else 1, rows, S1), dtype=torch.float32, device=device)
+
+
+def raw_sum_ptrs(raw_sums, placeholder):
+    """``softmax_stats_kernel``'s (zr, mu, zu) arguments from ``raw_sums_buffer``'s tensor;
+    ``placeholder`` (never written: no WANT_RAW) for what it lacks."""
+    if raw_sums is None:
+        return placeholder, placeholder, placeholder
+    return tuple(raw_sums[i % raw_sums.shape[0]] for i in range(3))
+
+
 def block_k(k: int) -> int:
     """Width of a tile over K draft positions: a power of two >= 8 (bucketed, as _block_s)."""
     return max(8, triton.next_power_of_2(max(k, 1)))
 
 
 def race_rows(logits, temperature, thr, seed, offset, stats, stats_id, K, tokens, probs,
-              block_v=None, num_splits=None):
+              block_v=None, num_splits=None, token_bitmask=None):
     """Passes 2 and 3 over R = B * (K+1) rows of V logits whose pass-1 partials ``stats`` [3, R,
     S1] / ``stats_id`` [R, S1] are computed: row b * (K+1) + j draws a token from p with the sample
     op's numbers and counter offset ``offset[b] + j``. logits [R, V]; temperature, seed, offset
     [B]; thr [R] float32 or None. Writes tokens [R] int64 and, unless ``probs`` is None, probs
-    [R, V] float32. Verification without draft probabilities draws its own tokens here."""
+    [R, V] float32. token_bitmask [R, W] int32 or None: row r's allowed ids (pass 1 must have
+    used the same). Verification without draft probabilities draws its own tokens here."""
     R, V = logits.shape
     dev = logits.device
     S1 = stats.shape[2]
@@ -424,28 +495,32 @@ def race_rows(logits, temperature, thr, seed, offset, stats, stats_id, K, tokens
     race = torch.empty((R, S2), dtype=torch.float32, device=dev)
     race_id = torch.empty((R, S2), dtype=torch.int32, device=dev)
     BLOCK_S1 = _block_s(S1)
+    mask, W = mask_args(token_bitmask, stats_id)
     _sample_probs_kernel[(R, S2)](
-        logits, temperature, seed, offset, thr_arg, stats[0], stats[1], stats[2], stats_id,
-        probs if probs is not None else race, race, race_id, V, K, S1, blocks_per_split, S2,
+        logits, temperature, seed, offset, thr_arg, mask, stats[0], stats[1], stats[2], stats_id,
+        probs if probs is not None else race, race, race_id, V, K, S1, blocks_per_split, S2, W,
         HAS_THR=thr is not None, WRITE_PROBS=probs is not None, BLOCK_S1=BLOCK_S1,
-        TILE_BLOCKS=TILE_BLOCKS, num_warps=warps2)
+        TILE_BLOCKS=TILE_BLOCKS, HAS_MASK=token_bitmask is not None, num_warps=warps2)
     # the race inside the winning block
     _sample_finish_kernel[(R,)](
-        logits, temperature, seed, offset, thr_arg, stats[0], stats[1], stats[2], stats_id,
-        race, race_id, tokens, V, K, S1, S2,
-        HAS_THR=thr is not None, BLOCK_S1=BLOCK_S1, BLOCK_S2=BLOCK_S2, num_warps=4)
+        logits, temperature, seed, offset, thr_arg, mask, stats[0], stats[1], stats[2], stats_id,
+        race, race_id, tokens, V, K, S1, S2, W,
+        HAS_THR=thr is not None, BLOCK_S1=BLOCK_S1, BLOCK_S2=BLOCK_S2,
+        HAS_MASK=token_bitmask is not None, num_warps=4)
     return tokens
 
 
 def sample(logits, temperature, top_k, top_p, seed, offset, *, block_v=None, num_splits=None,
-           return_logprobs=False):
+           return_logprobs=False, token_bitmask=None):
     """Fused sampling (Triton). Same contract as ``specdec.reference.sample``.
 
     logits [B, V] float32/float16/bfloat16; temperature [B] float32 (<= 0: greedy row); top_k [B]
     int64 (0 = off) or None; top_p [B] float32 (1.0 = off) or None; seed, offset [B] int64; all on
-    one device. ``block_v`` / ``num_splits`` override the tiling (tests, tuning): the tile width
-    (the race pass rounds it down to whole 256-id race blocks, at least one) and the programs per
-    row, of both passes.
+    one device; token_bitmask [B, W] int32 (contiguous, W >= 1) or None: row b samples from its
+    allowed ids only (``specdec.reference.allowed_ids``), banned ids read as -inf before anything
+    else. ``block_v`` / ``num_splits`` override the tiling (tests, tuning): the tile width (the
+    race pass rounds it down to whole 256-id race blocks, at least one) and the programs per row,
+    of both passes.
     Returns (token_ids [B] int64, probs [B, V] float32), and with ``return_logprobs`` also
     (processed_logprobs, raw_logprobs) [B] float32 (``logprobs.token_logprobs``).
     """
@@ -463,27 +538,33 @@ def sample(logits, temperature, top_k, top_p, seed, offset, *, block_v=None, num
     temperature = temperature.to(torch.float32).contiguous()
     seed = seed.to(torch.int64).contiguous()
     offset = offset.to(torch.int64).contiguous()
-    thr = filter_thresholds(logits, temperature, top_k, top_p)
+    if token_bitmask is not None:
+        token_bitmask = token_bitmask.contiguous()  # one W-word row per logit row
+    thr = filter_thresholds(logits, temperature, top_k, top_p, token_bitmask=token_bitmask)
     thr_arg = thr if thr is not None else temperature  # placeholder pointer, never read
     no_drafts = seed  # K = 0: never read
+    has_mask = token_bitmask is not None
 
     # pass 1: softmax statistics over (row, vocabulary split)
     BLOCK_V, tiles_per_split, S1, BLOCK_S1, warps1 = split_plan(V, B, dev, block_v, num_splits)
     stats = torch.empty((3, B, S1), dtype=torch.float32, device=dev)  # max, sum, argmax value
     stats_id = torch.empty((B, S1), dtype=torch.int32, device=dev)
-    raw_sums = torch.empty((B, S1), dtype=torch.float32, device=dev) if return_logprobs else None
+    raw_sums = raw_sums_buffer(B, S1, dev, return_logprobs, has_mask)
+    mask, W = mask_args(token_bitmask, stats_id)
     softmax_stats_kernel[(B, S1)](
-        logits, no_drafts, temperature, thr_arg, stats[0], stats[1], stats[2], stats_id,
-        raw_sums if return_logprobs else stats[1], V, 0, tiles_per_split, S1,
-        HAS_THR=thr is not None, BLOCK_K=1, BLOCK_V=BLOCK_V, num_warps=warps1, WANT_RAW=return_logprobs)
+        logits, no_drafts, temperature, thr_arg, mask, stats[0], stats[1], stats[2], stats_id,
+        *raw_sum_ptrs(raw_sums, stats[1]), V, 0, tiles_per_split, S1, W,
+        HAS_THR=thr is not None, BLOCK_K=1, BLOCK_V=BLOCK_V, num_warps=warps1, WANT_RAW=return_logprobs,
+        HAS_MASK=has_mask)
 
     probs = torch.empty((B, V), dtype=torch.float32, device=dev)  # every entry written
     race_rows(logits, temperature, thr, seed, offset, stats, stats_id, 0, tokens, probs,
-              block_v, num_splits)
+              block_v, num_splits, token_bitmask)
     if not return_logprobs:
         return tokens, probs
     from specdec.kernels.logprobs import token_logprobs
 
     source = torch.zeros((B, 1), dtype=torch.int64, device=dev)
-    processed, raw = token_logprobs(logits, tokens[:, None], source, temperature, thr, stats, raw_sums)
+    processed, raw = token_logprobs(logits, tokens[:, None], source, temperature, thr, stats, raw_sums,
+                                    token_bitmask)
     return tokens, probs, processed.view(B), raw.view(B)

@@ -28,13 +28,14 @@ the search as soon as it holds one distinct value (typically after 4-5 passes on
              there. Off when top_p >= 1 (or NaN). T <= 0 (greedy) counts as T = 1.
 Both off, or no finite logit: -inf. Row n reads its parameters at n // group, so verification
 passes its [B] parameters with group = K + 1 (or N + 1 nodes) rather than repeating them.
-Nothing synchronises with the host.
+A token bitmask (``token_bitmask``) bans ids before anything else: they read as -inf, so the
+thresholds are those of the allowed logits. Nothing synchronises with the host.
 """
 import torch
 import triton
 import triton.language as tl
 
-from specdec.kernels.sample import clean_logits
+from specdec.kernels.sample import allowed, clean_logits
 
 KEY_NEG_INF: tl.constexpr = tl.constexpr(-2139095041)  # key(-inf): below every finite key
 KEY_BIG: tl.constexpr = tl.constexpr(2147483647)  # above every key (empty min)
@@ -58,16 +59,19 @@ def key_float(k):
 
 
 @triton.jit
-def _row_keys(row_ptr, V, tile, lanes, BLOCK_V: tl.constexpr):
-    """(cleaned float32 logits, their keys) of one tile; past V: -inf."""
+def _row_keys(row_ptr, V, tile, lanes, mask_row_ptr, W, BLOCK_V: tl.constexpr,
+              HAS_MASK: tl.constexpr):
+    """(cleaned float32 logits, their keys) of one tile; past V (and banned ids, HAS_MASK): -inf."""
     offs = tile * BLOCK_V + lanes
     x = clean_logits(tl.load(row_ptr + offs, mask=offs < V, other=float("-inf")))
+    if HAS_MASK:
+        x = tl.where(allowed(mask_row_ptr, offs, W), x, float("-inf"))
     return x, float_key(x)
 
 
 @triton.jit
-def _search(row_ptr, V, lo, hi, target, keep_key, t, ms,
-            IS_P: tl.constexpr, BLOCK_V: tl.constexpr, PIVOTS: tl.constexpr):
+def _search(row_ptr, V, lo, hi, target, keep_key, t, ms, mask_row_ptr, W,
+            IS_P: tl.constexpr, BLOCK_V: tl.constexpr, PIVOTS: tl.constexpr, HAS_MASK: tl.constexpr):
     """Largest key v in [lo, hi] with f(v) >= target, given f(lo) >= target (assumed, never
     tested) and f(hi + 1) < target; f nonincreasing. IS_P: f(v) = sum of w over x >= v with
     w = exp(x / t - ms) in float64 and target = top_p * Z, Z = the sum of w over the kept keys
@@ -91,7 +95,7 @@ def _search(row_ptr, V, lo, hi, target, keep_key, t, ms,
         dmin = tl.full([BLOCK_V], KEY_BIG, tl.int32)
         dmax = tl.full([BLOCK_V], KEY_NEG_INF, tl.int32)
         for tile in range(n_tiles):
-            x, key = _row_keys(row_ptr, V, tile, lanes, BLOCK_V)
+            x, key = _row_keys(row_ptr, V, tile, lanes, mask_row_ptr, W, BLOCK_V, HAS_MASK)
             inside = (key >= lo) & (key <= hi)
             dmin = tl.minimum(dmin, tl.where(inside, key, KEY_BIG))
             dmax = tl.maximum(dmax, tl.where(inside, key, KEY_NEG_INF))
@@ -128,14 +132,17 @@ def _thresholds_kernel(
     temperature_ptr,  # [N // group] float
     top_k_ptr,  # [N // group] int (HAS_K)
     top_p_ptr,  # [N // group] float (HAS_P)
+    mask_ptr,  # [N, W] int32 token bitmask (HAS_MASK)
     thr_ptr,  # [N] float32 thresholds (out)
-    V, group,
+    V, group, W,
     HAS_K: tl.constexpr, HAS_P: tl.constexpr, BLOCK_V: tl.constexpr, PIVOTS: tl.constexpr,
+    HAS_MASK: tl.constexpr = False,
 ):
     """grid = (N,): one row per program, its parameters at row // group."""
     row = tl.program_id(0)
     prm = row // group
     row_ptr = logits_ptr + row.to(tl.int64) * V
+    mask_row_ptr = mask_ptr + row.to(tl.int64) * W
     lanes = tl.arange(0, BLOCK_V)
     n_tiles = tl.cdiv(V, BLOCK_V)
 
@@ -144,7 +151,7 @@ def _thresholds_kernel(
     kmin = tl.full([BLOCK_V], KEY_BIG, tl.int32)
     cnt = tl.zeros([BLOCK_V], tl.int32)
     for tile in range(n_tiles):
-        x, key = _row_keys(row_ptr, V, tile, lanes, BLOCK_V)
+        x, key = _row_keys(row_ptr, V, tile, lanes, mask_row_ptr, W, BLOCK_V, HAS_MASK)
         fin = x > float("-inf")
         kmax = tl.maximum(kmax, key)
         kmin = tl.minimum(kmin, tl.where(fin, key, KEY_BIG))
@@ -163,8 +170,8 @@ def _thresholds_kernel(
         # fewer than k finite logits: every finite one is kept (threshold -inf); k = 1: the max
         search = use_k & (n_finite >= k) & (k > 1)
         lo = tl.where(search, kmin, kmax)  # lo == hi: no pass
-        keep_key = _search(row_ptr, V, lo, kmax, k, kmin, 1.0, 0.0,
-                           IS_P=False, BLOCK_V=BLOCK_V, PIVOTS=PIVOTS)
+        keep_key = _search(row_ptr, V, lo, kmax, k, kmin, 1.0, 0.0, mask_row_ptr, W,
+                           IS_P=False, BLOCK_V=BLOCK_V, PIVOTS=PIVOTS, HAS_MASK=HAS_MASK)
         keep_key = tl.where(search, keep_key, tl.where(use_k & (k == 1), kmax, kmin))
     thr_key = tl.where(use_k & has_data, keep_key, KEY_NEG_INF)
 
@@ -175,8 +182,8 @@ def _thresholds_kernel(
         t = tl.where(t <= 0.0, 1.0, t)
         ms = key_float(kmax).to(tl.float64) / t  # the softmax's shift: max(x / T) = M / T
         lo = tl.where(use_p, keep_key, kmax)  # lo == hi: no pass
-        p_key = _search(row_ptr, V, lo, kmax, p, keep_key, t, ms,
-                        IS_P=True, BLOCK_V=BLOCK_V, PIVOTS=PIVOTS)
+        p_key = _search(row_ptr, V, lo, kmax, p, keep_key, t, ms, mask_row_ptr, W,
+                        IS_P=True, BLOCK_V=BLOCK_V, PIVOTS=PIVOTS, HAS_MASK=HAS_MASK)
         thr_key = tl.where(use_p, p_key, thr_key)
 
     tl.store(thr_ptr + row, key_float(thr_key))
@@ -185,7 +192,8 @@ def _thresholds_kernel(
 BLOCK_V_DEFAULT = 256  # [16, BLOCK_V] per-lane accumulators: 32 per thread at 4 warps
 
 
-def filter_thresholds(logits, temperature, top_k, top_p, group: int = 1, *, block_v=None):
+def filter_thresholds(logits, temperature, top_k, top_p, group: int = 1, *, block_v=None,
+                      token_bitmask=None):
     """Per-row keep threshold on the raw logits for top-k then top-p, or None if both are None.
 
     logits [N, V] float (float32/bfloat16/float16); temperature [N // group] float (<= 0: T = 1);
@@ -193,8 +201,9 @@ def filter_thresholds(logits, temperature, top_k, top_p, group: int = 1, *, bloc
     None; row n uses the parameters at n // group (N a multiple of group). Returns [N] float32:
     token j of row n is kept iff its cleaned logit is finite and >= thr[n] (-inf where no
     filtering applies or the row has no finite logit). Equals the keep set of
-    ``specdec.reference._keep_mask(logits.double() / T, top_k, top_p)``. No host sync, no [N, V]
-    temporaries. ``block_v`` overrides the tile width (tests).
+    ``specdec.reference._keep_mask(logits.double() / T, top_k, top_p)``. token_bitmask [N, W]
+    int32 (contiguous, W >= 1) or None: row n's banned ids (``reference.allowed_ids``) count as
+    -inf logits. No host sync, no [N, V] temporaries. ``block_v`` overrides the tile width (tests).
     """
     if top_k is None and top_p is None:
         return None
@@ -210,7 +219,10 @@ def filter_thresholds(logits, temperature, top_k, top_p, group: int = 1, *, bloc
     k_arg = top_k.contiguous() if top_k is not None else temperature  # placeholder, never read
     p_arg = top_p.contiguous() if top_p is not None else temperature
     BLOCK_V = block_v or min(BLOCK_V_DEFAULT, triton.next_power_of_2(max(V, 16)))
+    has_mask = token_bitmask is not None
+    mask, W = (token_bitmask.reshape(N, -1), token_bitmask.shape[-1]) if has_mask else (thr, 1)  # placeholder
     _thresholds_kernel[(N,)](
-        logits, temperature, k_arg, p_arg, thr, V, group,
-        HAS_K=top_k is not None, HAS_P=top_p is not None, BLOCK_V=BLOCK_V, PIVOTS=16, num_warps=4)
+        logits, temperature, k_arg, p_arg, mask, thr, V, group, W,
+        HAS_K=top_k is not None, HAS_P=top_p is not None, BLOCK_V=BLOCK_V, PIVOTS=16,
+        HAS_MASK=has_mask, num_warps=4)
     return thr

@@ -40,6 +40,10 @@ Intermediate state: [B*(K+1), S1], [B, S2] and [B]. Nothing synchronises with th
 Top-k / top-p: thresholds per (row, position) from ``sample.filter_thresholds`` (a Triton search
 reading each row's parameters at row // (K+1)), only when the caller passes top_k / top_p (None =
 off everywhere, nothing computed).
+
+Token bitmask (``token_bitmask`` [B, K+1, W]): every load of a position's logits goes through
+``sample.ban`` (HAS_MASK), so banned ids are -inf before the statistics, the thresholds, the
+acceptance test's p(draft) and the races see them: a banned draft has p = 0 and is rejected.
 """
 import torch
 import triton
@@ -58,6 +62,7 @@ from specdec.kernels.philox import (
 from specdec.kernels.sample import (
     _BIG_ID,
     RACE_BLOCK,
+    ban,
     block_k,
     clean_logits,
     exp2_scale,
@@ -69,6 +74,9 @@ from specdec.kernels.sample import (
     race_update,
     race_winner,
     kept,
+    mask_args,
+    raw_sum_ptrs,
+    raw_sums_buffer,
     softmax_stats_kernel,
     split_plan,
     target_probs,
@@ -97,6 +105,7 @@ def _verify_accept_race_kernel(
     q_ptr,  # [B, K, Vd] float draft probabilities (HAS_Q)
     temperature_ptr, seed_ptr, offset_ptr,  # [B]
     thr_ptr,  # [B * (K+1)] float32 top-k/top-p thresholds (HAS_THR)
+    mask_ptr,  # [B * (K+1), W] int32 token bitmask (HAS_MASK)
     m_ptr, z_ptr, a_ptr, ai_ptr,  # [B * (K+1), S1] pass-1 partials
     out_ptr,  # [B, K+1] int64 output ids (out)
     num_acc_ptr,  # [B] int32 (out)
@@ -104,9 +113,10 @@ def _verify_accept_race_kernel(
     resid_draft_ptr,  # [B] int32 (out): the rejected draft whose residual is raced, else -1
     max_ptr, sum_ptr, thr_s_ptr,  # [B] float32 (out): softmax statistics and threshold at s
     race_r_ptr, race_r_id_ptr, race_p_ptr, race_p_id_ptr, resid_ptr,  # [B, S2] (out)
-    K, Vt, Vd, S1, blocks_per_split, S2,
+    K, Vt, Vd, S1, blocks_per_split, S2, W,
     HAS_Q: tl.constexpr, HAS_THR: tl.constexpr,
     BLOCK_K1: tl.constexpr, BLOCK_S1: tl.constexpr, TILE_BLOCKS: tl.constexpr,
+    HAS_MASK: tl.constexpr = False,
 ):
     # (Interpreter caveat, triton 3.8: a scalar comparison combined with a block by & or | is
     # broadcast as float32; such conditions go through tl.where or into a bound instead.)
@@ -148,6 +158,8 @@ def _verify_accept_race_kernel(
     safe = tl.where(readable, drafts, 0)
     x = clean_logits(tl.load(logits_ptr + (b * K1 + pos).to(tl.int64) * Vt + safe,
                              mask=readable, other=float("-inf")))
+    if HAS_MASK:  # a banned draft: p = 0, rejected
+        x = ban(x, mask_ptr + (b * K1 + tl.minimum(pos, K)).to(tl.int64) * W, safe, W)  # lanes >= K1: in bounds
     keep_draft = kept(x, thr)
     p_draft = tl.where(keep_draft, tl.math.exp2((x - row_max) * c) / row_sum, 0.0)
     if HAS_Q:
@@ -207,6 +219,8 @@ def _verify_accept_race_kernel(
     for i in range(n_tiles):
         blocks, offs, mask = race_tile(blk_start + i * TILE_BLOCKS, blk_end, Vt, TILE_BLOCKS)
         raw = tl.load(row_ptr + offs, mask=mask, other=float("-inf"))
+        if HAS_MASK:
+            raw = ban(raw, mask_ptr + (b * K1 + s).to(tl.int64) * W, offs, W)
         p, keep = target_probs(raw, c, thr_s, max_s, sum_s)
         w_r = tl.sum(_residual(p, q_row_ptr, offs, q_lim, resid_draft, HAS_Q), 1)  # [TILE_BLOCKS]
         w_p = tl.sum(p, 1)
@@ -236,9 +250,10 @@ def _verify_finish_kernel(
     temperature_ptr, seed_ptr, offset_ptr,  # [B]
     emit_ptr, resid_draft_ptr, max_ptr, sum_ptr, thr_s_ptr,  # [B] per-row scalars of pass 2
     race_r_ptr, race_r_id_ptr, race_p_ptr, race_p_id_ptr, resid_ptr,  # [B, S2]
+    mask_ptr,  # [B * (K+1), W] int32 token bitmask (HAS_MASK)
     out_ptr,  # [B, K+1] int64 (out: the sampled token at position s)
-    K, Vt, Vd, S2,
-    HAS_Q: tl.constexpr, BLOCK_S2: tl.constexpr,
+    K, Vt, Vd, S2, W,
+    HAS_Q: tl.constexpr, BLOCK_S2: tl.constexpr, HAS_MASK: tl.constexpr = False,
 ):
     """grid = (B,): the winning block (of the residual race if the residual has mass, else of the
     race over p), then the race inside it. Rows with nothing to sample (s = -1) do nothing."""
@@ -260,6 +275,8 @@ def _verify_finish_kernel(
         c = exp2_scale(tl.load(temperature_ptr + b))
         raw = tl.load(logits_ptr + (b * K1 + s).to(tl.int64) * Vt + offs, mask=offs < Vt,
                       other=float("-inf"))
+        if HAS_MASK:
+            raw = ban(raw, mask_ptr + (b * K1 + s).to(tl.int64) * W, offs, W)
         p, keep = target_probs(raw, c, tl.load(thr_s_ptr + b), tl.load(max_ptr + b),
                                tl.load(sum_ptr + b))
         q_row_ptr = q_ptr + (b * K + tl.minimum(s, tl.maximum(K - 1, 0))).to(tl.int64) * Vd
@@ -303,13 +320,16 @@ def _sample_compare_kernel(
 
 
 def verify(target_logits, draft_token_ids, draft_probs, temperature, top_k, top_p, seed, offset,
-           *, block_v=None, num_splits=None, num_race_splits=None, return_logprobs=False):
+           *, block_v=None, num_splits=None, num_race_splits=None, return_logprobs=False,
+           token_bitmask=None):
     """Fused chain verification (Triton). Same contract as ``specdec.reference.verify``.
 
     target_logits [B, K+1, Vt] float32/float16/bfloat16; draft_token_ids [B, K] int64 (-1 tail =
     no draft); draft_probs [B, K, Vd] float (Vd <= Vt) or None (deterministic drafter);
     temperature [B] float32 (<= 0: greedy row); top_k [B] int64 (0 = off) or None; top_p [B]
     float32 (1.0 = off) or None; seed, offset [B] int64; all on one device. K may be 0.
+    token_bitmask [B, K+1, W] int32 (W >= 1) or None: position j's allowed ids
+    (``specdec.reference.allowed_ids``); banned ids are read as -inf before anything else.
     ``block_v`` / ``num_splits`` / ``num_race_splits`` override the tiling (tests, tuning):
     the stats pass's tile width and programs per (row, position); the race pass's tile width
     (rounded down to whole 256-id race blocks, at least one) and programs per row.
@@ -341,9 +361,12 @@ def verify(target_logits, draft_token_ids, draft_probs, temperature, top_k, top_
     q = draft_probs.contiguous() if has_q and draft_probs.numel() > 0 else logits
 
     rows = B * K1
+    has_mask = token_bitmask is not None
+    bitmask = token_bitmask.reshape(rows, -1).contiguous() if has_mask else None  # one row per position
     thr = None  # filtering off: no threshold pass
     if top_k is not None or top_p is not None:
-        thr = filter_thresholds(logits.view(rows, Vt), temperature, top_k, top_p, group=K1)
+        thr = filter_thresholds(logits.view(rows, Vt), temperature, top_k, top_p, group=K1,
+                                token_bitmask=bitmask)
     thr_arg = thr if thr is not None else temperature  # placeholder pointer, never read
     drafts_arg = drafts if K > 0 else seed  # K = 0: never read, but a valid pointer
 
@@ -351,12 +374,14 @@ def verify(target_logits, draft_token_ids, draft_probs, temperature, top_k, top_
     BLOCK_V, tps1, S1, BLOCK_S1, warps1 = split_plan(Vt, rows, dev, block_v, num_splits)
     stats = torch.empty((3, rows, S1), dtype=torch.float32, device=dev)  # max, sum, argmax value
     stats_id = torch.empty((rows, S1), dtype=torch.int32, device=dev)
-    raw_sums = torch.empty((rows, S1), dtype=torch.float32, device=dev) if return_logprobs else None
+    raw_sums = raw_sums_buffer(rows, S1, dev, return_logprobs, has_mask)
+    mask, W = mask_args(bitmask, stats_id)
     BLOCK_K = block_k(K)
     softmax_stats_kernel[(rows, S1)](
-        logits, drafts_arg, temperature, thr_arg, stats[0], stats[1], stats[2], stats_id,
-        raw_sums if return_logprobs else stats[1], Vt, K, tps1, S1,  # placeholder: never written
-        HAS_THR=thr is not None, BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V, num_warps=warps1, WANT_RAW=return_logprobs)
+        logits, drafts_arg, temperature, thr_arg, mask, stats[0], stats[1], stats[2], stats_id,
+        *raw_sum_ptrs(raw_sums, stats[1]), Vt, K, tps1, S1, W,
+        HAS_THR=thr is not None, BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V, num_warps=warps1, WANT_RAW=return_logprobs,
+        HAS_MASK=has_mask)
 
     def with_logprobs(out, num_acc):
         """The outputs plus the emitted tokens' logprobs (position j's token drawn at row b*K1 + j)."""
@@ -366,14 +391,14 @@ def verify(target_logits, draft_token_ids, draft_probs, temperature, top_k, top_
 
         source = torch.arange(K1, dtype=torch.int64, device=dev).expand(B, K1)
         return (out, num_acc, *token_logprobs(logits.view(rows, Vt), out, source, temperature, thr, stats,
-                                              raw_sums))
+                                              raw_sums, bitmask))
 
     if not has_q:
         # sample and compare: every live position's own token (the sample op's race, counter
         # offset + position; greedy rows: the argmax), then the acceptance walk
         own = torch.empty((rows,), dtype=torch.int64, device=dev)
         race_rows(logits.view(rows, Vt), temperature, thr, seed, offset, stats, stats_id, K, own,
-                  None, block_v, num_race_splits)
+                  None, block_v, num_race_splits, bitmask)
         _sample_compare_kernel[(B,)](own, drafts_arg, out, num_acc, K,
                                      BLOCK_K1=block_k(K1), num_warps=1)
         return with_logprobs(out, num_acc)
@@ -386,16 +411,16 @@ def verify(target_logits, draft_token_ids, draft_probs, temperature, top_k, top_
     row_i = torch.empty((2, B), dtype=torch.int32, device=dev)  # emit position, residual draft
     row_f = torch.empty((3, B), dtype=torch.float32, device=dev)  # max, sum, threshold at s
     _verify_accept_race_kernel[(B, S2)](
-        logits, drafts_arg, q, temperature, seed, offset, thr_arg,
+        logits, drafts_arg, q, temperature, seed, offset, thr_arg, mask,
         stats[0], stats[1], stats[2], stats_id, out, num_acc, row_i[0], row_i[1],
         row_f[0], row_f[1], row_f[2], races[0], race_ids[0], races[1], race_ids[1], races[2],
-        K, Vt, Vd, S1, blocks_per_split, S2,
+        K, Vt, Vd, S1, blocks_per_split, S2, W,
         HAS_Q=has_q, HAS_THR=thr is not None, BLOCK_K1=block_k(K1),
-        BLOCK_S1=BLOCK_S1, TILE_BLOCKS=TILE_BLOCKS, num_warps=warps2)
+        BLOCK_S1=BLOCK_S1, TILE_BLOCKS=TILE_BLOCKS, HAS_MASK=has_mask, num_warps=warps2)
 
     # the race inside the winning block
     _verify_finish_kernel[(B,)](
         logits, q, temperature, seed, offset, row_i[0], row_i[1], row_f[0], row_f[1], row_f[2],
-        races[0], race_ids[0], races[1], race_ids[1], races[2], out, K, Vt, Vd, S2,
-        HAS_Q=has_q, BLOCK_S2=BLOCK_S2, num_warps=4)
+        races[0], race_ids[0], races[1], race_ids[1], races[2], mask, out, K, Vt, Vd, S2, W,
+        HAS_Q=has_q, BLOCK_S2=BLOCK_S2, HAS_MASK=has_mask, num_warps=4)
     return with_logprobs(out, num_acc)

@@ -19,6 +19,8 @@ Kernels (B rows, K drafts, Vt target vocabulary):
      and the race inside the winning block.
 Bytes read: the target logits once (pass 1), plus one logits row and one draft_probs row per test
 the scan makes and two at the stop. One program per row keeps the scan simple; chains are short.
+Token bitmask (``token_bitmask`` [B, K+1, W], HAS_MASK): every load of a position's logits goes
+through ``sample.ban``, so banned ids are -inf before anything else (a banned draft has p = 0).
 Nothing synchronises with the host.
 """
 import torch
@@ -38,11 +40,13 @@ from specdec.kernels.philox import (
 from specdec.kernels.sample import (
     _BIG_ID,
     RACE_BLOCK,
+    ban,
     block_k,
     clean_logits,
     exp2_scale,
     filter_thresholds,
     kept,
+    mask_args,
     race_in_block,
     race_tile,
     race_update,
@@ -61,12 +65,16 @@ def _draft_q(q):
 
 
 @triton.jit
-def _residual_mass(row_ptr, q_row_ptr, Vt, Vd, w, c, thr, row_max, row_sum, BLOCK_V: tl.constexpr):
-    """sum_x max(0, w p(x) - q(x)) over one position's vocabulary (q = 0 at ids >= Vd)."""
+def _residual_mass(row_ptr, q_row_ptr, Vt, Vd, w, c, thr, row_max, row_sum, mask_row_ptr, W,
+                   BLOCK_V: tl.constexpr, HAS_MASK: tl.constexpr):
+    """sum_x max(0, w p(x) - q(x)) over one position's vocabulary (q = 0 at ids >= Vd; HAS_MASK:
+    p = 0 at banned ids)."""
     acc = tl.zeros([BLOCK_V], tl.float32)
     for j in range(tl.cdiv(Vt, BLOCK_V)):
         offs = j * BLOCK_V + tl.arange(0, BLOCK_V)
         raw = tl.load(row_ptr + offs, mask=offs < Vt, other=float("-inf"))
+        if HAS_MASK:
+            raw = ban(raw, mask_row_ptr, offs, W)
         p, _ = target_probs(raw, c, thr, row_max, row_sum)
         q = _draft_q(tl.load(q_row_ptr + offs, mask=offs < Vd, other=0.0))
         acc += tl.where(offs < Vt, tl.maximum(w * p - q, 0.0), 0.0)
@@ -86,12 +94,13 @@ def _verify_block_kernel(
     q_ptr,  # [B, K, Vd] float draft probabilities
     temperature_ptr, seed_ptr, offset_ptr,  # [B]
     thr_ptr,  # [B * (K+1)] float32 top-k/top-p thresholds (HAS_THR)
+    mask_ptr,  # [B * (K+1), W] int32 token bitmask (HAS_MASK)
     m_ptr, z_ptr, a_ptr, ai_ptr,  # [B * (K+1), S1] pass-1 partials
     out_ptr,  # [B, K+1] int64 output ids (out)
     num_acc_ptr,  # [B] int32 (out)
-    K, Vt, Vd, S1,
+    K, Vt, Vd, S1, W,
     HAS_THR: tl.constexpr, BLOCK_K1: tl.constexpr, BLOCK_S1: tl.constexpr,
-    TILE_BLOCKS: tl.constexpr,
+    TILE_BLOCKS: tl.constexpr, HAS_MASK: tl.constexpr = False,
 ):
     b = tl.program_id(0)
     K1 = K + 1
@@ -130,6 +139,8 @@ def _verify_block_kernel(
     safe = tl.where(in_range, drafts, 0)
     x = clean_logits(tl.load(logits_ptr + (b * K1 + pos).to(tl.int64) * Vt + safe, mask=in_range,
                              other=float("-inf")))
+    if HAS_MASK:  # a banned draft: p = 0 (lanes >= K1 read row K's words: in bounds)
+        x = ban(x, mask_ptr + (b * K1 + tl.minimum(pos, K)).to(tl.int64) * W, safe, W)
     keep_draft = kept(x, thr)
     p_draft = tl.where(keep_draft, tl.math.exp2((x - row_max) * c) / row_sum, 0.0)
     q_draft = _draft_q(tl.load(q_ptr + (b * K + pos).to(tl.int64) * Vd + safe, mask=in_range, other=0.0))
@@ -163,7 +174,8 @@ def _verify_block_kernel(
                                    q_ptr + (b * K + i).to(tl.int64) * Vd, Vt, Vd, w_i, c,
                                    tl.max(tl.where(pos == i, thr, float("-inf")), 0),
                                    tl.max(tl.where(pos == i, row_max, float("-inf")), 0),
-                                   _pick(row_sum, pos, i), TILE_BLOCKS * RACE_BLOCK)
+                                   _pick(row_sum, pos, i), mask_ptr + (b * K1 + i).to(tl.int64) * W, W,
+                                   TILE_BLOCKS * RACE_BLOCK, HAS_MASK)
             stop = tl.where(i == g, u <= w_i, u * (R + 1.0 - w_i) <= R)
             if stop:
                 s = i + 0 * s
@@ -178,13 +190,14 @@ def _verify_block_kernel(
     w_s = _pick(wv, pos, s)
     bonus = s == g
     row_ptr = logits_ptr + (b * K1 + s).to(tl.int64) * Vt
+    mask_row_ptr = mask_ptr + (b * K1 + s).to(tl.int64) * W
     q_row_ptr = q_ptr + (b * K + tl.minimum(s, tl.maximum(K - 1, 0))).to(tl.int64) * Vd
     q_lim = tl.where(bonus, 0, Vd)  # the bonus position has no draft: q is not read
     sampled = row_ok & (t > 0)
     mass = 0.0
     if sampled & (s < g):
         mass = _residual_mass(row_ptr, q_row_ptr, Vt, q_lim, w_s, c, thr_s, max_s, sum_s,
-                              TILE_BLOCKS * RACE_BLOCK)
+                              mask_row_ptr, W, TILE_BLOCKS * RACE_BLOCK, HAS_MASK)
     use_r = mass > 0  # residual mass 0 (or the bonus): a race over p
 
     # block race over the race blocks of position s
@@ -196,6 +209,8 @@ def _verify_block_kernel(
     for j in range(n_tiles):
         blocks, offs, mask = race_tile(j * TILE_BLOCKS, n_blocks, Vt, TILE_BLOCKS)
         raw = tl.load(row_ptr + offs, mask=mask, other=float("-inf"))
+        if HAS_MASK:
+            raw = ban(raw, mask_row_ptr, offs, W)
         p, keep = target_probs(raw, c, thr_s, max_s, sum_s)
         q = _draft_q(tl.load(q_row_ptr + offs, mask=offs < q_lim, other=0.0))
         r = tl.where(mask, tl.maximum(w_s * p - q, 0.0), 0.0)
@@ -212,6 +227,8 @@ def _verify_block_kernel(
     # the race inside the winning block
     offs = blk * RACE_BLOCK + tl.arange(0, RACE_BLOCK)
     raw = tl.load(row_ptr + offs, mask=(offs < Vt) & sampled, other=float("-inf"))
+    if HAS_MASK:  # rows not sampled have no winning block (offs is garbage): read word 0
+        raw = ban(raw, mask_row_ptr, tl.where(sampled, offs, 0), W)
     p, keep = target_probs(raw, c, thr_s, max_s, sum_s)
     q = _draft_q(tl.load(q_row_ptr + offs, mask=(offs < q_lim) & sampled, other=0.0))
     r = tl.maximum(w_s * p - q, 0.0)
@@ -229,13 +246,15 @@ def _verify_block_kernel(
 
 
 def verify_block(target_logits, draft_token_ids, draft_probs, temperature, top_k, top_p, seed, offset,
-                 *, block_v=None, num_splits=None):
+                 *, block_v=None, num_splits=None, token_bitmask=None):
     """Block verification (Triton). Same contract as ``specdec.reference.verify_block``.
 
     target_logits [B, K+1, Vt] float32/float16/bfloat16; draft_token_ids [B, K] int64 (-1 tail);
     draft_probs [B, K, Vd] float (Vd <= Vt); temperature [B] float32 (<= 0: greedy row); top_k
     [B] int64 (0 = off) or None; top_p [B] float32 (1.0 = off) or None; seed, offset [B] int64; all
-    on one device. ``block_v`` / ``num_splits`` override pass 1's tiling (tests, tuning).
+    on one device; token_bitmask [B, K+1, W] int32 (W >= 1) or None: position j's allowed ids
+    (``specdec.reference.allowed_ids``). ``block_v`` / ``num_splits`` override pass 1's tiling
+    (tests, tuning).
     Returns (output_ids [B, K+1] int64, num_accepted [B] int32).
     """
     B, K1, Vt = target_logits.shape
@@ -254,23 +273,28 @@ def verify_block(target_logits, draft_token_ids, draft_probs, temperature, top_k
     Vd = draft_probs.shape[-1]
     q = draft_probs.contiguous() if draft_probs.numel() > 0 else logits  # K = 0: never read
     rows = B * K1
+    has_mask = token_bitmask is not None
+    bitmask = token_bitmask.reshape(rows, -1).contiguous() if has_mask else None  # one row per position
     thr = None
     if top_k is not None or top_p is not None:
-        thr = filter_thresholds(logits.view(rows, Vt), temperature, top_k, top_p, group=K1)
+        thr = filter_thresholds(logits.view(rows, Vt), temperature, top_k, top_p, group=K1,
+                                token_bitmask=bitmask)
     thr_arg = thr if thr is not None else temperature  # placeholder pointer, never read
     drafts_arg = drafts if K > 0 else seed  # K = 0: never read, but a valid pointer
 
     BLOCK_V, tps1, S1, BLOCK_S1, warps1 = split_plan(Vt, rows, dev, block_v, num_splits)
     stats = torch.empty((3, rows, S1), dtype=torch.float32, device=dev)
     stats_id = torch.empty((rows, S1), dtype=torch.int32, device=dev)
+    mask, W = mask_args(bitmask, stats_id)
     softmax_stats_kernel[(rows, S1)](
-        logits, drafts_arg, temperature, thr_arg, stats[0], stats[1], stats[2], stats_id,
-        stats[1], Vt, K, tps1, S1,  # zr_ptr: a placeholder, never written without WANT_RAW
-        HAS_THR=thr is not None, BLOCK_K=block_k(K), BLOCK_V=BLOCK_V, num_warps=warps1)
+        logits, drafts_arg, temperature, thr_arg, mask, stats[0], stats[1], stats[2], stats_id,
+        stats[1], stats[1], stats[1], Vt, K, tps1, S1, W,  # placeholders, never written without WANT_RAW
+        HAS_THR=thr is not None, BLOCK_K=block_k(K), BLOCK_V=BLOCK_V, num_warps=warps1,
+        HAS_MASK=has_mask)
     _verify_block_kernel[(B,)](
-        logits, drafts_arg, q, temperature, seed, offset, thr_arg,
+        logits, drafts_arg, q, temperature, seed, offset, thr_arg, mask,
         stats[0], stats[1], stats[2], stats_id, out, num_acc,
-        K, Vt, Vd, S1,
+        K, Vt, Vd, S1, W,
         HAS_THR=thr is not None, BLOCK_K1=block_k(K1), BLOCK_S1=BLOCK_S1, TILE_BLOCKS=4,
-        num_warps=4)
+        HAS_MASK=has_mask, num_warps=4)
     return out, num_acc

@@ -25,6 +25,9 @@ Nothing synchronises with the host; the output shapes are static ([B, D+1], [B],
 
 Top-k / top-p: thresholds per (row, node) from ``sample.filter_thresholds`` (a Triton search
 reading each row's parameters at row // (N+1)), only when the caller passes top_k / top_p.
+
+Token bitmask (``token_bitmask`` [B, N+1, W], HAS_MASK): every load of a node's logits goes through
+``sample.ban``, so banned ids are -inf before the statistics, thresholds, p(child) and races.
 """
 import torch
 import triton
@@ -43,6 +46,7 @@ from specdec.kernels.philox import (
 from specdec.kernels.sample import (
     _BIG_ID,
     RACE_BLOCK,
+    ban,
     clean_logits,
     combine_row_stats,
     exp2_scale,
@@ -52,6 +56,9 @@ from specdec.kernels.sample import (
     race_update,
     race_winner,
     kept,
+    mask_args,
+    raw_sum_ptrs,
+    raw_sums_buffer,
     softmax_stats_kernel,
     split_plan,
     target_probs,
@@ -59,13 +66,16 @@ from specdec.kernels.sample import (
 
 
 @triton.jit
-def _weights(row_ptr, buf_ptr, use_buf, offs, Vt, c, thr, row_max, row_sum):
+def _weights(row_ptr, buf_ptr, use_buf, offs, Vt, c, thr, row_max, row_sum, mask_row_ptr, W,
+             HAS_MASK: tl.constexpr):
     """Race weights at vocabulary ids ``offs`` and whether each competes: p of the node's logits
-    (use_buf == 0; competes = kept) or the residual buffer's values (competes = > 0). Only one of
-    the two is read: the other load is masked off entirely."""
+    (use_buf == 0; competes = kept; HAS_MASK: banned ids -inf) or the residual buffer's values
+    (competes = > 0). Only one of the two is read: the other load is masked off entirely."""
     lim_logits = tl.where(use_buf != 0, 0, Vt)
     lim_buf = tl.where(use_buf != 0, Vt, 0)
     raw = tl.load(row_ptr + offs, mask=offs < lim_logits, other=float("-inf"))
+    if HAS_MASK:
+        raw = ban(raw, mask_row_ptr, offs, W)
     p, keep = target_probs(raw, c, thr, row_max, row_sum)
     bw = tl.load(buf_ptr + offs, mask=offs < lim_buf, other=0.0)
     w = tl.where(use_buf != 0, bw, p)
@@ -74,8 +84,9 @@ def _weights(row_ptr, buf_ptr, use_buf, offs, Vt, c, thr, row_max, row_sum):
 
 
 @triton.jit
-def _race_node(row_ptr, buf_ptr, use_buf, c, thr, row_max, row_sum, seed, off, Vt,
-               stream: tl.constexpr, block_stream: tl.constexpr, TILE_BLOCKS: tl.constexpr):
+def _race_node(row_ptr, buf_ptr, use_buf, c, thr, row_max, row_sum, seed, off, Vt, mask_row_ptr, W,
+               stream: tl.constexpr, block_stream: tl.constexpr, TILE_BLOCKS: tl.constexpr,
+               HAS_MASK: tl.constexpr):
     """The two-level race (reference._race) over one node's weights (``_weights``): the block
     race over all race blocks on ``block_stream``, then the race inside the winning block on
     ``stream``; counter offset ``off``. Returns the token (int32)."""
@@ -84,19 +95,21 @@ def _race_node(row_ptr, buf_ptr, use_buf, c, thr, row_max, row_sum, seed, off, V
     best_id = tl.full([TILE_BLOCKS], _BIG_ID, tl.int32)
     for i in range(tl.cdiv(n_blocks, TILE_BLOCKS)):
         blocks, offs, _ = race_tile(i * TILE_BLOCKS, n_blocks, Vt, TILE_BLOCKS)
-        w, competes = _weights(row_ptr, buf_ptr, use_buf, offs, Vt, c, thr, row_max, row_sum)
+        w, competes = _weights(row_ptr, buf_ptr, use_buf, offs, Vt, c, thr, row_max, row_sum,
+                               mask_row_ptr, W, HAS_MASK)
         e = exponential(philox_bits(seed, off, block_stream, 0, blocks))
         has = tl.max(competes.to(tl.int32), 1) > 0  # W_b > 0 in the reference
         best, best_id = race_update(tl.where(has, tl.sum(w, 1) / e, -1.0), blocks, best, best_id)
     _, blk = race_winner(best, best_id)
     offs = blk * RACE_BLOCK + tl.arange(0, RACE_BLOCK)
-    w, competes = _weights(row_ptr, buf_ptr, use_buf, offs, Vt, c, thr, row_max, row_sum)
+    w, competes = _weights(row_ptr, buf_ptr, use_buf, offs, Vt, c, thr, row_max, row_sum,
+                           mask_row_ptr, W, HAS_MASK)
     return race_in_block(w, competes, offs, seed, off, stream, 0)
 
 
 @triton.jit
 def _residual_pass(row_ptr, src_ptr, use_src, scale, q_row_ptr, Vd, dst_ptr, Vt, c, thr,
-                   row_max, row_sum, BLOCK_V: tl.constexpr):
+                   row_max, row_sum, mask_row_ptr, W, BLOCK_V: tl.constexpr, HAS_MASK: tl.constexpr):
     """dst = max(0, p_cur - q) over the vocabulary, p_cur = p of the node's logits (use_src == 0)
     or src * scale; q = 0 at ids >= Vd. Returns the residual's mass (float32)."""
     mass = tl.zeros([BLOCK_V], tl.float32)
@@ -105,6 +118,8 @@ def _residual_pass(row_ptr, src_ptr, use_src, scale, q_row_ptr, Vd, dst_ptr, Vt,
     for i in range(tl.cdiv(Vt, BLOCK_V)):
         offs = i * BLOCK_V + tl.arange(0, BLOCK_V)
         raw = tl.load(row_ptr + offs, mask=offs < lim_logits, other=float("-inf"))
+        if HAS_MASK:
+            raw = ban(raw, mask_row_ptr, offs, W)
         p, _ = target_probs(raw, c, thr, row_max, row_sum)
         s = tl.load(src_ptr + offs, mask=offs < lim_src, other=0.0) * scale
         p_cur = tl.where(use_src != 0, s, p)
@@ -123,14 +138,15 @@ def _tree_walk_kernel(
     q_ptr,  # [B, N, Vd] float draft probabilities (HAS_Q)
     temperature_ptr, seed_ptr, offset_ptr,  # [B]
     thr_ptr,  # [B * (N+1)] float32 top-k/top-p thresholds (HAS_THR)
+    mask_ptr,  # [B * (N+1), W] int32 token bitmask (HAS_MASK)
     m_ptr, z_ptr, a_ptr, ai_ptr,  # [B * (N+1), S1] pass-1 partials
     scratch_ptr,  # [B, 2, Vt] float32 residual double buffer (HAS_Q)
     out_ptr,  # [B, D+1] int64 (out)
     num_acc_ptr,  # [B] int32 (out)
     nodes_ptr,  # [B, D] int64 (out)
-    N, Vt, Vd, S1, D,
+    N, Vt, Vd, S1, D, W,
     HAS_Q: tl.constexpr, HAS_THR: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_S1: tl.constexpr, TILE_BLOCKS: tl.constexpr,
+    BLOCK_S1: tl.constexpr, TILE_BLOCKS: tl.constexpr, HAS_MASK: tl.constexpr = False,
 ):
     # (Interpreter caveat, triton 3.8: a scalar condition combined with a block by & or | is
     # broadcast as float32; such conditions go through nested tl.where instead.)
@@ -179,6 +195,7 @@ def _tree_walk_kernel(
             thr = tl.load(thr_ptr + row)
         off = offset + n
         row_ptr = logits_ptr + row.to(tl.int64) * Vt
+        mask_row_ptr = mask_ptr + row.to(tl.int64) * W
         is_child = (depth > 0) & (par == cur)
         has_child = tl.max(is_child.to(tl.int32), 0) > 0
 
@@ -190,7 +207,8 @@ def _tree_walk_kernel(
             need_own = need_own & (has_child == 0)
         if need_own:
             target = _race_node(row_ptr, buf0, 0, c, thr, row_max, row_sum, seed, off, Vt,
-                                STREAM_SAMPLE, STREAM_SAMPLE_BLOCK, TILE_BLOCKS)
+                                mask_row_ptr, W, STREAM_SAMPLE, STREAM_SAMPLE_BLOCK, TILE_BLOCKS,
+                                HAS_MASK)
         match = is_child & (tok >= 0) & (tok < Vd) & (tok == target)
         first = tl.min(tl.where(match, idx, _BIG_ID), 0)
         accepted = tl.where(first < N, first, -1)
@@ -210,6 +228,8 @@ def _tree_walk_kernel(
                         in_range = (d >= 0) & (d < Vd)
                         safe = tl.where(in_range, d, 0)
                         x = clean_logits(tl.load(row_ptr + safe, mask=in_range, other=float("-inf")))
+                        if HAS_MASK:  # a banned child: p = 0, rejected
+                            x = ban(x, mask_row_ptr, safe, W)
                         keep_x = kept(x, thr)
                         p_logit = tl.where(keep_x, tl.math.exp2((x - row_max) * c) / row_sum, 0.0)
                         cur_buf = buf0 + tl.maximum(which, 0).to(tl.int64) * Vt
@@ -229,7 +249,8 @@ def _tree_walk_kernel(
                             mass = _residual_pass(row_ptr, cur_buf, (which >= 0).to(tl.int32), scale,
                                                   q_ptr + (b * N + i).to(tl.int64) * Vd, Vd,
                                                   buf0 + dst.to(tl.int64) * Vt, Vt, c, thr,
-                                                  row_max, row_sum, TILE_BLOCKS * RACE_BLOCK)
+                                                  row_max, row_sum, mask_row_ptr, W,
+                                                  TILE_BLOCKS * RACE_BLOCK, HAS_MASK)
                             tl.debug_barrier()  # the buffer is read back by other threads
                             if mass > 0:
                                 which = dst
@@ -238,11 +259,13 @@ def _tree_walk_kernel(
                 if acc_q < 0:
                     if which < 0:  # every rejection left p_cur = p_v
                         emit = _race_node(row_ptr, buf0, 0, c, thr, row_max, row_sum, seed, off,
-                                          Vt, STREAM_RESAMPLE, STREAM_RESAMPLE_BLOCK, TILE_BLOCKS)
+                                          Vt, mask_row_ptr, W, STREAM_RESAMPLE, STREAM_RESAMPLE_BLOCK,
+                                          TILE_BLOCKS, HAS_MASK)
                     else:
                         emit = _race_node(row_ptr, buf0 + which.to(tl.int64) * Vt, 1, c, thr,
-                                          row_max, row_sum, seed, off, Vt, STREAM_RESAMPLE,
-                                          STREAM_RESAMPLE_BLOCK, TILE_BLOCKS)
+                                          row_max, row_sum, seed, off, Vt, mask_row_ptr, W,
+                                          STREAM_RESAMPLE, STREAM_RESAMPLE_BLOCK, TILE_BLOCKS,
+                                          HAS_MASK)
 
         go = finite & (accepted >= 0)
         acc_tok = tl.sum(tl.where(idx == accepted, tok, 0), 0)
@@ -265,13 +288,16 @@ def _tree_walk_kernel(
 
 
 def verify_tree(target_logits, tree_token_ids, tree_parents, draft_probs, temperature, top_k, top_p,
-                seed, offset, max_depth, *, block_v=None, num_splits=None, return_logprobs=False):
+                seed, offset, max_depth, *, block_v=None, num_splits=None, return_logprobs=False,
+                token_bitmask=None):
     """Tree verification (Triton). Same contract as ``specdec.reference.verify_tree``.
 
     target_logits [B, N+1, Vt] float32/float16/bfloat16; tree_token_ids, tree_parents [B, N] int
     (-1 token = unused slot; -1 parent = the root); draft_probs [B, N, Vd] float (Vd <= Vt) or
     None; temperature [B] float32 (<= 0: greedy row); top_k [B] int64 or None; top_p [B] float32
-    or None; seed, offset [B] int64; max_depth D (int); all tensors on one device.
+    or None; seed, offset [B] int64; max_depth D (int); token_bitmask [B, N+1, W] int32 (W >= 1)
+    or None: the allowed ids at the root and at each node (``specdec.reference.allowed_ids``);
+    all tensors on one device.
     Returns (output_ids [B, D+1] int64, num_accepted [B] int32, accepted_nodes [B, D] int64), and
     with ``return_logprobs`` also (processed_logprobs, raw_logprobs) [B, D+1] float32
     (``logprobs.token_logprobs`` from pass 1's statistics of the walked nodes).
@@ -299,9 +325,12 @@ def verify_tree(target_logits, tree_token_ids, tree_parents, draft_probs, temper
     q = draft_probs.contiguous() if has_q and draft_probs.numel() > 0 else logits  # placeholder
     rows = B * N1
     temp_rows = temperature.repeat_interleave(N1)  # per (row, node): pass 1 runs with K = 0
+    has_mask = token_bitmask is not None
+    bitmask = token_bitmask.reshape(rows, -1).contiguous() if has_mask else None  # one row per node
     thr = None
     if top_k is not None or top_p is not None:
-        thr = filter_thresholds(logits.view(rows, Vt), temperature, top_k, top_p, group=N1)
+        thr = filter_thresholds(logits.view(rows, Vt), temperature, top_k, top_p, group=N1,
+                                token_bitmask=bitmask)
     thr_arg = thr if thr is not None else temperature  # placeholder pointer, never read
     tok_arg = tokens if N > 0 else seed  # N = 0: never read, but valid pointers
     par_arg = parents if N > 0 else seed
@@ -310,11 +339,13 @@ def verify_tree(target_logits, tree_token_ids, tree_parents, draft_probs, temper
     BLOCK_V, tps1, S1, BLOCK_S1, warps1 = split_plan(Vt, rows, dev, block_v, num_splits)
     stats = torch.empty((3, rows, S1), dtype=torch.float32, device=dev)
     stats_id = torch.empty((rows, S1), dtype=torch.int32, device=dev)
-    raw_sums = torch.empty((rows, S1), dtype=torch.float32, device=dev) if return_logprobs else None
+    raw_sums = raw_sums_buffer(rows, S1, dev, return_logprobs, has_mask)
+    mask, W = mask_args(bitmask, stats_id)
     softmax_stats_kernel[(rows, S1)](
-        logits, seed, temp_rows, thr_arg, stats[0], stats[1], stats[2], stats_id,
-        raw_sums if return_logprobs else stats[1], Vt, 0, tps1, S1,  # placeholder: never written
-        HAS_THR=thr is not None, BLOCK_K=1, BLOCK_V=BLOCK_V, num_warps=warps1, WANT_RAW=return_logprobs)
+        logits, seed, temp_rows, thr_arg, mask, stats[0], stats[1], stats[2], stats_id,
+        *raw_sum_ptrs(raw_sums, stats[1]), Vt, 0, tps1, S1, W,
+        HAS_THR=thr is not None, BLOCK_K=1, BLOCK_V=BLOCK_V, num_warps=warps1, WANT_RAW=return_logprobs,
+        HAS_MASK=has_mask)
 
     # pass 2: the walk, one program per row
     width = block_v or min(2048, triton.next_power_of_2(max(Vt, 16)))
@@ -322,12 +353,12 @@ def verify_tree(target_logits, tree_token_ids, tree_parents, draft_probs, temper
     scratch = torch.empty((B, 2, Vt), dtype=torch.float32, device=dev) if has_q else stats[0]
     nodes_arg = nodes if D > 0 else out  # D = 0: never written, but a valid pointer
     _tree_walk_kernel[(B,)](
-        logits, tok_arg, par_arg, q, temperature, seed, offset, thr_arg,
+        logits, tok_arg, par_arg, q, temperature, seed, offset, thr_arg, mask,
         stats[0], stats[1], stats[2], stats_id, scratch, out, num_acc, nodes_arg,
-        N, Vt, Vd, S1, D,
+        N, Vt, Vd, S1, D, W,
         HAS_Q=has_q, HAS_THR=thr is not None, BLOCK_N=triton.next_power_of_2(max(N, 1)),
         BLOCK_D=triton.next_power_of_2(D + 1), BLOCK_S1=BLOCK_S1, TILE_BLOCKS=tile_blocks,
-        num_warps=8 if tile_blocks * RACE_BLOCK.value >= 2048 else 4)
+        HAS_MASK=has_mask, num_warps=8 if tile_blocks * RACE_BLOCK.value >= 2048 else 4)
     if not return_logprobs:
         return out, num_acc, nodes
     from specdec.kernels.logprobs import token_logprobs
@@ -335,4 +366,4 @@ def verify_tree(target_logits, tree_token_ids, tree_parents, draft_probs, temper
 
     # slot j was drawn at the root (j = 0) or at the (j-1)-th accepted node
     return (out, num_acc, nodes, *token_logprobs(logits.view(rows, Vt), out, tree_source_positions(nodes),
-                                                 temperature, thr, stats, raw_sums))
+                                                 temperature, thr, stats, raw_sums, bitmask))

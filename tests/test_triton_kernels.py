@@ -410,6 +410,102 @@ def test_sample_large_vocab():
     _check_sample(logits, params)
 
 
+# ------------------------------------------------------------------------------------------------
+# token bitmask (tests/test_bitmask.py runs the ops on every backend; here: what the Triton kernels
+# add, the tiles and splits the mask must cross, and the thresholds kernel)
+# ------------------------------------------------------------------------------------------------
+
+
+def _bitmask(allowed: torch.Tensor, W: int) -> torch.Tensor:
+    """bool [..., V] -> int32 [..., W], bit i % 32 of word i // 32 (ids >= 32 W dropped)."""
+    V = allowed.shape[-1]
+    ids = torch.arange(V)
+    words = torch.zeros(*allowed.shape[:-1], W, dtype=torch.int64)
+    keep = allowed & (ids < 32 * W)
+    contrib = keep.long() << (ids % 32)
+    words.index_add_(-1, (ids // 32).clamp(max=W - 1), contrib)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)  # bit 31: negative
+
+
+def _mask_case(B, P, V, W, g):
+    """Random allowed sets with the cases the kernels' tiles meet: a row whose first 256 ids (a
+    whole race block and several 32-id tiles) are banned, a row with one allowed id, bit 31 of a
+    word set; W < ceil(V / 32) bans the tail."""
+    allowed = torch.rand(B, P, V, generator=g) < 0.4
+    allowed[0, 0, :256] = False
+    allowed[0, 0, min(300, V - 1)] = True  # (V = 100, W = 1: banned too, nothing allowed)
+    allowed[-1, -1] = False
+    allowed[-1, -1, 31 + 32 * int(torch.randint(0, min(W, V // 32), (1,), generator=g))] = True
+    return allowed, _bitmask(allowed, W).to(DEV)
+
+
+@pytest.mark.parametrize("V,W", [(700, 22), (700, 15), (100, 1)])
+def test_bitmask_thresholds_are_those_of_the_masked_logits(V, W):
+    """filter_thresholds with a mask = without a mask on logits whose banned ids are -inf, bit
+    for bit (the mask is read in every pass of the search)."""
+    from specdec.kernels import thresholds as kthr
+
+    g = torch.Generator().manual_seed(V + W)
+    N = 6
+    logits = torch.randn(N, V, generator=g) * 2
+    allowed, mask = _mask_case(N, 1, V, W, g)
+    allowed, mask = allowed[:, 0], mask[:, 0]
+    banned = logits.masked_fill(~reference.allowed_ids(mask.cpu(), V), float("-inf"))
+    t = torch.tensor([0.7, 1.0, 0.0, 1.3, 1.0, 2.0])
+    k = torch.tensor([0, 3, 40, 1, 500, 7])
+    p = torch.tensor([0.9, 1.0, 0.5, 0.95, 0.3, 1.0])
+    for top_k, top_p in ((k, None), (None, p), (k, p)):
+        for block_v in (None, 64):
+            got = kthr.filter_thresholds(logits.to(DEV), t.to(DEV), *[x if x is None else x.to(DEV) for x in (top_k, top_p)],
+                                         block_v=block_v, token_bitmask=mask)
+            want = kthr.filter_thresholds(banned.to(DEV), t.to(DEV), *[x if x is None else x.to(DEV) for x in (top_k, top_p)],
+                                          block_v=block_v)
+            assert torch.equal(got.cpu(), want.cpu()), (top_k is not None, top_p is not None, block_v)
+
+
+@pytest.mark.parametrize("with_q", [True, False])
+@pytest.mark.parametrize("V,W", [(700, 22), (700, 15)])
+def test_bitmask_across_tiles_and_splits(with_q, V, W):
+    """verify, verify(block), verify_tree and sample with a mask under split tilings (several race
+    blocks, pass 1 and the races split over programs): the reference's tokens, and its logprobs
+    (processed: the masked target; raw: the unmasked logits)."""
+    from specdec.kernels import verify_block as kblock
+    from specdec.kernels import verify_tree as ktree
+
+    B, K = 3, 2
+    args = _verify_inputs(B, K, V, with_q=with_q, seed=V + W + with_q, greedy=(2,), top_p=[1.0, 0.9, 1.0])
+    logits, drafts, q, t, top_k, top_p, seed, offset = args
+    g = torch.Generator().manual_seed(W)
+    allowed, mask = _mask_case(B, K + 1, V, W, g)
+    # about half the drafts are banned where they stand
+    drafts = torch.where(torch.rand(B, K, generator=g).to(DEV) < 0.5, drafts,
+                         torch.randint(0, V, (B, K), generator=g).to(DEV))
+    cpu = lambda xs: [x.cpu() if isinstance(x, torch.Tensor) else x for x in xs]  # noqa: E731
+    common = (t, top_k, top_p, seed, offset)
+    want = reference.verify(*cpu((logits, drafts, q, *common)), token_bitmask=mask.cpu())
+    want_lp = reference.emitted_logprobs(logits.cpu(), torch.arange(K + 1).expand(B, K + 1), want[0],
+                                         t.cpu(), top_k.cpu(), top_p.cpu(), mask.cpu())
+    for tiling in ({}, SPLIT):
+        got = kverify.verify(logits, drafts, q, *common, token_bitmask=mask, return_logprobs=True, **tiling)
+        assert torch.equal(got[0].cpu(), want[0]) and torch.equal(got[1].cpu(), want[1]), tiling
+        for a, b in zip(got[2:], want_lp):
+            torch.testing.assert_close(a.cpu(), b, rtol=1e-5, atol=1e-5)
+    if with_q:
+        want = reference.verify_block(*cpu((logits, drafts, q, *common)), token_bitmask=mask.cpu())
+        for tiling in ({}, dict(block_v=32, num_splits=3)):
+            got = kblock.verify_block(logits, drafts, q, *common, token_bitmask=mask, **tiling)
+            assert torch.equal(got[0].cpu(), want[0]) and torch.equal(got[1].cpu(), want[1]), tiling
+    chain = (torch.arange(K) - 1).expand(B, K).to(DEV)
+    want = reference.verify_tree(*cpu((logits, drafts, chain, q, *common)), K, token_bitmask=mask.cpu())
+    got = ktree.verify_tree(logits, drafts, chain, q, *common, K, token_bitmask=mask, block_v=32, num_splits=3)
+    assert all(torch.equal(a.cpu(), b) for a, b in zip(got, want))
+    want = reference.sample(*cpu((logits[:, 0], *common)), token_bitmask=mask[:, 0].cpu())
+    for tiling in ({}, dict(block_v=32, num_splits=3)):
+        tok, probs = ksample.sample(logits[:, 0], *common, token_bitmask=mask[:, 0], **tiling)
+        assert torch.equal(tok.cpu(), want[0]), tiling
+        torch.testing.assert_close(probs.cpu(), want[1], rtol=0, atol=1e-5)
+
+
 @pytest.mark.skipif(DEV == "cuda", reason="on a GPU every other test compiles the kernels already")
 def test_triton_compiles_for_sm90(tmp_path):
     """The interpreter accepts code that the compiler rejects: record the launches of a few calls
@@ -434,6 +530,24 @@ def test_triton_compiles_for_sm90(tmp_path):
                     kverify.verify(logits, drafts, draft_probs, t, top_k, top_p, seed, offset)
             ksample.sample(logits[:, 0], t, None, None, seed, offset)
             ksample.sample(logits[:, 0], t, torch.tensor([0, 5]), torch.tensor([1.0, 0.9]), seed, offset)
+        # HAS_MASK=True variants (fp32 logits): every kernel that reads logits, with logprobs
+        from specdec.kernels import verify_block as kblock
+        from specdec.kernels import verify_tree as ktree
+
+        logits = torch.randn(B, K + 1, V, generator=g)
+        mask = torch.randint(-(2**31), 2**31, (B, K + 1, (V + 31) // 32), generator=g, dtype=torch.int64).to(torch.int32)
+        filt = (torch.tensor([0, 5]), torch.tensor([1.0, 0.9]))
+        for draft_probs in (q, None):
+            kverify.verify(logits, drafts, draft_probs, t, *filt, seed, offset, token_bitmask=mask,
+                           return_logprobs=True)
+        kblock.verify_block(logits, drafts, q, t, *filt, seed, offset, token_bitmask=mask)
+        ktree.verify_tree(logits, drafts, torch.tensor([[-1, 0], [-1, -1]]), q, t, *filt, seed, offset, K,
+                          token_bitmask=mask)
+        ksample.sample(logits[:, 0], t, *filt, seed, offset, token_bitmask=mask[:, 0], return_logprobs=True)
+    names = {json.loads(k)[1] for k in launches if json.loads(k)[3].get("HAS_MASK")}
+    assert {"softmax_stats_kernel", "_thresholds_kernel", "_verify_accept_race_kernel", "_verify_finish_kernel",
+            "_sample_probs_kernel", "_sample_finish_kernel", "_token_logprobs_kernel", "_verify_block_kernel",
+            "_tree_walk_kernel"} <= names, names
     assert len(launches) >= 6  # every kernel at least once
     ok, out = compile_in_child([json.loads(k) for k in launches], tmp_path)
     assert ok, out

@@ -485,7 +485,8 @@ def structured(args, device) -> int:
         for mode in modes:
             sampled = mode == "sampled"
             for batch in batches:
-                units = [list(range(s, min(s + batch, len(prompts)))) for s in range(0, len(prompts), batch)]
+                used = min(len(prompts), args.batch1_prompts or len(prompts)) if batch == 1 else len(prompts)
+                units = [list(range(s, min(s + batch, used))) for s in range(0, used, batch)]
                 tokens = {p: np.zeros(rounds) for p in providers}
                 seconds = {p: np.zeros(rounds) for p in providers}
                 steps = {p: 0 for p in providers}
@@ -520,7 +521,7 @@ def structured(args, device) -> int:
                                new_tokens=int(tokens[name].sum()), model=model_name,
                                valid_frac=float(np.mean(valid[name])), complete_frac=float(np.mean(complete[name])),
                                outputs=len(valid[name]),
-                               note=f"{STRUCT_NOTES[name]}; interleaved, {rounds} rounds x {len(prompts)} prompts; "
+                               note=f"{STRUCT_NOTES[name]}; interleaved, {rounds} rounds x {used} prompts; "
                                     f"times per round; max_new_tokens {max_new}"
                                     + (f", temperature {args.temperature}" if sampled else ""))
                     if name == "hf-xgrammar":

@@ -30,8 +30,19 @@ step ranged 1.72-2.01 over 3 seeds). Plus ``op=target_forward`` rows: the measur
 forward over q = K+1 tokens against q = 1 (``cost_ratio``), which bounds the speedup: a step that
 emits T tokens on average costs ``cost_ratio(K+1)`` plain steps, so speedup <= T / cost_ratio.
 
+Structured output (``--workload structured``, rows ``op=e2e_structured`` in e2e_structured_<device>.csv):
+8 passages (a person, a product, an event, ...), each with its own JSON schema (strings, integers, enums,
+arrays, nested objects) to extract fields into, the schema in the prompt. Providers, taking turns on
+every batch of prompts in each of ``--rounds`` rounds (as in the head-to-head rows): (a) ``hf-xgrammar``,
+HF ``generate`` with xgrammar's HF logits processor over the grammars compiled as specdec compiles them
+(the same masks, no speculation); specdec with the grammar and (b) ``specdec-none``, no drafts, (c)
+``specdec-ngram``, n-gram drafts, (d) ``specdec-ngram-forced``, n-gram and grammar-forced drafts.
+Reported: tokens/s, tokens per target forward, and the fraction of outputs that are valid JSON
+for their schema (``jsonschema``) and that ended with the grammar complete.
+
     python benchmarks/bench_e2e.py                   # the full run on the embedded model (~15 min on 2 cores)
     python benchmarks/bench_e2e.py --quick           # tiny random model, seconds
+    python benchmarks/bench_e2e.py --workload structured --threads 1 --rounds 2 --batch1-prompts 4 --max-new-tokens 96
 """
 from __future__ import annotations
 

@@ -556,14 +556,21 @@ def structured(args, device) -> int:
     rows = out.rows
     print(f"wrote {path}")
     if not args.no_plot:
-        plot_rows = [dict(r, config=f"{r['mode']} {r['shape']}") for r in rows]
-        p = H.plot_bars(plot_rows, H.png_path(args, "e2e_structured"), value="tokens_per_s", group="config",
-                        series="provider", title=f"structured output (JSON schema), {model_name} on {env['device']}",
-                        ylabel="tokens/s (all rows of the batch)")
+        p = plot_structured(rows, H.png_path(args, "e2e_structured"))
         if p:
             print(f"wrote {p}")
     _structured_summary(rows)
     return 0
+
+
+def plot_structured(rows, path):
+    """Tokens/s per provider, one group per (mode, batch); ``rows`` as written (or read back) from the CSV."""
+    if not rows:
+        return None
+    plot_rows = [dict(r, config=f"{r['mode']} {r['shape']}") for r in rows]
+    return H.plot_bars(plot_rows, path, value="tokens_per_s", group="config", series="provider",
+                       title=f"structured output (JSON schema), {rows[0]['model']}\n{rows[0]['device']}",
+                       ylabel="tokens/s (all rows of the batch)")
 
 
 def _structured_summary(rows):

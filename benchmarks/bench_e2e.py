@@ -30,11 +30,23 @@ step ranged 1.72-2.01 over 3 seeds). Plus ``op=target_forward`` rows: the measur
 forward over q = K+1 tokens against q = 1 (``cost_ratio``), which bounds the speedup: a step that
 emits T tokens on average costs ``cost_ratio(K+1)`` plain steps, so speedup <= T / cost_ratio.
 
+Structured output (``--workload structured``, rows ``op=e2e_structured`` in e2e_structured_<device>.csv):
+8 passages (a person, a product, an event, ...), each with its own JSON schema (strings, integers, enums,
+arrays, nested objects) to extract fields into, the schema in the prompt. Providers, taking turns on
+every batch of prompts in each of ``--rounds`` rounds (as in the head-to-head rows): (a) ``hf-xgrammar``,
+HF ``generate`` with xgrammar's HF logits processor over the grammars compiled as specdec compiles them
+(the same masks, no speculation); specdec with the grammar and (b) ``specdec-none``, no drafts, (c)
+``specdec-ngram``, n-gram drafts, (d) ``specdec-ngram-forced``, n-gram and grammar-forced drafts.
+Reported: tokens/s, tokens per target forward, and the fraction of outputs that are valid JSON
+for their schema (``jsonschema``) and that ended with the grammar complete.
+
     python benchmarks/bench_e2e.py                   # the full run on the embedded model (~15 min on 2 cores)
     python benchmarks/bench_e2e.py --quick           # tiny random model, seconds
+    python benchmarks/bench_e2e.py --workload structured --threads 1 --rounds 2 --batch1-prompts 4 --max-new-tokens 96
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -81,18 +93,20 @@ def make_prompts(n: int):
     return [_TASKS[i % len(_TASKS)].format(_TEXTS[(i // len(_TASKS) + i) % len(_TEXTS)]) for i in range(n)]
 
 
+def encode_text(tokenizer, text: str) -> list:
+    """Token ids of one user message: the tokenizer's chat template when it has one, else the raw text."""
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                            tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+    else:
+        ids = tokenizer(text)["input_ids"]
+    return [int(t) for t in ids]
+
+
 def encode_prompts(tokenizer, n: int):
-    out = []
-    for text in make_prompts(n):
-        if getattr(tokenizer, "chat_template", None):
-            ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                                tokenize=True)
-            if isinstance(ids, dict) or hasattr(ids, "keys"):
-                ids = ids["input_ids"]
-        else:
-            ids = tokenizer(text)["input_ids"]
-        out.append([int(t) for t in ids])
-    return out
+    return [encode_text(tokenizer, text) for text in make_prompts(n)]
 
 
 def tiny_model(seed: int = 0):
@@ -153,8 +167,10 @@ def _count_new(row, eos):
     return n
 
 
-def run_hf(model, prompts, *, batch, max_new, sampled, temperature, seed, kwargs=None, count_steps=True):
-    """HF generate over the prompts in batches of ``batch`` (left padded). Returns tokens, times, stats."""
+def run_hf(model, prompts, *, batch, max_new, sampled, temperature, seed, kwargs=None, count_steps=True,
+           outputs=None):
+    """HF generate over the prompts in batches of ``batch`` (left padded). Returns tokens, times, stats.
+    ``outputs``: a list that receives each row's generated ids (up to and including the first EOS)."""
     kwargs = dict(kwargs or {})
     eos = _eos_set(model)
     pad = model.generation_config.pad_token_id
@@ -178,10 +194,15 @@ def run_hf(model, prompts, *, batch, max_new, sampled, temperature, seed, kwargs
             t0 = time.perf_counter()
             with torch.inference_mode():
                 out = model.generate(input_ids=ids, attention_mask=mask, **gen)
+            H.sync(out.device)
             times.append(time.perf_counter() - t0)
             if counter:
                 steps += counter.n - n0  # every forward, the prefill included (it emits a token too)
-            tokens += sum(_count_new(r[L:].tolist(), eos) for r in out)
+            new = [r[L:].tolist() for r in out]
+            counts = [_count_new(r, eos) for r in new]
+            tokens += sum(counts)
+            if outputs is not None:
+                outputs.extend(r[:n] for r, n in zip(new, counts))
     finally:
         if counter:
             counter.close()
@@ -257,6 +278,312 @@ def forward_cost(model, prompt, qs, batch, device, runs, max_time):
 
 
 # ---------------------------------------------------------------------------------------------
+# the structured-output workload (--workload structured): extract fields from a passage into JSON
+
+STRUCT_PROVIDERS = ("hf-xgrammar", "specdec-none", "specdec-ngram", "specdec-ngram-forced")
+STRUCT_NOTES = {
+    "hf-xgrammar": "(a) HF generate + xgrammar's HF logits processor (the same compiled grammars), no drafts",
+    "specdec-none": "(b) specdec + grammar, no drafts (drafter none, grammar_drafts=False)",
+    "specdec-ngram": "(c) specdec + grammar, n-gram drafts (grammar_drafts=False)",
+    "specdec-ngram-forced": "(d) specdec + grammar, n-gram and grammar-forced drafts (grammar_drafts=True)",
+}
+
+
+def _obj(required=True, **props):
+    """A JSON-schema object with ``props`` (all required unless ``required=False``)."""
+    out = {"type": "object", "properties": props}
+    if required:
+        out["required"] = list(props)
+    return out
+
+
+_STR = {"type": "string", "maxLength": 48}  # bounded: a small model must not write one string forever
+_INT = {"type": "integer"}
+
+
+def _list(items, n):
+    return {"type": "array", "items": items, "maxItems": n}
+
+
+def _enum(*values):
+    return {"type": "string", "enum": list(values)}
+
+
+# (passage, what to extract, schema). The passages are written for this benchmark.
+STRUCT_TASKS = [
+    ("Maria Lopez is a 34-year-old architect who lives in Valencia, Spain. She speaks Spanish, English and "
+     "Italian, and in her free time she restores old bicycles.",
+     "the person's name, age, city, occupation and languages",
+     _obj(name=_STR, age=_INT, city=_STR, occupation=_STR, languages=_list(_STR, 4))),
+    ("The Nordlys X2 is a cordless vacuum cleaner made by Hemlig. It weighs 2 kilograms, runs for 45 minutes "
+     "on one charge and costs 249 euros. It comes in grey and in white.",
+     "the product, its brand, category, price, battery life and colours",
+     _obj(product=_STR, brand=_STR, category=_enum("kitchen", "cleaning", "garden", "audio"), price_eur=_INT,
+          battery_minutes=_INT, colours=_list(_STR, 3))),
+    ("The Harbour Jazz Festival takes place in Bergen from 12 to 14 June 2025. Tickets cost 60 euros per day. "
+     "The headliners are the Oslo Big Band and the singer Ana Reis.",
+     "the event, its city, dates, ticket price and headliners",
+     _obj(event=_STR, city=_STR, dates=_obj(first_day=_INT, last_day=_INT, month=_STR, year=_INT),
+          ticket_eur=_INT, headliners=_list(_STR, 3))),
+    ("Brightwell Foods was founded in 1998 in Leeds by Sarah Khan and Tom Ellis. It has 320 employees and "
+     "sells frozen soups and ready meals to supermarkets in the UK and Ireland.",
+     "the company, the year it was founded, its city, founders, employees and markets",
+     _obj(company=_STR, founded=_INT, city=_STR, founders=_list(_STR, 3), employees=_INT,
+          markets=_list(_STR, 3))),
+    ("The Salt Road is a novel by Jonas Weber, published in 2019 by Linden Press. It has 412 pages and follows "
+     "two sisters who cross the Sahara with a caravan. It won the Baltic Prize for fiction.",
+     "the book's title, author, year, publisher, pages, genre and awards",
+     _obj(title=_STR, author=_STR, year=_INT, publisher=_STR, pages=_INT,
+          genre=_enum("novel", "biography", "poetry", "science", "history"), awards=_list(_STR, 2))),
+    ("This lentil soup serves four and takes 40 minutes. You need 200 grams of red lentils, one onion, two "
+     "carrots, one litre of vegetable stock and a teaspoon of cumin.",
+     "the dish, servings, minutes and ingredients with their quantities",
+     _obj(dish=_STR, servings=_INT, minutes=_INT,
+          ingredients=_list(_obj(item=_STR, quantity=_STR), 6))),
+    ("Booking confirmation: passenger Daniel Okafor, flight KL 1234 from Amsterdam to Lagos on 3 March 2025, "
+     "departing at 10:45, seat 14C, economy class, one checked bag.",
+     "the passenger, flight, route, date, seat, class and bags",
+     _obj(passenger=_STR, flight=_STR, route=_obj(origin=_STR, destination=_STR),
+          date=_obj(day=_INT, month=_STR, year=_INT), seat=_STR,
+          travel_class=_enum("economy", "premium", "business", "first"), bags=_INT)),
+    ("Lumen Analytics is hiring a senior data engineer in Toronto. The job is full time, pays 120000 to 140000 "
+     "dollars a year and needs five years of experience with Python and SQL. Remote work is allowed two days "
+     "a week.",
+     "the company, job title, city, job type, salary range, years of experience, skills and remote days",
+     _obj(company=_STR, title=_STR, city=_STR, job_type=_enum("full-time", "part-time", "contract"),
+          salary=_obj(minimum=_INT, maximum=_INT, currency=_enum("USD", "CAD", "EUR")), experience_years=_INT,
+          skills=_list(_STR, 4), remote_days=_INT)),
+]
+
+
+# --quick: schemas a random model completes in a few tokens (enums, booleans: no free text to ramble in)
+QUICK_SCHEMAS = [
+    _obj(colour=_enum("red", "green", "blue"), ok={"type": "boolean"}),
+    _obj(size=_enum("S", "M", "L"), tags=_list(_enum("a", "b"), 2), inner=_obj(flag={"type": "boolean"})),
+]
+
+
+def structured_tasks(n: int, quick: bool = False):
+    """n (prompt text, JSON schema) pairs: a passage, then the fields to extract and the schema."""
+    out = []
+    for i in range(n):
+        passage, what, schema = STRUCT_TASKS[i % len(STRUCT_TASKS)]
+        if quick:
+            what, schema = "the fields", QUICK_SCHEMAS[i % len(QUICK_SCHEMAS)]
+        out.append((f"{passage}\n\nExtract {what} from the text above as JSON with this schema:\n"
+                    f"{json.dumps(schema)}", schema))
+    return out
+
+
+def json_valid(text: str, schema: dict) -> bool:
+    """Whether ``text`` parses as JSON and validates against ``schema`` (jsonschema, independent of xgrammar)."""
+    import jsonschema
+
+    try:
+        jsonschema.validate(json.loads(text), schema)
+    except (ValueError, jsonschema.ValidationError):
+        return False
+    return True
+
+
+def _struct_model(args, device):
+    """(model, tokenizer, model name): the embedded SmolLM2 (fp32) or ``--target``; ``--quick``: a tiny
+    random Llama over SmolLM2's tokenizer (it writes nonsense, but the grammar shapes it)."""
+    import specdec
+
+    tok = specdec.load_tokenizer(None if args.quick else args.target)
+    if args.quick:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(args.seed)
+        eos = tok.eos_token_id
+        cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                          bos_token_id=tok.bos_token_id, eos_token_id=eos, pad_token_id=eos,
+                          tie_word_embeddings=True)
+        model = LlamaForCausalLM(cfg).eval().to(device)
+        model.generation_config.eos_token_id, model.generation_config.pad_token_id = eos, eos
+        return model, tok, "tiny-random-llama (SmolLM2 tokenizer)"
+    model = specdec.load_model(args.target, quantization="none", device=device)
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    return model, tok, os.path.basename(str(args.target or "SmolLM2-135M-Instruct"))
+
+
+def structured(args, device) -> int:
+    """The structured-output workload: 4 providers (``STRUCT_PROVIDERS``) in interleaved rounds per
+    (mode, batch). In every round each batch of prompts (one prompt at batch 1) runs once per provider,
+    in an order that rotates with the batch and the round, like ``head_to_head``. Rows ``op=e2e_structured``:
+    tokens/s of the median round, ``speedup_vs_hf`` the median per-round ratio to (a) (``ratio_min``/
+    ``ratio_max``), tokens per target forward over all rounds (HF: counted forwards, batch 1 only),
+    ``valid_frac`` (outputs that parse and validate against their schema) and ``complete_frac`` (outputs
+    that ended with the grammar complete: the rest hit max_new_tokens), greedy ``same_as_hf`` (outputs
+    token for token equal to (a)'s: the mask makes all four the same argmax)."""
+    import xgrammar as xgr
+    from transformers import LogitsProcessorList
+
+    from specdec import Grammar, SpeculativeGenerator
+    from specdec.generator.grammar import GrammarCompiler
+    from specdec.models import model_vocab_size
+
+    if args.quick:
+        args.prompts = min(args.prompts, 2)
+        args.max_new_tokens = min(args.max_new_tokens, 40)
+        args.batches = "1,2" if args.batches == "1,8" else args.batches
+    providers = H.select_providers(args.providers, STRUCT_PROVIDERS, STRUCT_PROVIDERS, lambda name: (True, ""),
+                                   where=" (structured workload)")
+    batches = [int(b) for b in args.batches.split(",") if b]
+    modes = [m for m in args.modes.split(",") if m]
+    for m in modes:
+        if m not in ("greedy", "sampled"):
+            H.fail(f"unknown mode {m!r}")
+    if any(b < 1 for b in batches):
+        H.fail(f"batch sizes must be >= 1, got {args.batches!r}")
+    rounds = args.rounds if args.rounds is not None else (1 if args.quick else 3)
+    if rounds < 1:
+        H.fail(f"--rounds must be >= 1, got {rounds}")
+    backend = _resolve_backend(args.backend, device)
+    t0 = time.perf_counter()
+    model, tok, model_name = _struct_model(args, device)
+    H.note(f"loaded {model_name} in {time.perf_counter() - t0:.1f} s")
+    tasks = structured_tasks(args.prompts, quick=args.quick)
+    prompts = [encode_text(tok, text) for text, _ in tasks]
+    schemas = [schema for _, schema in tasks]
+    # (a) gets the grammars compiled exactly as specdec compiles them (same stop tokens, compact JSON)
+    eos = sorted(_eos_set(model))
+    compiler = GrammarCompiler(tok, model_vocab_size(model), eos)
+    compiled = [compiler.compile(Grammar.json_schema(s)) for s in schemas]
+    gens = {name: SpeculativeGenerator(model, "none" if name == "specdec-none" else "ngram", tok, backend=backend)
+            for name in providers if name.startswith("specdec")}
+    forced = {"specdec-none": False, "specdec-ngram": False, "specdec-ngram-forced": True}
+    max_new = args.max_new_tokens
+
+    def one(name, idx, sampled, seed, max_new=args.max_new_tokens):
+        """One generate call over the prompts ``idx``: (tokens, seconds, HF forwards or specdec's
+        GenerationStats, [generated ids per row], [row ended with its grammar complete])."""
+        part = [prompts[i] for i in idx]
+        if name == "hf-xgrammar":
+            proc = xgr.contrib.hf.LogitsProcessor([compiled[i] for i in idx])  # one per call: it keeps state
+            outs = []
+            n, times, st = run_hf(model, part, batch=len(part), max_new=max_new, sampled=sampled,
+                                  temperature=args.temperature, seed=seed,
+                                  kwargs={"logits_processor": LogitsProcessorList([proc])}, outputs=outs)
+            done = [bool(o) and o[-1] in eos for o in outs]
+            return n, sum(times), st.get("steps", 0), outs, done
+        H.sync(device)
+        t = time.perf_counter()
+        res = gens[name].generate(part, grammar=[schemas[i] for i in idx], max_new_tokens=max_new,
+                                  temperature=args.temperature if sampled else 0.0, seed=seed,
+                                  grammar_drafts=forced[name])
+        H.sync(device)
+        sec = time.perf_counter() - t
+        outs = [list(s) for s in res.sequences]
+        return sum(len(s) for s in outs), sec, res.stats, outs, [r == "eos" for r in res.finish_reasons]
+
+    def text_of(ids):
+        return tok.decode([t for t in ids if t not in eos], skip_special_tokens=True)
+
+    # warm-up, untimed: every grammar compiled (each generator caches its own) and both paths run once
+    for name in providers:
+        one(name, list(range(len(prompts))), False, args.seed, 2)
+        one(name, [0], True, args.seed, 4)
+
+    env = H.env_info(device)
+    path = H.csv_path(args, "e2e_structured")
+    extra = ["mode", "batch", "draft_tokens", "new_tokens", "speedup_vs_hf", "ratio_min", "ratio_max",
+             "valid_frac", "complete_frac", "same_as_hf", "outputs", "model"]
+    with H.CsvWriter(path, env, extra_columns=extra) as out:
+        for mode in modes:
+            sampled = mode == "sampled"
+            for batch in batches:
+                used = min(len(prompts), args.batch1_prompts or len(prompts)) if batch == 1 else len(prompts)
+                units = [list(range(s, min(s + batch, used))) for s in range(0, used, batch)]
+                tokens = {p: np.zeros(rounds) for p in providers}
+                seconds = {p: np.zeros(rounds) for p in providers}
+                steps = {p: 0 for p in providers}
+                agg = {p: None for p in providers}  # specdec's GenerationStats over all calls
+                valid = {p: [] for p in providers}
+                complete = {p: [] for p in providers}
+                ids = {p: {} for p in providers}  # (round, prompt) -> generated ids
+                work = [(r, u) for r in range(rounds) for u in range(len(units))]
+                for r, u in H.progress(work, desc=f"structured {mode} B={batch}", total=len(work)):
+                    shift = (r + u) % len(providers)
+                    for name in providers[shift:] + providers[:shift]:
+                        idx = units[u]
+                        n, sec, st, outs, done = one(name, idx, sampled, args.seed + 1000 * r + idx[0])
+                        tokens[name][r] += n
+                        seconds[name][r] += sec
+                        if name == "hf-xgrammar":
+                            steps[name] += st
+                        elif agg[name] is None:
+                            agg[name] = st
+                        else:
+                            agg[name].merge(st)
+                        for i, o, d in zip(idx, outs, done):
+                            ids[name][(r, i)] = o
+                            complete[name].append(d)
+                            valid[name].append(json_valid(text_of(o), schemas[i]))
+                base = tokens["hf-xgrammar"] / seconds["hf-xgrammar"] if "hf-xgrammar" in providers else None
+                for name in providers:
+                    tps = tokens[name] / seconds[name]
+                    row = dict(op="e2e_structured", provider=name, shape=H.shape_str(B=batch), dtype="fp32",
+                               timing=H.timing_from_samples(list(seconds[name] * 1e3)),
+                               tokens_per_s=float(np.median(tps)), mode=mode, batch=batch,
+                               new_tokens=int(tokens[name].sum()), model=model_name,
+                               valid_frac=float(np.mean(valid[name])), complete_frac=float(np.mean(complete[name])),
+                               outputs=len(valid[name]),
+                               note=f"{STRUCT_NOTES[name]}; interleaved, {rounds} rounds x {used} prompts; "
+                                    f"times per round; max_new_tokens {max_new}"
+                                    + (f", temperature {args.temperature}" if sampled else ""))
+                    if name == "hf-xgrammar":
+                        if batch == 1 and steps[name]:  # HF at batch > 1: forwards of the whole batch, not per row
+                            row["tokens_per_step"] = tokens[name].sum() / steps[name]
+                        row["draft_tokens"] = 0
+                    else:
+                        st = agg[name]
+                        row.update(tokens_per_step=st.tokens_per_step,
+                                   draft_tokens=0 if name == "specdec-none" else gens[name].num_draft_tokens)
+                        if name != "specdec-none":
+                            row["acceptance_rate"] = st.acceptance_rate
+                    if base is not None and name != "hf-xgrammar":
+                        ratio = tps / base
+                        row.update(speedup_vs_hf=float(np.median(ratio)), ratio_min=float(ratio.min()),
+                                   ratio_max=float(ratio.max()))
+                    if not sampled and "hf-xgrammar" in providers:
+                        ref = ids["hf-xgrammar"]
+                        row["same_as_hf"] = float(np.mean([ids[name][k] == ref[k] for k in ref]))
+                    out.add(**row)
+    rows = out.rows
+    print(f"wrote {path}")
+    if not args.no_plot:
+        p = plot_structured(rows, H.png_path(args, "e2e_structured"))
+        if p:
+            print(f"wrote {p}")
+    _structured_summary(rows)
+    return 0
+
+
+def plot_structured(rows, path):
+    """Tokens/s per provider, one group per (mode, batch); ``rows`` as written (or read back) from the CSV."""
+    if not rows:
+        return None
+    plot_rows = [dict(r, config=f"{r['mode']} {r['shape']}") for r in rows]
+    return H.plot_bars(plot_rows, path, value="tokens_per_s", group="config", series="provider",
+                       title=f"structured output (JSON schema), {rows[0]['model']}\n{rows[0]['device']}",
+                       ylabel="tokens/s (all rows of the batch)")
+
+
+def _structured_summary(rows):
+    print(f"{'provider':22} {'mode':8} {'shape':6} {'tok/s':>8} {'vs (a)':>7} {'tok/step':>8} {'accept':>7} "
+          f"{'valid':>6} {'complete':>8} {'same':>6}")
+    f = lambda v, w=8, p=2: (f"{float(v):{w}.{p}f}" if v else " " * w)  # noqa: E731
+    for r in rows:
+        print(f"{r['provider']:22} {r['mode']:8} {r['shape']:6} {f(r['tokens_per_s'])} {f(r['speedup_vs_hf'], 7)} "
+              f"{f(r['tokens_per_step'])} {f(r['acceptance_rate'], 7)} {f(r['valid_frac'], 6)} "
+              f"{f(r['complete_frac'])} {f(r['same_as_hf'], 6)}")
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 def build_parser():
@@ -292,6 +619,12 @@ def build_parser():
                    help="specdec ops backend (auto, cpp, triton, reference); auto falls back to the reference "
                         "when the C++ kernels are not built")
     p.add_argument("--no-cost", action="store_true", help="skip the target forward cost-ratio rows")
+    p.add_argument("--workload", default="grounded", choices=("grounded", "structured"),
+                   help="grounded (default): repeat/edit/summarise a given text; structured: extract fields from "
+                        "a passage into a JSON schema, HF + xgrammar against specdec + grammar, in rounds "
+                        "(writes e2e_structured_<device>.csv; --providers from " + ",".join(STRUCT_PROVIDERS) + ")")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="structured workload: interleaved rounds per configuration (default 3, --quick 1)")
     p.add_argument("--h2h-rounds", type=int, default=None,
                    help="head-to-head rounds at batch 1 (op=e2e_h2h; default 3, --quick 1; 0 = off): HF, HF "
                         "prompt lookup and specdec's default n-gram generator (tree and chain) take turns "
@@ -310,6 +643,8 @@ def _available(name, args, has_generator):
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     device = H.apply_common(args)
+    if args.workload == "structured":
+        return structured(args, device)
     if args.quick:
         args.prompts = min(args.prompts, 2)
         args.max_new_tokens = min(args.max_new_tokens, 16)

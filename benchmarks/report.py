@@ -105,6 +105,20 @@ def e2e_tables(rows):
     return "\n".join(parts)
 
 
+def structured_table(rows):
+    """bench_e2e.py --workload structured: one line per provider, mode and batch."""
+    header = ["provider", "mode", "batch", "tokens/s", "vs (a) (range)", "tokens per target forward", "acceptance",
+              "valid JSON", "complete", "greedy = (a)"]
+    body = []
+    for r in rows:
+        ratio = (f"{_f(r['speedup_vs_hf'], '{:.2f}x')} ({_f(r['ratio_min'], '{:.2f}')}-{_f(r['ratio_max'], '{:.2f}')})"
+                 if r["speedup_vs_hf"] else "–")
+        body.append([r["provider"], r["mode"], r["batch"], _f(r["tokens_per_s"], "{:.1f}"), ratio,
+                     _f(r["tokens_per_step"], "{:.2f}"), _f(r["acceptance_rate"], "{:.2f}"),
+                     _f(r["valid_frac"], "{:.2f}"), _f(r["complete_frac"], "{:.2f}"), _f(r["same_as_hf"], "{:.2f}")])
+    return f"Machine: {_machine(rows)}; model {rows[0].get('model', '')}.\n\n" + _table(header, body) + "\n"
+
+
 def report(path) -> str:
     rows = H.read_csv(path)
     if not rows:
@@ -115,6 +129,8 @@ def report(path) -> str:
         return title + kernel_tables(rows, op)
     if op in ("e2e", "target_forward"):
         return title + e2e_tables(rows)
+    if op == "e2e_structured":
+        return title + structured_table(rows)
     header = ["op", "provider", "shape", "dtype", "median ms", "GB/s", "x copy", "note"]
     body = [[r["op"], r["provider"], r["shape"], r["dtype"], _f(r["median_ms"]), _f(r["gb_per_s"], "{:.2f}"),
              _f(r["frac_of_copy"], "{:.2f}"), r["note"]] for r in rows]

@@ -2,6 +2,7 @@
 well-formed CSV. Not timed tests: no number is checked against a target here."""
 import csv
 import importlib.util
+import json
 import os
 import sys
 
@@ -208,3 +209,65 @@ def test_progress_bars_only_on_a_terminal(capsys, monkeypatch):
     term.seek(0), term.truncate()
     list(H.progress(range(3), desc="off"))
     assert term.getvalue() == ""
+
+
+def test_bench_e2e_structured_smoke(tmp_path):
+    """The structured-output workload at tiny size (a random Llama over SmolLM2's tokenizer, enum and
+    boolean schemas it completes in a few tokens): one row per provider, mode and batch, every output
+    complete and valid, greedy outputs equal across the four providers (the mask makes them the same
+    argmax), and the tokens-per-forward relations that hold by construction."""
+    pytest.importorskip("xgrammar")
+    pytest.importorskip("jsonschema")
+    rc = bench_e2e.main(["--workload", "structured", "--quick", "--out", str(tmp_path), "--no-plot"])
+    assert rc == 0
+    rows = _rows(tmp_path / "e2e_structured_cpu_quick.csv")
+    for col in ("valid_frac", "complete_frac", "same_as_hf", "outputs", "speedup_vs_hf"):
+        assert col in rows[0]
+    by = {(r["provider"], r["mode"], r["batch"]): r for r in rows}
+    assert len(by) == len(rows) == 16
+    assert set(by) == {(p, m, b) for p in bench_e2e.STRUCT_PROVIDERS for m in ("greedy", "sampled") for b in ("1", "2")}
+    for (name, mode, batch), r in by.items():
+        assert r["op"] == "e2e_structured" and float(r["tokens_per_s"]) > 0, r
+        assert int(r["outputs"]) == 2 and int(r["new_tokens"]) > 0
+        assert float(r["valid_frac"]) == 1.0 and float(r["complete_frac"]) == 1.0, r
+        assert (r["speedup_vs_hf"] == "") == (name == "hf-xgrammar")
+        assert (r["same_as_hf"] != "") == (mode == "greedy")
+        if mode == "greedy":
+            assert float(r["same_as_hf"]) == 1.0, r
+            assert r["new_tokens"] == by[("hf-xgrammar", "greedy", "1")]["new_tokens"]
+        steps = {p: by[(p, mode, batch)]["tokens_per_step"] for p in bench_e2e.STRUCT_PROVIDERS}
+        assert float(steps["specdec-none"]) == 1.0
+        assert steps["hf-xgrammar"] == ("1" if batch == "1" else "")  # HF per row only at batch 1
+        # keys, quotes and braces are forced: forced drafts beat n-gram drafts alone per forward
+        assert float(steps["specdec-ngram-forced"]) > float(steps["specdec-ngram"]) >= 1.0
+
+
+def test_bench_e2e_structured_tasks():
+    """The 8 schemas are valid JSON schemas that xgrammar compiles; json_valid tells valid from invalid."""
+    jsonschema = pytest.importorskip("jsonschema")
+    pytest.importorskip("xgrammar")
+    from specdec import Grammar
+    from specdec.generator.grammar import GrammarCompiler
+    from specdec.models import load_tokenizer
+
+    tasks = bench_e2e.structured_tasks(8)
+    assert len({text for text, _ in tasks}) == 8
+    tok = load_tokenizer(None)
+    compiler = GrammarCompiler(tok, len(tok), [tok.eos_token_id])
+    for text, schema in tasks:
+        jsonschema.Draft202012Validator.check_schema(schema)
+        assert json.dumps(schema) in text
+        compiler.compile(Grammar.json_schema(schema))
+    person = tasks[0][1]
+    ok = {"name": "Maria Lopez", "age": 34, "city": "Valencia", "occupation": "architect", "languages": ["Spanish"]}
+    assert bench_e2e.json_valid(json.dumps(ok), person)
+    assert not bench_e2e.json_valid(json.dumps({**ok, "age": "34"}), person)  # wrong type
+    assert not bench_e2e.json_valid(json.dumps({k: v for k, v in ok.items() if k != "city"}), person)  # missing
+    assert not bench_e2e.json_valid(json.dumps(ok)[:-1], person)  # cut off before the closing brace
+    assert not bench_e2e.json_valid("", person)
+
+
+def test_bench_e2e_structured_unknown_provider(tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        bench_e2e.main(["--workload", "structured", "--quick", "--out", str(tmp_path), "--providers", "hf"])
+    assert exc.value.code == 2

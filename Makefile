@@ -68,7 +68,7 @@ test-latest:
 # build here belongs to .venv's torch). The rest of what it installs comes from the lock.
 TRITON_OLD ?= triton==3.6.0
 NUMPY_NEW  ?= numpy==2.4.6
-TRITON_TESTS ?= tests/test_triton_kernels.py tests/test_thresholds.py tests/test_verify_block.py tests/test_logprobs.py -k 'triton or Triton or not (reference or cpp)'
+TRITON_TESTS ?= tests/test_triton_kernels.py tests/test_thresholds.py tests/test_verify_block.py tests/test_logprobs.py tests/test_bitmask.py -k 'triton or Triton or not (reference or cpp)'
 test-triton-old:
 	@[ -f .venv-triton-old/.ok-$(TRITON_OLD) ] || { rm -rf .venv-triton-old && $(PY) -m venv .venv-triton-old \
 	  && .venv-triton-old/bin/pip install -q --upgrade pip \

@@ -14,8 +14,16 @@ Providers (all on the same inputs, in the same process):
                is its time over the plain backend's on the same inputs (the cost of logprobs)
   cpp_masked, triton_masked
                the same specdec backend with a ``token_bitmask`` (structured output: about half the
-               ids allowed, always the drafts and each position's argmax, so the chains stay alike);
-               column ``vs_without_mask`` is its time over the plain backend's (the cost of the mask)
+               ids allowed, always the drafts and each position's argmax)
+  cpp_premasked, triton_premasked
+               the backend without a mask on logits whose banned ids are already -inf: the same
+               distributions, so the same chains and tokens as ``*_masked`` (a mask that renormalises
+               the target changes how many drafts are accepted, so the plain backend on the raw
+               logits does different work). Column ``vs_without_mask`` of a ``*_masked`` row is its
+               time over ``*_premasked``'s: the cost of applying the mask inside the op.
+  cpp_masked_fill, triton_masked_fill
+               the unfused way: a copy of the logits masked by xgrammar's ``apply_token_bitmask_inplace``
+               (``masked_fill`` without xgrammar), then the plain op
 
 Every row has the bytes the op must move (target logits + draft probs + ids read, outputs written)
 and the achieved GB/s next to the machine's measured copy bandwidth (``copy_gb_per_s``), the floor
@@ -43,12 +51,24 @@ import torch
 
 from benchmarks import harness as H
 
-ALL_PROVIDERS = ("reference", "torch_fp32", "hf", "cpp", "cpp_logprobs", "cpp_masked", "triton", "triton_logprobs",
-                 "triton_masked", "flashinfer")
-CPU_PROVIDERS = ("reference", "torch_fp32", "hf", "cpp", "cpp_logprobs", "cpp_masked")
-GPU_PROVIDERS = ("reference", "torch_fp32", "hf", "triton", "triton_logprobs", "triton_masked", "flashinfer")
+ALL_PROVIDERS = ("reference", "torch_fp32", "hf", "cpp", "cpp_logprobs", "cpp_premasked", "cpp_masked",
+                 "cpp_masked_fill", "triton", "triton_logprobs", "triton_premasked", "triton_masked",
+                 "triton_masked_fill", "flashinfer")
+CPU_PROVIDERS = ("reference", "torch_fp32", "hf", "cpp", "cpp_logprobs", "cpp_premasked", "cpp_masked",
+                 "cpp_masked_fill")
+GPU_PROVIDERS = ("reference", "torch_fp32", "hf", "triton", "triton_logprobs", "triton_premasked", "triton_masked",
+                 "triton_masked_fill", "flashinfer")
 LOGPROBS_SUFFIX = "_logprobs"  # provider variant: the backend before it, with return_logprobs=True
-MASK_SUFFIX = "_masked"  # provider variant: the backend before it, with a token_bitmask
+# token-mask variants of a backend: with token_bitmask, on pre-masked logits, masked_fill + op
+MASK_SUFFIXES = ("_masked", "_premasked", "_masked_fill")
+
+
+def _mask_variant(name):
+    """(backend, suffix) of a token-mask provider variant, else (None, None)."""
+    for suffix in MASK_SUFFIXES:
+        if name.endswith(suffix):
+            return name[:-len(suffix)], suffix
+    return None, None
 MODES = ("sampled", "ngram", "greedy")
 
 # The reference (float64, several passes over B*(K+1)*V) takes seconds per call at the largest
@@ -124,8 +144,8 @@ def provider_status(name: str, device: torch.device):
         return H.specdec_status(name, device, "verify")
     if name.endswith(LOGPROBS_SUFFIX):
         return provider_status(name[:-len(LOGPROBS_SUFFIX)], device)
-    if name.endswith(MASK_SUFFIX):
-        return provider_status(name[:-len(MASK_SUFFIX)], device)
+    if _mask_variant(name)[0]:
+        return provider_status(_mask_variant(name)[0], device)
     if name == "flashinfer":
         if device.type != "cuda":
             return False, "FlashInfer needs a CUDA device"
@@ -192,18 +212,38 @@ def chain_bytes(target_logits, draft_token_ids, draft_probs, num_accepted):
 
 def make_call(name, target_logits, draft_token_ids, draft_logits, draft_probs, temperature, bitmask=None):
     """A no-argument callable running ``name`` once on these inputs (None when the mode does not
-    apply to the provider), and a note for the CSV. ``bitmask``: the ``*_masked`` providers' mask."""
-    from specdec import ops
+    apply to the provider), and a note for the CSV. ``bitmask``: the token-mask variants' mask."""
+    from specdec import ops, reference
 
     B, K1, V = target_logits.shape
     K = K1 - 1
     if name in ("reference", "cpp", "triton"):
         return (lambda: ops.verify(target_logits, draft_token_ids, draft_probs, temperature=temperature,
                                    seed=1234, backend=name)), ""
-    if name.endswith(MASK_SUFFIX):
-        backend = name[:-len(MASK_SUFFIX)]
+    backend, variant = _mask_variant(name)
+    if variant == "_masked":
         return (lambda: ops.verify(target_logits, draft_token_ids, draft_probs, temperature=temperature,
                                    seed=1234, backend=backend, token_bitmask=bitmask)), ""
+    if variant == "_premasked":
+        premasked = target_logits.masked_fill(~reference.allowed_ids(bitmask, V), float("-inf"))
+        return (lambda: ops.verify(premasked, draft_token_ids, draft_probs, temperature=temperature,
+                                   seed=1234, backend=backend)), "logits with the banned ids at -inf"
+    if variant == "_masked_fill":
+        try:  # the unfused way: a masked copy of the logits (xgrammar's own kernel when present), then the op
+            from xgrammar import apply_token_bitmask_inplace
+        except ImportError:
+            apply_token_bitmask_inplace = None
+
+        def call():
+            masked = target_logits.clone()
+            if apply_token_bitmask_inplace is not None:
+                apply_token_bitmask_inplace(masked.view(-1, V), bitmask.view(-1, bitmask.shape[-1]))
+            else:
+                masked.masked_fill_(~reference.allowed_ids(bitmask, V), float("-inf"))
+            return ops.verify(masked, draft_token_ids, draft_probs, temperature=temperature, seed=1234,
+                              backend=backend)
+        how = "xgrammar.apply_token_bitmask_inplace" if apply_token_bitmask_inplace else "masked_fill"
+        return call, f"a copy of the logits masked by {how}, then the op"
     if name.endswith(LOGPROBS_SUFFIX):
         backend = name[:-len(LOGPROBS_SUFFIX)]
         return (lambda: ops.verify(target_logits, draft_token_ids, draft_probs, temperature=temperature,
@@ -302,7 +342,7 @@ def main(argv=None) -> int:
                                   seed=1234, backend=chk)
             base["chain_bytes"] = chain_bytes(target_logits, draft_token_ids, draft_probs, n_acc)
             bitmask = make_bitmask(target_logits, draft_token_ids) if any(
-                p.endswith(MASK_SUFFIX) for p in providers) else None
+                _mask_variant(p)[0] for p in providers) else None
             times = {}
             for name in providers:
                 if hasattr(bar, "set_postfix_str"):
@@ -330,8 +370,9 @@ def main(argv=None) -> int:
                     row["speedup_vs_torch_fp32"] = times["torch_fp32"] / t.median_ms
                 if name.endswith(LOGPROBS_SUFFIX) and name[:-len(LOGPROBS_SUFFIX)] in times:
                     row["vs_without_logprobs"] = t.median_ms / times[name[:-len(LOGPROBS_SUFFIX)]]
-                if name.endswith(MASK_SUFFIX) and name[:-len(MASK_SUFFIX)] in times:
-                    row["vs_without_mask"] = t.median_ms / times[name[:-len(MASK_SUFFIX)]]
+                backend, variant = _mask_variant(name)
+                if variant == "_masked" and backend + "_premasked" in times:
+                    row["vs_without_mask"] = t.median_ms / times[backend + "_premasked"]
                 row["chain_gb_per_s"] = row["chain_bytes"] / (t.median_ms * 1e6)
                 row["chain_frac_of_copy"] = row["chain_gb_per_s"] / copy_gbps
                 out.add(provider=name, timing=t, note=why, **row)

@@ -99,9 +99,12 @@ struct Logits {
     return bits == nullptr || ((word(j >> 5) >> (j & 31)) & 1u);
   }
   float operator[](int64_t i) const { return allowed(i) ? static_cast<float>(x[i]) : kNegInf; }
-  // the allowed-bits of ids id + i .. id + i + 7, lowest id in bit 0 (needs bits != nullptr)
+  // the allowed-bits of ids id + i .. id + i + 7, lowest id in bit 0 (needs bits != nullptr). The
+  // kernels' sweeps start at multiples of 8: then one byte of the little-endian words (x86).
   uint32_t bits8(int64_t i) const {
-    const int64_t j = id + i, w = j >> 5, sh = j & 31;
+    const int64_t j = id + i;
+    if ((j & 7) == 0) return (j >> 3) < 4 * nwords ? reinterpret_cast<const uint8_t*>(bits)[j >> 3] : 0u;
+    const int64_t w = j >> 5, sh = j & 31;
     const uint64_t two = uint64_t(word(w)) | (sh > 24 ? uint64_t(word(w + 1)) << 32 : 0);
     return uint32_t(two >> sh) & 0xFFu;
   }
@@ -110,9 +113,10 @@ template <typename T>
 inline __m256 load_any(const Logits<T>& p, int64_t n, float fill) {
   const __m256 v = load_any(p.x, n, fill);
   if (p.bits == nullptr) return v;
-  const __m256i lane = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
-  const __m256i on = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(int32_t(p.bits8(0))), lane), lane);
-  return _mm256_blendv_ps(_mm256_set1_ps(kNegInf), v, _mm256_castsi256_ps(on));
+  // lane k's bit shifted to the sign bit, which blendv reads: banned lanes take -inf
+  const __m256i sign = _mm256_sllv_epi32(_mm256_set1_epi32(int32_t(p.bits8(0))),
+                                         _mm256_setr_epi32(31, 30, 29, 28, 27, 26, 25, 24));
+  return _mm256_blendv_ps(_mm256_set1_ps(kNegInf), v, _mm256_castsi256_ps(sign));
 }
 template <typename T>
 inline const T* raw(const T* p) { return p; }

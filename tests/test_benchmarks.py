@@ -68,13 +68,21 @@ def test_bench_verify_masked_rows(tmp_path):
     if not bench_verify.provider_status("cpp", torch.device("cpu"))[0]:
         pytest.skip("the C++ backend did not load")
     rc = bench_verify.main(["--quick", "--out", str(tmp_path), "--B", "2", "--V", "1000", "--runs", "3",
-                            "--max-time", "0.2", "--modes", "sampled", "--providers", "cpp,cpp_masked", "--no-plot"])
+                            "--max-time", "0.2", "--modes", "sampled", "--no-plot",
+                            "--providers", "cpp,cpp_premasked,cpp_masked,cpp_masked_fill"])
     assert rc == 0
     rows = {r["provider"]: r for r in _rows(tmp_path / "verify_cpu_quick.csv")}
     assert float(rows["cpp_masked"]["vs_without_mask"]) > 0 and not rows["cpp"]["vs_without_mask"]
+    assert float(rows["cpp_masked_fill"]["median_ms"]) > 0
     logits = torch.randn(2, 4, 1000)
     drafts = torch.randint(0, 1000, (2, 3))
-    allowed = reference.allowed_ids(bench_verify.make_bitmask(logits, drafts), 1000)
+    probs = torch.softmax(torch.randn(2, 3, 1000), -1)
+    mask = bench_verify.make_bitmask(logits, drafts)
+    allowed = reference.allowed_ids(mask, 1000)
+    calls = {n: bench_verify.make_call(n, logits, drafts, None, probs, 1.0, mask)[0]
+             for n in ("cpp_premasked", "cpp_masked", "cpp_masked_fill")}
+    outs = [calls[n]() for n in calls]  # the same tokens: the variants differ only in where the mask goes
+    assert all(torch.equal(o[0], outs[0][0]) for o in outs)
     assert 0.4 < allowed.float().mean() < 0.6  # about half allowed, the drafts and argmaxes always
     assert bool(allowed[:, :3].gather(2, drafts[..., None]).all() and allowed.gather(2, logits.argmax(-1)[..., None]).all())
 

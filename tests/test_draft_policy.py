@@ -111,6 +111,26 @@ def test_width_follows_costs_and_acceptance():
         assert p.width(avail, keys, remaining) == _brute_force(p, avail, keys, remaining)
 
 
+def test_certain_drafts_count_as_accepted():
+    """Grammar-forced drafts (``certain``): survival 1 for the first certain[b] drafts, the row class's
+    after them; the width then drafts the certain text of a row whose class never accepts."""
+    cpu_like = lambda n: 0.1 if n == 1 else 0.15 + 0.006 * n  # noqa: E731
+    p = _policy(cpu_like)
+    for _ in range(30):
+        p.acceptance.observe(11, 10, 0)  # drafts of this class always fail
+    surv = p.acceptance.survival(11)
+    exp = p.expected_tokens(np.array([6, 6]), np.array([11, 11]), 6, certain=np.array([4, 0]))
+    np.testing.assert_allclose(exp[0], 1 + np.concatenate([[0], np.cumsum(np.r_[np.ones(4), surv[:2]])]))
+    np.testing.assert_allclose(exp[1], 1 + np.concatenate([[0], np.cumsum(surv[:6])]))
+    assert p.width(np.array([6]), np.array([11])) == 0
+    assert p.width(np.array([6]), np.array([11]), certain=np.array([6])) == 6
+    # batch 8: all rows with 10 certain drafts -> all of them; one such row among seven hopeless ones ->
+    # not worth widening every row's forward (the batch ends with its slowest rows)
+    keys, rem = np.array([11] * 8), np.full(8, 40)
+    assert p.width(np.array([10] * 8), keys, rem, certain=np.full(8, 10)) == 10
+    assert p.width(np.array([10] * 8), keys, rem, certain=np.array([10] + [0] * 7)) < 10
+
+
 def test_tree_nodes_keep_the_likely_nodes_where_they_pay():
     """Tree steps: node i's acceptance is estimated as survival[depth_i] * share_i; each row keeps its n
     most likely nodes, n chosen for the most expected tokens per predicted second."""

@@ -184,10 +184,11 @@ class _BatchGrammar:
                     ok[b, i] = True
         return ok
 
-    def forced(self, b: int, budget: int) -> list:
+    def forced(self, b: int, budget: int) -> tuple[list, int]:
         """Row b's grammar-forced drafts (at most ``budget``): ids that are the only allowed one, and
-        xgrammar's jump-forward tokens where a longer continuation is forced."""
-        m, out = self.matchers[b], []
+        xgrammar's jump-forward tokens where a longer continuation is forced; and how many of them,
+        from the first, are the only allowed id (certain to be accepted under the mask)."""
+        m, out, certain = self.matchers[b], [], None
         while len(out) < budget and not m.is_terminated():
             m.fill_next_token_bitmask(self._one, 0)
             only = _single_id(self._one[0].numpy())
@@ -196,6 +197,7 @@ class _BatchGrammar:
                     break
                 out.append(only)
                 continue
+            certain = len(out) if certain is None else certain
             jump = [t for t in m.find_jump_forward_tokens() if t not in self.stop[b]][: budget - len(out)]
             n = 0
             for t in jump:
@@ -207,7 +209,7 @@ class _BatchGrammar:
                 break
         if out:
             m.rollback(len(out))
-        return out
+        return out, len(out) if certain is None else certain
 
     # -- masks -----------------------------------------------------------------------------------
 

@@ -156,26 +156,35 @@ class DraftLengthPolicy:
         m = np.zeros_like(previous) if match is None else np.minimum(match, 9)
         return int(sampled) * 100 + m * 10 + previous
 
-    def expected_tokens(self, available: np.ndarray, keys: np.ndarray, top: int) -> np.ndarray:
-        """``[B, top + 1]``: row b's expected emitted tokens at widths ``0..top``."""
+    def expected_tokens(self, available: np.ndarray, keys: np.ndarray, top: int,
+                        certain: np.ndarray | None = None) -> np.ndarray:
+        """``[B, top + 1]``: row b's expected emitted tokens at widths ``0..top``. ``certain[b]``: the
+        first drafts of row b are accepted for sure (a grammar that allows one token there), its
+        class's survival applies after them."""
         ws = np.arange(top + 1)
         out = np.empty((available.shape[0], top + 1))
         for key in np.unique(keys):
             cum = np.concatenate([[0.0], np.cumsum(self.acceptance.survival(int(key))[:top])])
             rows = keys == key
             out[rows] = 1.0 + cum[np.minimum(ws[None, :], np.minimum(available[rows], top)[:, None])]
+        for b in np.flatnonzero(certain if certain is not None else []):
+            c = int(min(certain[b], available[b], top))
+            surv = np.concatenate([np.ones(c), self.acceptance.survival(int(keys[b]))[: top - c]])
+            out[b] = 1.0 + np.concatenate([[0.0], np.cumsum(surv)])[np.minimum(ws, min(int(available[b]), top))]
         return out
 
-    def width(self, available: np.ndarray, keys: np.ndarray, remaining: np.ndarray | None = None) -> int:
+    def width(self, available: np.ndarray, keys: np.ndarray, remaining: np.ndarray | None = None,
+              certain: np.ndarray | None = None) -> int:
         """The width for rows with ``available[b]`` possible drafts, class ``keys[b]`` and ``remaining[b]``
-        tokens still to generate (default: the same for every row)."""
+        tokens still to generate (default: the same for every row); ``certain``: as in
+        :meth:`expected_tokens`."""
         batch = available.shape[0]
         top = int(min(available.max(initial=0), self.acceptance.max_drafts))
         if batch == 0 or top == 0:
             return 0
         if remaining is None:
             remaining = np.ones(batch)
-        steps = np.maximum(remaining, 1)[:, None] / self.expected_tokens(available, keys, top)  # [B, W+1]
+        steps = np.maximum(remaining, 1)[:, None] / self.expected_tokens(available, keys, top, certain)  # [B, W+1]
         steps = np.sort(steps, axis=0)
         intervals = np.diff(steps, axis=0, prepend=0.0)  # steps during which B - i rows remain
         ws = np.arange(top + 1)

@@ -194,6 +194,7 @@ class _BatchRun:
         self.t0 = time.perf_counter()
         draft, self.width = None, 0
         self.available = np.zeros(len(self.live), dtype=np.int64)
+        self.certain = np.zeros(len(self.live), dtype=np.int64)  # drafts sure to be accepted (grammar-forced)
         self.probe = int(bool((self.idle >= EXPLORE_AFTER).any()))  # at least one draft this step
         first = self.step == 0
         if drafter is not None and budget.max() > 0 and not (first and drafter.needs_target_cache):
@@ -264,15 +265,16 @@ class _BatchRun:
             return draft
         return _chain(host, cut, draft.probs, draft.match, self.device)
 
-    def _forced_chain(self, b: int, own: list, own_width: int) -> list | None:
+    def _forced_chain(self, b: int, own: list, own_width: int) -> tuple[list, int] | None:
         """Row b's grammar-forced drafts (``_BatchGrammar.forced``), then, with the n-gram drafter, its
         lookup continued after them (at most ``own_width`` tokens in all, the width of the row's own
         draft after the policy's cut; the whole budget when not adaptive), cut at the first refused
-        token. None when nothing is forced, or when ``own`` (the row's own chain, or its tree's
-        first-child path) already starts with the forced tokens and is as long."""
+        token; and how many drafts from the first are certain (the only id the grammar allows).
+        None when nothing is forced, or when ``own`` (the row's own chain, or its tree's first-child
+        path) already starts with the forced tokens and is as long."""
         grammar, drafter = self.grammar, self.drafter
         budget = int(min(MAX_DRAFT_TOKENS, self.remaining[b] - 1))
-        forced = grammar.forced(b, budget) if budget > 0 else []
+        forced, certain = grammar.forced(b, budget) if budget > 0 else ([], 0)
         if not forced or own[: len(forced)] == forced and len(own) >= len(forced):
             return None
         cont = []
@@ -281,21 +283,31 @@ class _BatchRun:
             text = np.concatenate([self.tokens[b, : self.lengths[b]], np.asarray(forced, dtype=np.int64)])
             cont = drafter.lookup(text, room).tolist()
             cont = cont[: grammar._walk(b, forced + cont) - len(forced)]
-        return forced + cont
+        return forced + cont, certain
 
     def _forced(self, draft: Draft) -> Draft:
-        """The chain step with each row's forced drafts first (``_forced_chain``)."""
+        """The chain step with each row's forced drafts first (``_forced_chain``). Adaptive: the batch's
+        chains are cut to the policy's width, the certain drafts counted as accepted for sure (one
+        row's long forced text would otherwise widen the forward of every row)."""
         host = draft.token_ids.cpu().numpy()
         num = np.asarray(draft.num_drafted, dtype=np.int64)
         rows, changed = [], False
         for b in range(len(self.live)):
             own = host[b, : num[b]].tolist()
             chain = self._forced_chain(b, own, int(num[b]))
-            rows.append(own if chain is None else chain)
+            rows.append(own if chain is None else chain[0])
+            self.certain[b] = 0 if chain is None else chain[1]
             changed |= chain is not None
         if not changed:
             return draft
         num = np.array([len(r) for r in rows], dtype=np.int64)
+        if self.opts["adaptive"] and len(rows) > 1:
+            policy = self.policy
+            keys = policy.keys(self.sampled, draft.match, self.previous)
+            width = max(self.probe, policy.width(num, keys, self.remaining, certain=self.certain))
+            num = np.minimum(num, width)
+            rows = [r[:n] for r, n in zip(rows, num)]
+            self.certain = np.minimum(self.certain, num)
         out = np.full((len(rows), max(int(num.max()), 1)), -1, dtype=np.int64)
         for b, r in enumerate(rows):
             out[b, : len(r)] = r
@@ -319,7 +331,8 @@ class _BatchRun:
                 path.append(int(tokens[b, node]))
             chain = self._forced_chain(b, path, int(tree.depth[b]))
             if chain is not None:
-                chains[b] = chain
+                chains[b] = chain[0]
+                self.certain[b] = chain[1]
         if not chains:
             return tree
         N = max(tokens.shape[1], max(len(c) for c in chains.values()))
@@ -471,7 +484,10 @@ class _BatchRun:
             keys = policy.keys(self.sampled, draft.match, self.previous)
             # a path accepted to a leaf had nothing deeper to try: no rejection at the next depth,
             # though another branch goes deeper (for a chain that is "all accepted")
-            self.previous = policy.observe(keys, depth if leaf is None else np.where(leaf, accepted, depth), accepted)
+            # certain (grammar-forced) drafts say nothing about the row class's acceptance: not counted
+            tried = depth if leaf is None else np.where(leaf, accepted, depth)
+            sure = np.minimum(self.certain, accepted)
+            self.previous = policy.observe(keys, tried - sure, accepted - sure)
         drafted = draft.num_drafted
         self.idle = np.where(drafted > 0, 0, self.idle + (self.available > 0))
         stats.target_steps += 1

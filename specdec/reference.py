@@ -53,7 +53,8 @@ over the whole vocabulary would cost a Philox draw per entry, which dominates a 
 The product is w_j / sum(w), and the two levels use different streams, so their noise is
 independent. Cost: one pass of sums over the vocabulary, then V / RACE_BLOCK + RACE_BLOCK draws.
 
-Target distribution at each position (``_target_probs``): non-finite logits become -inf; scaled =
+Target distribution at each position (``_target_probs``): non-finite logits become -inf, and so do
+the ids a token bitmask bans (``_masked``, before anything else: structured output); scaled =
 logits / temperature; top-k keeps scaled >= the k-th largest value (ties kept); top-p then keeps the
 smallest set of highest-probability tokens whose mass reaches top_p (ties at the boundary kept);
 p = softmax over what is kept. temperature <= 0 means greedy: only the argmax matters (lowest id

@@ -111,12 +111,13 @@ struct Logits {
 };
 template <typename T>
 inline __m256 load_any(const Logits<T>& p, int64_t n, float fill) {
-  const __m256 v = load_any(p.x, n, fill);
-  if (p.bits == nullptr) return v;
+  if (p.bits == nullptr) return load_any(p.x, n, fill);
+  const uint32_t b8 = p.bits8(0);
+  if (b8 == 0) return _mm256_set1_ps(kNegInf);  // 8 banned ids: their logits are not read (sparse masks)
   // lane k's bit shifted to the sign bit, which blendv reads: banned lanes take -inf
-  const __m256i sign = _mm256_sllv_epi32(_mm256_set1_epi32(int32_t(p.bits8(0))),
+  const __m256i sign = _mm256_sllv_epi32(_mm256_set1_epi32(int32_t(b8)),
                                          _mm256_setr_epi32(31, 30, 29, 28, 27, 26, 25, 24));
-  return _mm256_blendv_ps(_mm256_set1_ps(kNegInf), v, _mm256_castsi256_ps(sign));
+  return _mm256_blendv_ps(_mm256_set1_ps(kNegInf), load_any(p.x, n, fill), _mm256_castsi256_ps(sign));
 }
 template <typename T>
 inline const T* raw(const T* p) { return p; }

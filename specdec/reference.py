@@ -180,10 +180,10 @@ def allowed_ids(token_bitmask: torch.Tensor, V: int) -> torch.Tensor:
     layout). Ids from 32 * W on (a mask sized for a tokenizer smaller than the logits) are banned;
     bits past V are ignored."""
     W = token_bitmask.shape[-1]
-    ids = torch.arange(V, device=token_bitmask.device)
-    words = token_bitmask.long()[..., (ids >> 5).clamp(max=max(W - 1, 0))] if W else None
-    if words is None:
+    if W == 0:
         return torch.zeros(*token_bitmask.shape[:-1], V, dtype=torch.bool, device=token_bitmask.device)
+    ids = torch.arange(V, device=token_bitmask.device)
+    words = token_bitmask.long()[..., (ids >> 5).clamp(max=W - 1)]
     return (((words >> (ids & 31)) & 1) == 1) & ((ids >> 5) < W)
 
 
